@@ -1,0 +1,174 @@
+"""Filesystem plumbing under the model store: opening an fsspec URI, atomic writes, and turning
+backend errors (botocore, aiohttp, OS) into trims_ray's errors that say what to do.
+
+Atomic publishing is the reason this module exists: a reader must never see a half-written file
+under its final name, and a failed write must leave nothing behind. Each backend gets the
+mechanism that is atomic for it (rename on a local disk, multipart commit on S3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+
+from ._errors import StoreUnavailableError
+
+__all__ = ["open_fs", "is_local", "write_atomically", "translate_store_errors", "describe_s3"]
+
+
+def open_fs(uri: str | os.PathLike, storage_options: dict | None = None):
+    """Returns ``(fs, root)`` for a store URI or a local path.
+
+    S3 picks up its endpoint from ``storage_options`` (``endpoint_url`` or
+    ``client_kwargs.endpoint_url``), else ``$AWS_ENDPOINT_URL_S3`` / ``$AWS_ENDPOINT_URL``, and its
+    credentials the usual boto way (storage options ``key``/``secret``, environment, profile).
+
+    Raises:
+        TypeError: ``uri`` is not a str or path.
+        ValueError: the URI is empty or names a protocol fsspec does not know.
+        ImportError: the protocol's package is missing (fsspec's message names it).
+    """
+    if isinstance(uri, os.PathLike):
+        uri = os.fspath(uri)
+    if not isinstance(uri, str):
+        raise TypeError(f"store must be a URI string or a path, got {type(uri).__name__}")
+    if not uri.strip():
+        raise ValueError("store URI is empty")
+    options = dict(storage_options or {})
+    if "://" not in uri:
+        uri = Path(uri).expanduser().resolve().as_uri()
+    protocol = uri.split("://", 1)[0]
+    if protocol in ("s3", "s3a"):
+        options = _s3_options(options)
+    try:
+        fs, root = fsspec.core.url_to_fs(uri, **options)
+    except ValueError as exc:
+        raise ValueError(f"store {uri!r}: {exc}") from None
+    return fs, root.rstrip("/") or root
+
+
+def _s3_options(options: dict) -> dict:
+    """Makes the endpoint explicit, so errors can name it and every process uses the same one."""
+    endpoint = options.pop("endpoint_url", None)
+    client_kwargs = dict(options.get("client_kwargs") or {})
+    endpoint = endpoint or client_kwargs.get("endpoint_url")
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+        options["client_kwargs"] = client_kwargs
+    return options
+
+
+def describe_s3(fs) -> str:
+    """The S3 endpoint a filesystem talks to, for messages."""
+    endpoint = (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
+    return endpoint or "the AWS default endpoint"
+
+
+def is_local(fs) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def write_atomically(fs, path: str, chunks: Iterable[memoryview | bytes]) -> int:
+    """Writes ``chunks`` to ``path`` so that readers see the old file or the whole new one.
+
+    On any error nothing is left at ``path`` that was not there before, and no temporary file
+    remains. Returns the number of bytes written.
+    """
+    if is_local(fs):
+        return _write_local(path, chunks)
+    if isinstance(fs, MemoryFileSystem):
+        # Memory files appear on open and grow as written; build the bytes first, then publish.
+        data = b"".join(chunks)
+        fs.pipe_file(path, data)
+        return len(data)
+    # Object stores: with autocommit off, the object appears only on commit (S3 completes the
+    # multipart upload or puts the single part then) and discard aborts the upload.
+    f = fs.open(path, "wb", autocommit=False)
+    written = 0
+    try:
+        for chunk in chunks:
+            written += f.write(chunk)
+        f.close()
+        f.commit()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            f.discard()
+        with contextlib.suppress(Exception):
+            f.closed = True  # a discarded S3 file must not try to flush again when collected
+        raise
+    return written
+
+
+def _write_local(path: str, chunks: Iterable[memoryview | bytes]) -> int:
+    # The temporary file lives beside the target, on the same filesystem, so that os.replace is
+    # an atomic rename (a temp file in /tmp could be a cross-device copy).
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+    written = 0
+    try:
+        with open(temp, "wb") as f:
+            for chunk in chunks:
+                written += f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return written
+
+
+@contextlib.contextmanager
+def translate_store_errors(fs, uri: str) -> Iterator[None]:
+    """Turns an unreachable endpoint or missing credentials into StoreUnavailableError.
+
+    Everything else (FileNotFoundError, our own errors) passes through unchanged.
+    """
+    try:
+        yield
+    except StoreUnavailableError:
+        raise
+    except Exception as exc:
+        translated = _translate(exc, fs, uri)
+        if translated is None:
+            raise
+        raise translated from exc
+
+
+def _translate(exc: Exception, fs, uri: str) -> StoreUnavailableError | None:
+    name = type(exc).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        return StoreUnavailableError(
+            f"store {uri}: no usable S3 credentials ({exc}); set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or a profile), or pass storage_options={'key': ..., "
+            "'secret': ...}",
+            reason="credentials",
+        )
+    if name in (
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ConnectionClosedError",
+        "ClientConnectorError",
+        "ServerDisconnectedError",
+    ):
+        return StoreUnavailableError(
+            f"store {uri}: cannot reach the S3 endpoint {describe_s3(fs)} ({exc}); check that it "
+            "is up, or set AWS_ENDPOINT_URL / storage_options={'endpoint_url': ...}",
+            reason="endpoint",
+        )
+    if isinstance(exc, PermissionError) and not is_local(fs):
+        return StoreUnavailableError(
+            f"store {uri}: access denied by {describe_s3(fs)} ({exc}); the credentials in use "
+            "are not allowed to use this bucket",
+            reason="credentials",
+        )
+    return None

@@ -1,0 +1,185 @@
+"""Model manifests: the small JSON document that names a model and points at its blob.
+
+A manifest is what makes a blob a model: name, tenant, the blob's sha256 and size, the tensor
+index (dtype, shape, absolute offsets), tied-weight aliases, and how to build the architecture.
+Manifests are read back from a store anyone with write access can touch, so ``from_json``
+validates every field and raises ModelFormatError rather than trusting the document.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ._errors import ModelFormatError
+from ._names import check_name, check_tenant
+from ._safetensors import BlobLayout, TensorSpec, parse_header
+
+__all__ = ["FORMAT_VERSION", "ModelInfo", "Manifest"]
+
+FORMAT_VERSION = 1
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``register`` returns and what listing a store shows: a registered model's identity.
+
+    Attributes:
+        name: the model's name within its tenant.
+        tenant: the tenant that owns it ("public" for shared models).
+        sha256: hex digest of the weights blob (its content address).
+        nbytes: size of the blob in bytes (safetensors header included).
+        num_elements: total tensor elements (tied weights counted once).
+        num_tensors: number of stored tensors.
+        factory: how the architecture is built: "module:attr", "<pickled callable>", or None
+            when tasks get a state dict.
+    """
+
+    name: str
+    tenant: str
+    sha256: str
+    nbytes: int
+    num_elements: int
+    num_tensors: int
+    factory: str | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A model's manifest. ``tensors`` lists specs in blob order with absolute offsets."""
+
+    name: str
+    tenant: str
+    sha256: str
+    nbytes: int
+    data_start: int
+    tensors: tuple[TensorSpec, ...]
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    factory: Mapping[str, str] | None = None
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def layout(self) -> BlobLayout:
+        return BlobLayout(self.tensors, self.data_start, self.nbytes)
+
+    @property
+    def info(self) -> ModelInfo:
+        factory = None
+        if self.factory is not None:
+            factory = self.factory.get("import", "<pickled callable>")
+        return ModelInfo(
+            name=self.name,
+            tenant=self.tenant,
+            sha256=self.sha256,
+            nbytes=self.nbytes,
+            num_elements=sum(math.prod(t.shape) for t in self.tensors),
+            num_tensors=len(self.tensors),
+            factory=factory,
+        )
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format_version": self.format_version,
+            "name": self.name,
+            "tenant": self.tenant,
+            "sha256": self.sha256,
+            "nbytes": self.nbytes,
+            "data_start": self.data_start,
+            "tensors": BlobLayout(self.tensors, self.data_start, self.nbytes).to_index(),
+            "aliases": dict(self.aliases),
+            "factory": dict(self.factory) if self.factory is not None else None,
+            "created": self.created,
+        }
+        return json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes, *, source: str) -> Manifest:
+        """Parses and validates a manifest document.
+
+        Raises:
+            ModelFormatError: the document is not a valid manifest of a format we can read.
+        """
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:
+            raise ModelFormatError(f"{source}: manifest is not valid UTF-8 JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ModelFormatError(f"{source}: manifest must be a JSON object")
+        version = doc.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ModelFormatError(
+                f"{source}: manifest format_version {version!r}; this trims_ray reads "
+                f"{FORMAT_VERSION}: upgrade trims_ray or re-register the model"
+            )
+        try:
+            return cls._from_doc(doc, source)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFormatError(f"{source}: invalid manifest: {exc!s}") from None
+
+    @classmethod
+    def _from_doc(cls, doc: dict, source: str) -> Manifest:
+        name, tenant = check_name(doc["name"]), check_tenant(doc["tenant"])
+        sha256 = doc["sha256"]
+        if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256):
+            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
+        nbytes, data_start = doc["nbytes"], doc["data_start"]
+        if type(nbytes) is not int or type(data_start) is not int or not 8 <= data_start <= nbytes:
+            raise ValueError(f"bad sizes: nbytes={nbytes!r}, data_start={data_start!r}")
+        # Re-validate the index with the safetensors parser's own rules (exact coverage, sizes
+        # consistent with dtype and shape) by feeding it as a header.
+        index = doc["tensors"]
+        if not isinstance(index, dict):
+            raise ValueError("tensors must be an object")
+        header = {
+            tname: {
+                "dtype": spec["dtype"],
+                "shape": spec["shape"],
+                "data_offsets": [o - data_start for o in spec["offsets"]],
+            }
+            for tname, spec in index.items()
+        }
+        body = json.dumps(header).encode("utf-8")
+        layout = parse_header(
+            len(body).to_bytes(8, "little") + body,
+            file_size=8 + len(body) + nbytes - data_start,
+            source=source,
+        )
+        shift = data_start - layout.data_start
+        tensors = tuple(
+            TensorSpec(t.name, t.dtype, t.shape, t.start + shift, t.end + shift)
+            for t in layout.tensors
+        )
+        aliases = doc.get("aliases") or {}
+        if not isinstance(aliases, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v in index and k not in index
+            for k, v in aliases.items()
+        ):
+            raise ValueError("aliases must map new tensor names to stored tensor names")
+        factory = doc.get("factory")
+        if factory is not None and not (
+            isinstance(factory, dict)
+            and len(factory) == 1
+            and next(iter(factory)) in ("import", "pickle")
+            and isinstance(next(iter(factory.values())), str)
+        ):
+            raise ValueError("factory must be null, {'import': 'module:attr'} or {'pickle': ...}")
+        created = doc.get("created", "")
+        if not isinstance(created, str):
+            raise ValueError("created must be a string")
+        return cls(
+            name=name,
+            tenant=tenant,
+            sha256=sha256,
+            nbytes=nbytes,
+            data_start=data_start,
+            tensors=tensors,
+            aliases=dict(aliases),
+            factory=dict(factory) if factory is not None else None,
+            created=created,
+        )
+

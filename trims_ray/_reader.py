@@ -1,0 +1,136 @@
+"""The store reader: one blob into one preallocated buffer by parallel ranged reads, with its
+sha256 computed on the way, so that nothing unverified is ever handed on.
+
+Ranged reads run in a thread pool (``os.preadv`` straight into the buffer on a local disk; ranged
+GETs on an object store) while the calling thread hashes the completed prefix in order. Both
+release the GIL, so hashing overlaps the I/O instead of following it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._config import ReadOptions
+from ._errors import IntegrityError
+from ._fsio import is_local
+
+__all__ = ["ReadStats", "read_blob"]
+
+
+@dataclass(frozen=True)
+class ReadStats:
+    """How a read went: bytes, wall seconds, and the rate in bytes per second."""
+
+    nbytes: int
+    seconds: float
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.nbytes / self.seconds if self.seconds > 0 else float("inf")
+
+
+def read_blob(
+    fs,
+    path: str,
+    *,
+    nbytes: int | None = None,
+    sha256: str | None = None,
+    out: np.ndarray | None = None,
+    options: ReadOptions | None = None,
+    source: str | None = None,
+) -> tuple[np.ndarray, ReadStats]:
+    """Reads the file at ``path`` into one buffer with parallel ranged reads.
+
+    Args:
+        fs: an fsspec filesystem.
+        path: the file within ``fs``.
+        nbytes: the size the caller expects (from a manifest); a different size is an
+            IntegrityError. None reads whatever size the file has.
+        sha256: the expected hex digest; the bytes are hashed as they arrive and a mismatch is an
+            IntegrityError. None skips verification (for reading outside input to be parsed).
+        out: a writable 1-D uint8 array of exactly the file's size to read into (for example a
+            buffer whose pages are already mapped); None allocates one.
+        options: chunk size and parallelism; defaults to ``ReadOptions.from_env()``.
+        source: what to call the file in messages; defaults to ``path``.
+
+    Returns:
+        The buffer and the read's stats. The timing covers the reads and the verification.
+
+    Raises:
+        IntegrityError: wrong size, short read, or sha256 mismatch. Nothing is returned then, and
+            the caller must not use ``out``.
+        ValueError: ``out`` has the wrong size, type or is read-only.
+        FileNotFoundError: no file at ``path``.
+    """
+    options = options or ReadOptions.from_env()
+    source = source or path
+    started = time.perf_counter()
+    local = is_local(fs)
+    fd = os.open(path, os.O_RDONLY) if local else None
+    try:
+        size = os.fstat(fd).st_size if local else fs.size(path)
+        if nbytes is not None and size != nbytes:
+            raise IntegrityError(
+                f"{source}: has {size} bytes, the manifest says {nbytes}; the blob is truncated "
+                "or replaced: re-register the model"
+            )
+        buffer = _check_out(out, size) if out is not None else np.empty(size, dtype=np.uint8)
+        ranges = [(s, min(s + options.chunk_bytes, size)) for s in range(0, size, options.chunk_bytes)]
+        hasher = hashlib.sha256() if sha256 is not None else None
+
+        def read_range(start: int, end: int) -> None:
+            if local:
+                _pread_exactly(fd, memoryview(buffer[start:end]), start, source)
+            else:
+                data = fs.cat_file(path, start=start, end=end)
+                if len(data) != end - start:
+                    raise IntegrityError(
+                        f"{source}: short read at {start}: {len(data)} of {end - start} bytes"
+                    )
+                buffer[start:end] = np.frombuffer(data, dtype=np.uint8)
+
+        with ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="trims-read") as pool:
+            futures: list[Future] = [pool.submit(read_range, s, e) for s, e in ranges]
+            try:
+                for (start, end), future in zip(ranges, futures):
+                    future.result()
+                    if hasher is not None:
+                        hasher.update(memoryview(buffer[start:end]))
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+        if hasher is not None and hasher.hexdigest() != sha256:
+            raise IntegrityError(
+                f"{source}: sha256 mismatch: the manifest says {sha256}, the bytes hash to "
+                f"{hasher.hexdigest()}; nothing was kept: re-register the model or repair the store"
+            )
+        return buffer, ReadStats(size, time.perf_counter() - started)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _check_out(out: np.ndarray, size: int) -> np.ndarray:
+    if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 1:
+        raise ValueError("out must be a 1-D numpy uint8 array")
+    if len(out) != size:
+        raise ValueError(f"out has {len(out)} bytes, the file has {size}")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    return out
+
+
+def _pread_exactly(fd: int, view: memoryview, offset: int, source: str) -> None:
+    while len(view):
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            raise IntegrityError(f"{source}: file ended at byte {offset} while reading")
+        view = view[n:]
+        offset += n

@@ -1,0 +1,289 @@
+"""The safetensors format as trims_ray uses it: parse a header, lay out a blob, view tensors.
+
+Every blob in the store is a standard safetensors file in a canonical layout: tensors ordered by
+element size (largest first) then name, header padded to 8 bytes. That makes every tensor's offset
+a multiple of its element size, so a task can view each tensor straight out of a shared buffer
+without copying, and makes the bytes (hence the sha256) depend only on the tensors, not on where
+they came from. The parser is the gate for outside input: anything it accepts is well-formed,
+anything else raises ModelFormatError naming the source.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ._errors import ModelFormatError
+
+__all__ = [
+    "DTYPES",
+    "TensorSpec",
+    "BlobLayout",
+    "header_length",
+    "parse_header",
+    "plan_layout",
+    "iter_blob_chunks",
+    "tensors_from_buffer",
+    "dtype_code",
+]
+
+# safetensors dtype code -> torch dtype. Element sizes come from torch.
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_CODES = {dtype: code for code, dtype in DTYPES.items()}
+
+# The same ceiling the safetensors library applies: a header is metadata, never weights.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+_LEN = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a blob; ``start``/``end`` are absolute byte offsets in the blob."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class BlobLayout:
+    """Where every tensor lies in a safetensors blob of ``nbytes`` bytes."""
+
+    tensors: tuple[TensorSpec, ...]
+    data_start: int
+    nbytes: int
+    metadata: Mapping[str, str] | None = None
+
+    def to_index(self) -> dict[str, dict]:
+        """The tensor index as the manifest stores it: name -> dtype, shape, offsets."""
+        return {
+            t.name: {"dtype": t.dtype, "shape": list(t.shape), "offsets": [t.start, t.end]}
+            for t in self.tensors
+        }
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors code of a torch dtype; TypeError if safetensors cannot hold it."""
+    try:
+        return _CODES[dtype]
+    except KeyError:
+        raise TypeError(
+            f"dtype {dtype} cannot be stored as safetensors; supported: "
+            + ", ".join(str(d).removeprefix("torch.") for d in DTYPES.values())
+        ) from None
+
+
+def header_length(prefix: bytes | memoryview, *, source: str) -> int:
+    """The header length announced by the first 8 bytes of a safetensors file.
+
+    Raises:
+        ModelFormatError: fewer than 8 bytes, or a length above the 100 MiB header ceiling.
+    """
+    if len(prefix) < 8:
+        raise ModelFormatError(
+            f"{source}: not a safetensors file: {len(prefix)} bytes, shorter than the "
+            "8-byte header length"
+        )
+    (n,) = _LEN.unpack_from(prefix, 0)
+    if n > MAX_HEADER_BYTES:
+        raise ModelFormatError(
+            f"{source}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit "
+            "(corrupt or not a safetensors file)"
+        )
+    return n
+
+
+def parse_header(
+    data: bytes | bytearray | memoryview, *, file_size: int | None = None, source: str = "<bytes>"
+) -> BlobLayout:
+    """Parses and validates a safetensors header.
+
+    Args:
+        data: the file's first bytes: at least the 8-byte length and the header (the whole
+            file is fine).
+        file_size: the file's total size when ``data`` is only its beginning; defaults to
+            ``len(data)``. The tensors must cover the data section exactly.
+        source: what to call the file in error messages.
+
+    Returns:
+        The layout, tensors in data order with absolute offsets.
+
+    Raises:
+        ModelFormatError: on anything malformed or truncated, naming ``source`` and the fault.
+    """
+    data = memoryview(data).cast("B")
+    size = len(data) if file_size is None else file_size
+    n = header_length(data, source=source)
+    if 8 + n > size or 8 + n > len(data):
+        raise ModelFormatError(
+            f"{source}: truncated: the header announces {n} bytes but the file has "
+            f"{max(size - 8, 0)} after the length"
+        )
+    try:
+        header = json.loads(data[8 : 8 + n].tobytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting
+        raise ModelFormatError(f"{source}: header is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ModelFormatError(
+            f"{source}: header must be a JSON object, got {type(header).__name__}"
+        )
+
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise ModelFormatError(f"{source}: __metadata__ must map strings to strings")
+
+    data_start = 8 + n
+    specs = [_parse_entry(name, entry, data_start, source) for name, entry in header.items()]
+    specs.sort(key=lambda t: (t.start, t.end))
+    # The data section must be covered exactly, as the safetensors spec requires: no overlap
+    # (two tensors aliasing bytes) and no hole (bytes no tensor accounts for).
+    cursor = data_start
+    for spec in specs:
+        if spec.start != cursor:
+            what = "overlaps the previous tensor" if spec.start < cursor else "leaves a gap"
+            raise ModelFormatError(
+                f"{source}: tensor {spec.name!r} at offset {spec.start - data_start} {what} "
+                f"(expected offset {cursor - data_start})"
+            )
+        cursor = spec.end
+    if cursor != size:
+        what = "truncated" if cursor > size else f"{size - cursor} trailing bytes after the tensors"
+        raise ModelFormatError(
+            f"{source}: {what}: tensors end at byte {cursor}, file has {size} bytes"
+        )
+    return BlobLayout(tuple(specs), data_start, size, metadata)
+
+
+def _parse_entry(name: str, entry: object, data_start: int, source: str) -> TensorSpec:
+    if not name:
+        raise ModelFormatError(f"{source}: a tensor has an empty name")
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise ModelFormatError(
+            f"{source}: tensor {name!r} must be an object with exactly dtype, shape, data_offsets"
+        )
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ModelFormatError(f"{source}: tensor {name!r} has unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        raise ModelFormatError(
+            f"{source}: tensor {name!r} shape must be a list of non-negative ints, got {shape!r}"
+        )
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise ModelFormatError(
+            f"{source}: tensor {name!r} data_offsets must be [begin, end], got {offsets!r}"
+        )
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != expected:
+        raise ModelFormatError(
+            f"{source}: tensor {name!r} spans {end - begin} bytes but {dtype} {shape} "
+            f"needs {expected}"
+        )
+    return TensorSpec(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0  # bool is an int subclass: rejected by `type is`
+
+
+def plan_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[BlobLayout, bytes]:
+    """Lays out ``tensors`` canonically and returns the layout and the header bytes.
+
+    The header bytes include the 8-byte length and the space padding that aligns the data
+    section to 8 bytes. The same tensors always give the same bytes.
+    """
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    index: dict[str, object] = {}
+    cursor = 0
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        index[name] = {
+            "dtype": dtype_code(t.dtype),
+            "shape": list(t.shape),
+            "data_offsets": [cursor, cursor + nbytes],
+        }
+        cursor += nbytes
+    metadata = {"format": "pt"}
+    index["__metadata__"] = metadata
+    body = json.dumps(index, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    body += b" " * (-(8 + len(body)) % 8)
+    header = _LEN.pack(len(body)) + body
+    layout = parse_header(header, file_size=len(header) + cursor, source="<new blob>")
+    return layout, header
+
+
+def iter_blob_chunks(
+    layout: BlobLayout, header: bytes, tensors: Mapping[str, torch.Tensor]
+) -> Iterator[memoryview]:
+    """Yields the blob's bytes: the header, then each tensor's bytes in layout order.
+
+    Contiguous CPU tensors are yielded as views of their own memory, without copying.
+    """
+    yield memoryview(header)
+    for spec in layout.tensors:
+        yield tensor_bytes(tensors[spec.name])
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes in row-major order (a view when the tensor is contiguous on the CPU)."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def tensors_from_buffer(buffer: np.ndarray, layout: BlobLayout) -> dict[str, torch.Tensor]:
+    """Builds every tensor of ``layout`` as a view into ``buffer`` (a uint8 array of the blob).
+
+    No bytes are copied when each tensor's address is a multiple of its element size, which
+    the canonical layout guarantees for 8-byte aligned buffers; a misaligned tensor (possible in
+    a foreign file) is copied instead, since torch cannot view it. A read-only buffer gives
+    tensors that share its memory: callers that hand them out decide how to guard them.
+    """
+    if buffer.dtype != np.uint8 or buffer.ndim != 1:
+        raise TypeError(f"buffer must be a 1-D uint8 array, got {buffer.dtype} {buffer.shape}")
+    if len(buffer) != layout.nbytes:
+        raise ValueError(f"buffer has {len(buffer)} bytes, layout needs {layout.nbytes}")
+    base = buffer.ctypes.data
+    out: dict[str, torch.Tensor] = {}
+    with warnings.catch_warnings():
+        # torch warns that a read-only array gives a writable tensor; guarding is the caller's job.
+        warnings.simplefilter("ignore", UserWarning)
+        for spec in layout.tensors:
+            dtype = DTYPES[spec.dtype]
+            raw = torch.from_numpy(buffer[spec.start : spec.end])
+            if (base + spec.start) % dtype.itemsize:
+                raw = raw.clone()
+            out[spec.name] = raw.view(dtype).view(spec.shape)
+    return out
