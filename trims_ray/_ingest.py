@@ -65,6 +65,8 @@ def _from_state_dict(state: Mapping, source: str) -> Weights:
         t = state[name]
         if not isinstance(name, str) or not name:
             raise TypeError(f"{source}: state dict keys must be non-empty strings, got {name!r}")
+        if name == "__metadata__":
+            raise ValueError(f"{source}: the tensor name '__metadata__' is reserved by safetensors")
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{source}: {name!r} is a {type(t).__name__}, not a torch.Tensor")
         if t.is_meta:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ._errors import ModelFormatError
+from ._hashing import ChunkDigests
 from ._names import check_name, check_tenant
 from ._safetensors import BlobLayout, TensorSpec, parse_header
 
@@ -58,6 +59,7 @@ class Manifest:
     nbytes: int
     data_start: int
     tensors: tuple[TensorSpec, ...]
+    chunks: ChunkDigests
     aliases: Mapping[str, str] = field(default_factory=dict)
     factory: Mapping[str, str] | None = None
     created: str = ""
@@ -91,6 +93,8 @@ class Manifest:
             "nbytes": self.nbytes,
             "data_start": self.data_start,
             "tensors": BlobLayout(self.tensors, self.data_start, self.nbytes).to_index(),
+            "chunk_bytes": self.chunks.chunk_bytes,
+            "chunk_sha256": list(self.chunks.digests),
             "aliases": dict(self.aliases),
             "factory": dict(self.factory) if self.factory is not None else None,
             "created": self.created,
@@ -154,6 +158,17 @@ class Manifest:
             TensorSpec(t.name, t.dtype, t.shape, t.start + shift, t.end + shift)
             for t in layout.tensors
         )
+        chunk_bytes, chunk_sha256 = doc["chunk_bytes"], doc["chunk_sha256"]
+        if type(chunk_bytes) is not int or chunk_bytes < 4096:
+            raise ValueError(f"chunk_bytes must be an int >= 4096, got {chunk_bytes!r}")
+        if not (
+            isinstance(chunk_sha256, list)
+            and len(chunk_sha256) == -(-nbytes // chunk_bytes)
+            and all(isinstance(d, str) and _SHA256_RE.fullmatch(d) for d in chunk_sha256)
+        ):
+            raise ValueError(
+                "chunk_sha256 must list one sha256 hex digest per chunk_bytes of the blob"
+            )
         aliases = doc.get("aliases") or {}
         if not isinstance(aliases, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and v in index and k not in index
@@ -178,6 +193,7 @@ class Manifest:
             nbytes=nbytes,
             data_start=data_start,
             tensors=tensors,
+            chunks=ChunkDigests(chunk_bytes, tuple(chunk_sha256)),
             aliases=dict(aliases),
             factory=dict(factory) if factory is not None else None,
             created=created,

@@ -1,9 +1,11 @@
-"""The store reader: one blob into one preallocated buffer by parallel ranged reads, with its
-sha256 computed on the way, so that nothing unverified is ever handed on.
+"""The store reader: one blob into one preallocated buffer by parallel ranged reads, verified
+on the way, so that nothing unverified is ever handed on.
 
 Ranged reads run in a thread pool (``os.preadv`` straight into the buffer on a local disk; ranged
-GETs on an object store) while the calling thread hashes the completed prefix in order. Both
-release the GIL, so hashing overlaps the I/O instead of following it.
+GETs on an object store). With chunk digests (every manifest has them) each worker hashes the
+chunk it just read, so verification runs on all cores; with only a whole-blob sha256 the calling
+thread hashes the completed prefix in order, overlapping one hash stream with the I/O. hashlib
+and the reads release the GIL.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from ._config import ReadOptions
 from ._errors import IntegrityError
 from ._fsio import is_local
+from ._hashing import ChunkDigests
 
 __all__ = ["ReadStats", "read_blob"]
 
@@ -41,6 +44,7 @@ def read_blob(
     *,
     nbytes: int | None = None,
     sha256: str | None = None,
+    chunk_digests: ChunkDigests | None = None,
     out: np.ndarray | None = None,
     options: ReadOptions | None = None,
     source: str | None = None,
@@ -54,6 +58,8 @@ def read_blob(
             IntegrityError. None reads whatever size the file has.
         sha256: the expected hex digest; the bytes are hashed as they arrive and a mismatch is an
             IntegrityError. None skips verification (for reading outside input to be parsed).
+        chunk_digests: expected per-chunk digests; each chunk is verified by the thread that
+            read it (in parallel) and ``sha256`` is then not recomputed.
         out: a writable 1-D uint8 array of exactly the file's size to read into (for example a
             buffer whose pages are already mapped); None allocates one.
         options: chunk size and parallelism; defaults to ``ReadOptions.from_env()``.
@@ -81,8 +87,19 @@ def read_blob(
                 "or replaced: re-register the model"
             )
         buffer = _check_out(out, size) if out is not None else np.empty(size, dtype=np.uint8)
-        ranges = [(s, min(s + options.chunk_bytes, size)) for s in range(0, size, options.chunk_bytes)]
-        hasher = hashlib.sha256() if sha256 is not None else None
+        if chunk_digests is not None:
+            ranges = chunk_digests.ranges(size)
+            if len(ranges) != len(chunk_digests.digests):
+                raise IntegrityError(
+                    f"{source}: has {size} bytes, which is {len(ranges)} chunks, but the manifest "
+                    f"lists {len(chunk_digests.digests)} chunk digests"
+                )
+            expected = dict(zip(ranges, chunk_digests.digests))
+        else:
+            step = options.chunk_bytes
+            ranges = [(s, min(s + step, size)) for s in range(0, size, step)]
+            expected = {}
+        hasher = hashlib.sha256() if sha256 is not None and not expected else None
 
         def read_range(start: int, end: int) -> None:
             if local:
@@ -94,6 +111,14 @@ def read_blob(
                         f"{source}: short read at {start}: {len(data)} of {end - start} bytes"
                     )
                 buffer[start:end] = np.frombuffer(data, dtype=np.uint8)
+            if expected:
+                digest = hashlib.sha256(memoryview(buffer[start:end])).hexdigest()
+                if digest != expected[(start, end)]:
+                    raise IntegrityError(
+                        f"{source}: sha256 mismatch in bytes {start}-{end}: the manifest says "
+                        f"{expected[(start, end)]}, the bytes hash to {digest}; nothing was kept: "
+                        "re-register the model or repair the store"
+                    )
 
         with ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="trims-read") as pool:
             futures: list[Future] = [pool.submit(read_range, s, e) for s, e in ranges]

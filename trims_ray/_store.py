@@ -11,7 +11,6 @@ a manifest always finds its whole blob. Every read is verified against the manif
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -22,6 +21,7 @@ from torch import nn
 from ._config import ReadOptions, default_store_uri
 from ._errors import IntegrityError, ModelFormatError, ModelNotFoundError, StoreUnavailableError
 from ._factory import assemble_module, build_on_meta, check_factory_fits, factory_ref, resolve_factory
+from ._hashing import digest_blob
 from ._fsio import describe_s3, is_local, open_fs, translate_store_errors, write_atomically
 from ._ingest import collect_weights
 from ._manifest import Manifest, ModelInfo
@@ -108,16 +108,15 @@ class ModelStore:
             module = build_on_meta(resolve_factory(factory_entry))
             check_factory_fits(module, shapes, source=weights_in.source)
 
-        hasher = hashlib.sha256()
-        for chunk in iter_blob_chunks(layout, header, weights_in.tensors):
-            hasher.update(chunk)
+        sha256, chunks = digest_blob(iter_blob_chunks(layout, header, weights_in.tensors))
         manifest = Manifest(
             name=name,
             tenant=tenant,
-            sha256=hasher.hexdigest(),
+            sha256=sha256,
             nbytes=layout.nbytes,
             data_start=layout.data_start,
             tensors=layout.tensors,
+            chunks=chunks,
             aliases=dict(weights_in.aliases),
             factory=factory_entry,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -206,6 +205,7 @@ class ModelStore:
                     path,
                     nbytes=manifest.nbytes,
                     sha256=manifest.sha256,
+                    chunk_digests=manifest.chunks,
                     out=out,
                     options=self.read_options,
                     source=source,

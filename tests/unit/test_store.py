@@ -323,6 +323,7 @@ def test_tenants_that_could_escape_the_root_are_rejected(store, tenant):
         ({"w": torch.empty(3, device="meta")}, ValueError),
         ({}, ModelFormatError),
         ({"w": torch.zeros(2, dtype=torch.complex64)}, TypeError),
+        ({"__metadata__": torch.zeros(2)}, ValueError),
     ],
 )
 def test_unusable_weights_raise_clear_errors_and_write_nothing(file_store, weights, error):
