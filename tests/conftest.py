@@ -1,24 +1,22 @@
 """Fixtures shared by every test: an isolated default store and caller, and a real S3 server.
 
-The S3 server is moto's standalone HTTP server in a subprocess on 127.0.0.1 (its own process, so
-its GIL does not slow the code under test); only the PID this fixture started is ever killed.
+The S3 server is moto's standalone HTTP server in a subprocess on 127.0.0.1 (see
+workloads/s3server.py); only the PID it started is ever killed.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 
 import pytest
 
 import trims_ray
+from workloads.s3server import ACCESS_KEY as S3_KEY
+from workloads.s3server import SECRET_KEY as S3_SECRET
+from workloads.s3server import create_bucket, free_port, moto_server
+from workloads.s3server import s3_storage_options as s3_options
 
-S3_KEY, S3_SECRET = "trims-test-key", "trims-test-secret"
+__all__ = ["S3_KEY", "S3_SECRET", "free_port", "s3_options", "make_store"]
 
 
 @pytest.fixture(autouse=True)
@@ -33,50 +31,18 @@ def isolated_env(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A moto S3 server on loopback for the whole session; yields its endpoint URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start (exit code {proc.poll()})")
-                time.sleep(0.1)
+    with moto_server() as endpoint:
         yield endpoint
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-def s3_options(endpoint: str) -> dict:
-    return {"key": S3_KEY, "secret": S3_SECRET, "endpoint_url": endpoint}
 
 
 @pytest.fixture
 def s3_bucket(s3_endpoint):
     """A fresh, empty bucket on the moto server; yields its name."""
-    import s3fs
-
-    fs = s3fs.S3FileSystem(key=S3_KEY, secret=S3_SECRET, client_kwargs={"endpoint_url": s3_endpoint})
     bucket = f"trims-{uuid.uuid4().hex[:12]}"
-    fs.mkdir(bucket)
+    create_bucket(s3_endpoint, bucket)
     yield bucket
 
 
