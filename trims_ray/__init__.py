@@ -6,7 +6,8 @@ everything in underscore modules may change.
 """
 
 from ._api import register
-from ._config import ReadOptions
+from ._cluster import Cluster, ClusterStats, NodeStats, evict, init, prefetch, shutdown, stats
+from ._config import CacheConfig, ReadOptions
 from ._errors import (
     AccessDeniedError,
     CapacityError,
@@ -16,12 +17,26 @@ from ._errors import (
     StoreUnavailableError,
     TrimsError,
 )
+from ._lease import function, open
 from ._manifest import ModelInfo
 from ._reader import ReadStats
 from ._store import ModelStore
+from .actors.node_cache import TierStats
 
 __all__ = [
+    "init",
     "register",
+    "function",
+    "open",
+    "prefetch",
+    "evict",
+    "stats",
+    "shutdown",
+    "Cluster",
+    "ClusterStats",
+    "NodeStats",
+    "TierStats",
+    "CacheConfig",
     "ModelInfo",
     "ModelStore",
     "ReadOptions",

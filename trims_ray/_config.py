@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["default_store_uri", "caller_tenant_from_env", "ReadOptions"]
+__all__ = ["default_store_uri", "caller_tenant_from_env", "ReadOptions", "CacheConfig"]
 
 
 def default_store_uri() -> str:
@@ -64,3 +64,67 @@ class ReadOptions:
             chunk_bytes=_env_int("TRIMS_RAY_READ_CHUNK_BYTES", base.chunk_bytes),
             concurrency=_env_int("TRIMS_RAY_READ_CONCURRENCY", base.concurrency),
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """How a node cache sizes and manages its tiers.
+
+    Args:
+        host_bytes: byte budget of the host tier (models in the node's object store); None means
+            ``host_fraction`` of the node's object store.
+        host_fraction: share of the node's object store the host tier may use when
+            ``host_bytes`` is None. The rest stays for tasks' own objects.
+        disk_bytes: byte budget of the disk tier.
+        disk_dir: directory of the disk tier; None means ``~/.cache/trims_ray/disk``. Each node
+            uses a subdirectory named by its node id.
+        policy: eviction policy name (see ``trims_ray.policy.available_policies()``).
+        manifest_ttl_s: how long a node trusts a manifest it resolved before asking the store
+            again (a re-registered model is seen after at most this long).
+        lease_check_s: how often leases of dead processes are reclaimed.
+    """
+
+    host_bytes: int | None = None
+    host_fraction: float = 0.5
+    disk_bytes: int = 20 * 1024**3
+    disk_dir: str | None = None
+    policy: str = "lru"
+    manifest_ttl_s: float = 2.0
+    lease_check_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.host_bytes is not None and (type(self.host_bytes) is not int or self.host_bytes < 0):
+            raise ValueError(f"host_bytes must be a non-negative int or None, got {self.host_bytes!r}")
+        if not 0 < self.host_fraction <= 1:
+            raise ValueError(f"host_fraction must be in (0, 1], got {self.host_fraction!r}")
+        if type(self.disk_bytes) is not int or self.disk_bytes < 0:
+            raise ValueError(f"disk_bytes must be a non-negative int, got {self.disk_bytes!r}")
+        if self.disk_dir is not None and not isinstance(self.disk_dir, str):
+            raise TypeError(f"disk_dir must be a str or None, got {type(self.disk_dir).__name__}")
+        if not isinstance(self.policy, str):
+            raise TypeError(f"policy must be a policy name, got {type(self.policy).__name__}")
+        from .policy import available_policies
+
+        if self.policy not in available_policies():
+            raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(available_policies())}")
+        if self.manifest_ttl_s < 0 or self.lease_check_s <= 0:
+            raise ValueError("manifest_ttl_s must be >= 0 and lease_check_s > 0")
+
+    @classmethod
+    def from_env(cls, **overrides) -> CacheConfig:
+        """Defaults, then ``$TRIMS_RAY_HOST_BYTES``, ``$TRIMS_RAY_DISK_BYTES``,
+        ``$TRIMS_RAY_DISK_DIR`` and ``$TRIMS_RAY_POLICY``, then ``overrides``."""
+        env: dict[str, object] = {}
+        if os.environ.get("TRIMS_RAY_HOST_BYTES", "").strip():
+            env["host_bytes"] = _env_int("TRIMS_RAY_HOST_BYTES", 0)
+        if os.environ.get("TRIMS_RAY_DISK_BYTES", "").strip():
+            env["disk_bytes"] = _env_int("TRIMS_RAY_DISK_BYTES", 0)
+        if os.environ.get("TRIMS_RAY_DISK_DIR", "").strip():
+            env["disk_dir"] = os.environ["TRIMS_RAY_DISK_DIR"].strip()
+        if os.environ.get("TRIMS_RAY_POLICY", "").strip():
+            env["policy"] = os.environ["TRIMS_RAY_POLICY"].strip()
+        return cls(**{**env, **overrides})
+
+    def disk_path(self, node_id: str) -> Path:
+        base = Path(self.disk_dir).expanduser() if self.disk_dir else Path.home() / ".cache" / "trims_ray" / "disk"
+        return base / node_id

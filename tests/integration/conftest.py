@@ -1,0 +1,54 @@
+"""A real single-node Ray for the integration tests, started once per module with a small object
+store, and a fresh trims_ray (store, disk tier, node cache actor) for every test.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+import trims_ray
+
+OBJECT_STORE_BYTES = 256 * 1024 * 1024
+HOST_BUDGET = 64 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def ray_node():
+    # address="local": our own cluster, never one another test or user left running.
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=OBJECT_STORE_BYTES,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    try:
+        yield ray.get_runtime_context().get_node_id()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def cache(ray_node, tmp_path):
+    """trims_ray on the module's Ray, with its own store and disk tier; yields the store."""
+    config = trims_ray.CacheConfig(host_bytes=HOST_BUDGET, disk_dir=str(tmp_path / "disk"), lease_check_s=0.2)
+    trims_ray.init(store=str(tmp_path / "store"), config=config)
+    try:
+        yield trims_ray.ModelStore(str(tmp_path / "store"))
+    finally:
+        trims_ray.shutdown()
+
+
+def wait_for(condition, timeout: float = 15.0, interval: float = 0.1):
+    """Polls ``condition`` until it returns a truthy value; fails the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)

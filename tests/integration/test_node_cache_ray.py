@@ -1,0 +1,296 @@
+"""The node cache on a real single-node Ray: every invariant of DESIGN.md that applies on one node
+(leases, eviction frees memory, byte accounting, single flight, integrity, read-only, zero copy),
+and the API's answers to bad input.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import ray
+import torch
+from torch import nn
+
+import trims_ray
+from trims_ray import CapacityError, IntegrityError, ModelNotFoundError, TrimsError
+from trims_ray._cluster import forget_node_actor, node_actor
+from trims_ray.actors.node_cache import Holder
+
+from .conftest import HOST_BUDGET, wait_for
+
+
+class SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(256, 512)
+        self.fc2 = nn.Linear(512, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def weights(mb: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(int(mb * 1024 * 1024 / 4), generator=gen)}
+
+
+def node_stats(node_id: str) -> trims_ray.NodeStats:
+    return trims_ray.stats().nodes[node_id]
+
+
+# -- the API end to end ----------------------------------------------------------------------
+
+
+def test_function_gets_a_working_module_and_hits_after_the_first_call(cache, ray_node):
+    model = SmallNet().eval()
+    trims_ray.register("small", model, factory=f"{__name__}:SmallNet")
+
+    @trims_ray.function(model="small", num_cpus=1)
+    def classify(m, x):
+        with torch.inference_mode():
+            return m(x)
+
+    x = torch.randn(4, 256)
+    with torch.inference_mode():
+        expected = model(x)
+    for _ in range(3):
+        assert torch.equal(ray.get(classify.remote(x)), expected)
+    host = node_stats(ray_node).tiers["host"]
+    assert (host.loads, host.misses, host.hits, host.models) == (1, 1, 2, 1)
+    assert node_stats(ray_node).tiers["disk"].models == 1
+
+
+def test_bare_decorator_and_options_like_ray(cache):
+    trims_ray.register("a", {"w": torch.ones(3)})
+    trims_ray.register("b", {"w": torch.full((3,), 2.0)})
+
+    @trims_ray.function
+    def total(m):
+        return float(m["w"].sum())
+
+    with pytest.raises(ValueError, match="no model"):
+        total.remote()
+    assert ray.get(total.options(model="a").remote()) == 3.0
+    assert ray.get(total.options(model="b", num_cpus=0.5).remote()) == 6.0
+    with pytest.raises(TypeError, match=r"\.remote"):
+        total(None)
+
+
+def test_open_inside_a_plain_ray_task_and_an_actor(cache):
+    trims_ray.register("m", {"w": torch.arange(5.0)})
+
+    @ray.remote
+    def task():
+        with trims_ray.open("m") as sd:
+            return float(sd["w"].sum())
+
+    @ray.remote
+    class Server:
+        def total(self):
+            with trims_ray.open("m") as sd:
+                return float(sd["w"].sum())
+
+    assert ray.get(task.remote()) == 10.0
+    assert ray.get(Server.remote().total.remote()) == 10.0
+
+
+# -- invariants ----------------------------------------------------------------------------
+
+
+def test_zero_copy_every_parameter_lies_in_the_shared_object(cache):
+    trims_ray.register("small", SmallNet(), factory=f"{__name__}:SmallNet")
+
+    @ray.remote
+    def check():
+        forget_node_actor()  # this worker may have served an earlier test's (killed) cache
+        actor = node_actor()
+        grant = ray.get(actor.acquire.remote("small", "default", Holder.this_process()))
+        try:
+            obj = ray.get(grant["refs"][0])
+            lo, hi = obj.ctypes.data, obj.ctypes.data + obj.nbytes
+            with trims_ray.open("small") as model:
+                tensors = list(model.parameters()) + list(model.buffers())
+                inside = [lo <= t.data_ptr() and t.data_ptr() + t.nbytes <= hi for t in tensors]
+            return len(inside), all(inside), obj.flags.writeable
+        finally:
+            actor.release.remote(grant["lease_id"])
+
+    count, all_inside, writeable = ray.get(check.remote())
+    assert count == 4 and all_inside and not writeable
+
+
+def test_a_task_cannot_change_the_weights_others_see(cache):
+    original = weights(1)
+    trims_ray.register("w", original)
+
+    @trims_ray.function(model="w", max_retries=0)
+    def vandal(sd):
+        sd["w"].add_(1.0)  # a write into shared memory: must fault, not land
+        return "wrote"
+
+    @trims_ray.function(model="w")
+    def reader(sd):
+        return sd["w"].clone()
+
+    with pytest.raises((ray.exceptions.WorkerCrashedError, ray.exceptions.RayTaskError)):
+        ray.get(vandal.remote())
+    assert torch.equal(ray.get(reader.remote()), original["w"])
+
+
+def test_single_flight_32_concurrent_requests_load_once(cache, ray_node):
+    trims_ray.register("cold", weights(8))
+
+    def use(_):
+        with trims_ray.open("cold") as sd:
+            return float(sd["w"][0])
+
+    with ThreadPoolExecutor(32) as pool:
+        values = list(pool.map(use, range(32)))
+    assert len(set(values)) == 1
+    host = node_stats(ray_node).tiers["host"]
+    assert host.loads == 1 and host.hits + host.misses == 32
+    wait_for(lambda: node_stats(ray_node).leases == 0)
+
+
+def test_concurrent_tasks_share_one_load(cache, ray_node):
+    trims_ray.register("cold", weights(4))
+
+    @trims_ray.function(model="cold", num_cpus=0.25)
+    def first(sd):
+        return float(sd["w"][0])
+
+    assert len(set(ray.get([first.remote() for _ in range(8)]))) == 1
+    assert node_stats(ray_node).tiers["host"].loads == 1
+
+
+def test_leased_model_survives_evict_and_goes_when_released(cache, ray_node):
+    trims_ray.register("held", weights(8))
+
+    @ray.remote
+    class Holder_:
+        def hold(self, seconds):
+            with trims_ray.open("held") as sd:
+                time.sleep(seconds)
+                return float(sd["w"].sum())
+
+    holder = Holder_.remote()
+    result = holder.hold.remote(3.0)
+    wait_for(lambda: node_stats(ray_node).leases == 1)
+    assert trims_ray.evict("held", tier="host")[ray_node]["host"] == "deferred"
+    assert node_stats(ray_node).tiers["host"].models == 1
+    assert ray.get(result) == pytest.approx(float(weights(8)["w"].sum()), rel=1e-5)
+    wait_for(lambda: node_stats(ray_node).tiers["host"].bytes_used == 0)
+
+
+def test_eviction_really_frees_object_store_memory(cache, ray_node):
+    size = 16 * 1024 * 1024
+    trims_ray.register("big", weights(16))
+    before = node_stats(ray_node).object_store_bytes_used
+    assert trims_ray.prefetch("big")[ray_node] == "store"
+    loaded = node_stats(ray_node).object_store_bytes_used
+    assert loaded - before >= size
+    assert trims_ray.evict("big", tier="host")[ray_node]["host"] == "evicted"
+    wait_for(lambda: node_stats(ray_node).object_store_bytes_used <= loaded - size)
+
+
+def test_host_budget_is_respected_and_lru_evicts(cache, ray_node):
+    for i in range(4):  # 20 MiB each against a 64 MiB budget: three fit
+        trims_ray.register(f"m{i}", weights(20, seed=i))
+    for i in range(4):
+        trims_ray.prefetch(f"m{i}")
+        host = node_stats(ray_node).tiers["host"]
+        assert host.bytes_used <= host.capacity == HOST_BUDGET
+    host = node_stats(ray_node).tiers["host"]
+    assert host.models == 3 and host.evictions == 1
+    assert trims_ray.evict("m0", tier="host")[ray_node]["host"] == "absent"  # the LRU one went
+
+
+def test_integrity_failure_leaves_nothing_cached(cache, ray_node):
+    info = trims_ray.register("bad", weights(2))
+    path = cache.blob_path(info.sha256)
+    data = bytearray(cache.fs.cat_file(path))
+    data[-5] ^= 0xFF
+    cache.fs.pipe_file(path, bytes(data))
+
+    @trims_ray.function(model="bad")
+    def use(sd):
+        return 1
+
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        ray.get(use.remote())
+    stats = node_stats(ray_node)
+    assert stats.tiers["host"].bytes_used == 0 and stats.tiers["host"].models == 0
+    assert stats.tiers["disk"].models == 0 and stats.leases == 0
+
+
+def test_lease_of_a_dead_worker_is_reclaimed(cache, ray_node):
+    trims_ray.register("m", weights(1))
+
+    @ray.remote(max_retries=0)
+    def die_holding():
+        with trims_ray.open("m"):
+            os._exit(1)
+
+    with pytest.raises(ray.exceptions.WorkerCrashedError):
+        ray.get(die_holding.remote())
+    wait_for(lambda: node_stats(ray_node).leases == 0)
+    assert trims_ray.evict("m", tier="host")[ray_node]["host"] == "evicted"
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+def test_unknown_model_and_unregistered_function_model(cache):
+    @trims_ray.function(model="never-registered")
+    def f(m):
+        return 1
+
+    with pytest.raises(ModelNotFoundError, match="never-registered"):
+        ray.get(f.remote())
+    with pytest.raises(ModelNotFoundError):
+        trims_ray.prefetch("nope")
+    with pytest.raises(ValueError):
+        trims_ray.function(model="../etc")(lambda m: 1)
+
+
+def test_model_larger_than_the_host_budget(cache, ray_node):
+    trims_ray.register("huge", weights(80))  # > 64 MiB budget
+
+    @trims_ray.function(model="huge")
+    def f(m):
+        return 1
+
+    with pytest.raises(CapacityError, match="budget"):
+        ray.get(f.remote())
+    assert node_stats(ray_node).tiers["host"].bytes_used == 0
+
+
+def test_another_tenants_model_is_not_found(cache, monkeypatch):
+    monkeypatch.setenv("TRIMS_RAY_TENANT", "alice")
+    trims_ray.register("secret", weights(0.1))
+    monkeypatch.setenv("TRIMS_RAY_TENANT", "bob")
+
+    @trims_ray.function(model="secret")
+    def f(m):
+        return 1
+
+    with pytest.raises(ModelNotFoundError):
+        ray.get(f.remote())
+
+
+def test_api_after_shutdown_says_to_init(ray_node, tmp_path):
+    trims_ray.shutdown()
+
+    @trims_ray.function(model="m")
+    def f(m):
+        return 1
+
+    with pytest.raises(TrimsError, match="init"):
+        f.remote()
+    with pytest.raises(TrimsError, match="init"):
+        with trims_ray.open("m"):
+            pass

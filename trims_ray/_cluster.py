@@ -1,0 +1,239 @@
+"""The driver's side of trims_ray on a Ray cluster: ``init``, ``shutdown``, ``stats``,
+``prefetch`` and ``evict``, and finding the node cache actors.
+
+``init`` connects to Ray if needed and creates one node cache actor per alive node (or finds the
+ones another driver created: they are detached and named, so every job on the cluster shares
+them). Everything else talks to those actors by name.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from . import _api
+from ._config import CacheConfig
+from ._errors import TrimsError
+from ._names import check_name, check_tenant
+from ._store import ModelStore
+from .actors.node_actor import NAMESPACE, NodeCacheServer, node_actor_name
+from .actors.node_cache import TierStats
+
+__all__ = ["Cluster", "ClusterStats", "NodeStats", "init", "shutdown", "stats", "prefetch", "evict", "node_actor", "forget_node_actor", "call"]
+
+_lock = threading.Lock()
+_actors: dict[str, ray.actor.ActorHandle] = {}
+
+# Enough threads that callers waiting on a load in flight do not block hits on other models.
+_ACTOR_CONCURRENCY = 64
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What ``init`` returns: the store, the caller's tenant and the nodes with a cache."""
+
+    store: str
+    tenant: str
+    nodes: tuple[str, ...]
+
+
+@dataclass
+class NodeStats:
+    """One node: its tiers, the leases held now, and its whole object store's bytes in use."""
+
+    tiers: dict[str, TierStats]
+    leases: int = 0
+    object_store_bytes_used: int = 0
+
+
+@dataclass
+class ClusterStats:
+    nodes: dict[str, NodeStats] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The same as plain, JSON-able data."""
+        return {"nodes": {node: asdict(s) for node, s in self.nodes.items()}}
+
+
+def init(
+    store: str | None = None,
+    *,
+    address: str | None = None,
+    tenant: str | None = None,
+    config: CacheConfig | None = None,
+    storage_options: dict | None = None,
+) -> Cluster:
+    """Connects to Ray and makes sure every alive node has a node cache actor.
+
+    Args:
+        store: the model store URI; default ``$TRIMS_RAY_STORE`` or ``~/.cache/trims_ray/store``.
+        address: passed to ``ray.init`` when Ray is not initialized yet (None: Ray's usual
+            resolution, which starts a local cluster when there is none).
+        tenant: the tenant this process acts as (default ``$TRIMS_RAY_TENANT`` or "default").
+        config: tier budgets and policy for node caches this call creates (existing ones keep
+            theirs); default ``CacheConfig.from_env()``.
+        storage_options: fsspec options for the store (S3 endpoint, credentials).
+
+    Raises:
+        ValueError / TypeError: a bad store URI, tenant or config.
+        StoreUnavailableError: the store cannot be reached.
+    """
+    if tenant is not None:
+        check_tenant(tenant)
+    model_store = ModelStore(store, storage_options=storage_options) if store is not None else _api.current_store()
+    model_store._check_reachable()
+    config = config if config is not None else CacheConfig.from_env()
+    if not ray.is_initialized():
+        env = {"TRIMS_RAY_STORE": model_store.uri}
+        if tenant is not None:
+            env["TRIMS_RAY_TENANT"] = tenant
+        ray.init(address=address, runtime_env={"env_vars": env})
+    _api._session["store"] = model_store
+    _api._session["tenant"] = tenant
+    server = ray.remote(NodeCacheServer)
+    handles = {}
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        node_id = node["NodeID"]
+        handles[node_id] = server.options(
+            name=node_actor_name(node_id),
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,  # a cache must not take CPUs from the tasks it serves
+            max_concurrency=_ACTOR_CONCURRENCY,
+            max_restarts=-1,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        ).remote(node_id, model_store.uri, storage_options, config)
+    ray.get([h.ping.remote() for h in handles.values()])
+    with _lock:
+        _actors.update(handles)
+    return Cluster(model_store.uri, _api.caller_tenant(), tuple(handles))
+
+
+def shutdown() -> None:
+    """Kills this library's actors (their cached objects go with them); Ray keeps running."""
+    with _lock:
+        _actors.clear()
+    _api._session["store"] = None
+    _api._session["tenant"] = None
+    if not ray.is_initialized():
+        return
+    for name in _our_actor_names():
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            pass  # already gone
+    # ray.kill is asynchronous: wait until the names are free, or a following init() would
+    # get the dying actors back from get_if_exists.
+    deadline = time.monotonic() + 30
+    while _our_actor_names() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _our_actor_names() -> list[str]:
+    return [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == NAMESPACE and a["name"].startswith("trims_ray:")
+    ]
+
+
+def node_actor(node_id: str | None = None) -> ray.actor.ActorHandle:
+    """The cache actor of ``node_id`` (default: the node this process runs on).
+
+    Raises:
+        TrimsError: Ray is not initialized, or the node has no trims_ray cache.
+    """
+    if not ray.is_initialized():
+        raise TrimsError("Ray is not initialized: call trims_ray.init() first")
+    node_id = node_id or ray.get_runtime_context().get_node_id()
+    with _lock:
+        handle = _actors.get(node_id)
+    if handle is None:
+        try:
+            handle = ray.get_actor(node_actor_name(node_id), namespace=NAMESPACE)
+        except ValueError:
+            raise TrimsError(
+                f"node {node_id} has no trims_ray cache: call trims_ray.init() in the driver first"
+            ) from None
+        with _lock:
+            _actors[node_id] = handle
+    return handle
+
+
+def forget_node_actor(node_id: str | None = None) -> None:
+    """Drops a cached actor handle (after its actor died), so the next lookup finds the new one."""
+    node_id = node_id or ray.get_runtime_context().get_node_id()
+    with _lock:
+        _actors.pop(node_id, None)
+
+
+def call(ref: ray.ObjectRef):
+    """``ray.get`` that re-raises our own errors from an actor as themselves, not wrapped."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, (TrimsError, ValueError, TypeError)):
+            raise cause from None
+        raise
+
+
+def _nodes(nodes: list[str] | None) -> list[str]:
+    if not ray.is_initialized():
+        raise TrimsError("Ray is not initialized: call trims_ray.init() first")
+    if nodes is None:
+        found = sorted(n.removeprefix("trims_ray:node:") for n in _our_actor_names() if n.startswith("trims_ray:node:"))
+        if not found:
+            raise TrimsError("no trims_ray node caches are running: call trims_ray.init() first")
+        return found
+    if isinstance(nodes, str) or not all(isinstance(n, str) for n in nodes):
+        raise TypeError("nodes must be a list of node ids (hex strings) or None")
+    return list(nodes)
+
+
+def prefetch(name: str, tier: str = "host", nodes: list[str] | None = None) -> dict[str, str]:
+    """Warms ``tier`` ("host" or "disk") with a model on ``nodes`` (default: every node).
+
+    Returns, per node, where the model was found: "host", "disk" or "store".
+
+    Raises:
+        ModelNotFoundError, CapacityError, IntegrityError, ValueError: as for an invocation.
+    """
+    check_name(name)
+    tenant = _api.caller_tenant()
+    targets = _nodes(nodes)
+    refs = {n: node_actor(n).prefetch.remote(name, tenant, tier) for n in targets}
+    return {n: call(ref) for n, ref in refs.items()}
+
+
+def evict(name: str, tier: str | None = None, nodes: list[str] | None = None) -> dict[str, dict[str, str]]:
+    """Evicts a model from ``tier`` (default: all tiers) on ``nodes`` (default: every node).
+
+    A copy in use is evicted when its last lease ends. Returns, per node and tier, "evicted",
+    "deferred" or "absent".
+    """
+    check_name(name)
+    tenant = _api.caller_tenant()
+    targets = _nodes(nodes)
+    refs = {n: node_actor(n).evict.remote(name, tenant, tier) for n in targets}
+    return {n: call(ref) for n, ref in refs.items()}
+
+
+def stats() -> ClusterStats:
+    """Per node and tier: bytes used and capacity, models, hits, misses, loads, evictions."""
+    targets = _nodes(None)
+    refs = {n: node_actor(n).stats.remote() for n in targets}
+    out = ClusterStats()
+    for n, ref in refs.items():
+        raw = call(ref)
+        out.nodes[n] = NodeStats(
+            {t: TierStats(**s) for t, s in raw["tiers"].items()}, raw["leases"], raw["object_store_bytes_used"]
+        )
+    return out

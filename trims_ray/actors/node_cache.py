@@ -1,0 +1,502 @@
+"""The node cache's logic: TrIMS's model resource manager for one node, as a plain class.
+
+It keeps models in two tiers, host (one shared-memory object per model) and disk (verified
+blobs in a directory), each with a byte budget that counts loads in flight. A miss loads once
+however many ask (single flight); every use holds a lease, and a leased model is never freed.
+Ray is not imported here: the host tier's shared memory comes in as a ``HostMemory`` (the actor
+passes one built on ``ray.put``), so all of this is testable without a cluster.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .._errors import CapacityError, IntegrityError
+from .._fsio import write_atomically
+from .._manifest import Manifest
+from .._protect import GUARD_BYTES
+from .._reader import read_blob
+from .._store import ModelStore
+from ..policy import EvictionPolicy, choose_victims, make_policy
+
+__all__ = ["HostMemory", "Holder", "Grant", "TierStats", "NodeCache", "DiskTier"]
+
+log = logging.getLogger("trims_ray")
+
+HOST, DISK = "host", "disk"
+
+
+class HostMemory(Protocol):
+    """Where host-tier objects live. The Ray actor implements it with ``ray.put``."""
+
+    def publish(self, buffer: np.ndarray) -> object:
+        """Copies ``buffer`` into shared memory; the returned handle keeps it alive."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease: a process on this node, named so that PID reuse is not mistaken for
+    the same process (``start`` is the process start time from /proc)."""
+
+    pid: int
+    start: int
+
+    @classmethod
+    def this_process(cls) -> Holder:
+        return cls(os.getpid(), process_start(os.getpid()))
+
+
+def process_start(pid: int) -> int:
+    """The start time of ``pid`` in clock ticks since boot, or -1 if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return -1
+    # Field 22, counted after the ")" that closes the command name (which may hold spaces).
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def holder_alive(holder: Holder) -> bool:
+    return process_start(holder.pid) == holder.start
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What ``acquire`` hands a task: the lease, the shared object, where the blob lies in it."""
+
+    lease_id: int
+    handle: object
+    manifest: Manifest
+    offset: int
+    tier: str  # where the model was found: "host" (hit), "disk" or "store" (loaded)
+
+
+@dataclass
+class TierStats:
+    """Counters of one tier on one node; ``models`` is a count, so names do not leak."""
+
+    bytes_used: int = 0
+    capacity: int = 0
+    models: int = 0
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+
+
+@dataclass
+class _HostEntry:
+    manifest: Manifest
+    nbytes: int  # accounted bytes: the blob and its guard pages
+    handle: object | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    leases: int = 0
+    evict_when_idle: bool = False
+    source: str = ""  # where the load read from: "disk" or "store"
+
+
+@dataclass
+class _Lease:
+    key: str
+    holder: Holder
+
+
+class DiskTier:
+    """Verified blobs in a directory, named ``<sha256>.safetensors``, under a byte budget.
+
+    Files found at start-up are adopted (the tier persists across restarts); they are verified
+    when read, like everything else. Not thread-safe on its own: NodeCache calls it under its lock
+    for bookkeeping and does the I/O outside.
+    """
+
+    def __init__(self, directory: Path, budget: int, policy: EvictionPolicy) -> None:
+        self.directory = directory
+        self.budget = budget
+        self.policy = policy
+        self.sizes: dict[str, int] = {}
+        self.reserved: dict[str, int] = {}  # writes in flight count against the budget too
+        self.stats = TierStats(capacity=budget)
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in sorted(directory.glob("*.safetensors")):
+            size = path.stat().st_size
+            if self.used + size > budget:
+                path.unlink(missing_ok=True)  # over a (smaller) new budget
+                continue
+            self._track(path.name.removesuffix(".safetensors"), size)
+        for stale in directory.glob(".*.part"):
+            stale.unlink(missing_ok=True)  # temp files of writes that a crash interrupted
+
+    @property
+    def used(self) -> int:
+        return sum(self.sizes.values()) + sum(self.reserved.values())
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.safetensors"
+
+    def _track(self, key: str, size: int) -> None:
+        self.sizes[key] = size
+        self.policy.on_insert(key, size, 0.0)
+        self.stats.bytes_used, self.stats.models = self.used, len(self.sizes)
+
+    def forget(self, key: str, *, evicted: bool) -> None:
+        if key in self.sizes:
+            del self.sizes[key]
+            self.policy.on_remove(key)
+            self.path(key).unlink(missing_ok=True)
+            self.stats.evictions += evicted
+            self.stats.bytes_used, self.stats.models = self.used, len(self.sizes)
+
+    def make_room(self, nbytes: int) -> bool:
+        """Evicts least valuable blobs until ``nbytes`` fit; False (nothing evicted) if they can't."""
+        if nbytes > self.budget:
+            return False
+        victims = choose_victims(self.policy, nbytes, self.budget - self.used, self.sizes, lambda k: True)
+        if victims is None:
+            return False
+        for key in victims:
+            self.forget(key, evicted=True)
+        return True
+
+    def adopt(self, key: str, size: int) -> None:
+        self._track(key, size)
+        self.stats.loads += 1
+
+
+class NodeCache:
+    """The host and disk tiers of one node.
+
+    Args:
+        store: the model store (the cloud tier) misses load from.
+        memory: where host-tier objects are published.
+        host_budget: bytes the host tier may hold, guard pages included.
+        disk_dir: the disk tier's directory.
+        disk_budget: bytes the disk tier may hold.
+        policy: eviction policy name, one instance per tier.
+        manifest_ttl_s: how long a resolved manifest is trusted.
+        clock: monotonic time source.
+        holder_alive: tells whether a lease holder still runs (injected for tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        store: ModelStore,
+        memory: HostMemory,
+        host_budget: int,
+        disk_dir: Path,
+        disk_budget: int,
+        policy: str = "lru",
+        manifest_ttl_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        holder_alive: Callable[[Holder], bool] = holder_alive,
+    ) -> None:
+        self.store = store
+        self.memory = memory
+        self.host_budget = host_budget
+        self.host_policy = make_policy(policy, clock=clock)
+        self.disk = DiskTier(Path(disk_dir), disk_budget, make_policy(policy, clock=clock))
+        self.manifest_ttl_s = manifest_ttl_s
+        self.clock = clock
+        self.holder_alive = holder_alive
+        self._lock = threading.Lock()
+        self._host: dict[str, _HostEntry] = {}
+        self._host_stats = TierStats(capacity=host_budget)
+        self._leases: dict[int, _Lease] = {}
+        self._lease_ids = itertools.count(1)
+        self._manifests: dict[tuple[str, str], tuple[float, Manifest]] = {}
+
+    # -- resolving names -----------------------------------------------------------------------
+
+    def resolve(self, name: str, tenant: str) -> Manifest:
+        """The manifest ``name`` means for ``tenant``, cached for ``manifest_ttl_s``.
+
+        Raises:
+            ModelNotFoundError, ModelFormatError, ValueError: as ModelStore.manifest.
+        """
+        now = self.clock()
+        cached = self._manifests.get((tenant, name))
+        if cached is not None and now - cached[0] < self.manifest_ttl_s:
+            return cached[1]
+        manifest = self.store.manifest(name, tenant=tenant)
+        self._manifests[(tenant, name)] = (now, manifest)
+        return manifest
+
+    # -- leases --------------------------------------------------------------------------------
+
+    def acquire(self, name: str, tenant: str, holder: Holder) -> Grant:
+        """Leases the model for ``holder``, loading it into the host tier first on a miss.
+
+        Concurrent misses for the same blob cause one load; the others wait for it and share its
+        result or its error. The lease counts from the moment the request is admitted, so a
+        model being loaded for someone cannot be evicted.
+
+        Raises:
+            ModelNotFoundError: no such model for this tenant.
+            CapacityError: the model cannot fit the host tier even after evicting what is idle.
+            IntegrityError: the bytes read do not match the manifest (nothing is kept).
+            StoreUnavailableError: the store cannot be reached.
+        """
+        manifest = self.resolve(name, tenant)
+        key = manifest.sha256
+        with self._lock:
+            entry = self._host.get(key)
+            leader = entry is None
+            if leader:
+                entry = self._admit(manifest)
+            elif entry.ready.is_set():  # failed loads leave the table, so this one succeeded
+                self._host_stats.hits += 1
+                self.host_policy.on_access(key)
+            else:
+                self._host_stats.misses += 1  # joins the load in flight
+            entry.leases += 1
+        if leader:
+            self._load_into(entry)
+        else:
+            entry.ready.wait()
+        with self._lock:
+            if entry.error is not None:
+                entry.leases -= 1
+                raise entry.error
+            lease_id = next(self._lease_ids)
+            self._leases[lease_id] = _Lease(key, holder)
+        return Grant(lease_id, entry.handle, manifest, GUARD_BYTES, entry.source if leader else HOST)
+
+    def release(self, lease_id: int) -> bool:
+        """Ends a lease; True if it was held. Releasing twice is harmless (the reaper may have
+        ended it already when its process died)."""
+        with self._lock:
+            lease = self._leases.pop(lease_id, None)
+            if lease is None:
+                return False
+            self._unlease(lease.key)
+            return True
+
+    def reap(self) -> int:
+        """Ends the leases of processes that died; returns how many."""
+        with self._lock:
+            dead = [lid for lid, lease in self._leases.items() if not self.holder_alive(lease.holder)]
+            for lid in dead:
+                self._unlease(self._leases.pop(lid).key)
+        if dead:
+            log.info("trims_ray: reclaimed %d lease(s) of dead processes", len(dead))
+        return len(dead)
+
+    def _unlease(self, key: str) -> None:
+        entry = self._host[key]
+        entry.leases -= 1
+        if entry.leases == 0 and entry.evict_when_idle:
+            self._drop_host(key, evicted=True)
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def _admit(self, manifest: Manifest) -> _HostEntry:
+        """Reserves host bytes for a load (evicting idle models if needed); call under the lock."""
+        need = manifest.nbytes + 2 * GUARD_BYTES
+        self._make_host_room(need, f"{manifest.tenant}/{manifest.name}")
+        entry = _HostEntry(manifest, need)
+        self._host[manifest.sha256] = entry
+        self._host_stats.misses += 1
+        self._update_host_usage()
+        return entry
+
+    def _make_host_room(self, need: int, what: str) -> None:
+        if need > self.host_budget:
+            raise CapacityError(
+                f"model {what} needs {need} bytes in the host tier, whose budget is "
+                f"{self.host_budget}: raise CacheConfig.host_bytes (or host_fraction) or use a "
+                "smaller model"
+            )
+        sizes = {k: e.nbytes for k, e in self._host.items() if e.ready.is_set()}
+        free = self.host_budget - self._host_used()
+        victims = choose_victims(
+            self.host_policy, need, free, sizes, lambda k: self._host[k].leases == 0
+        )
+        if victims is None:
+            busy = self._host_used() - sum(s for k, s in sizes.items() if self._host[k].leases == 0)
+            raise CapacityError(
+                f"model {what} needs {need} bytes in the host tier, but {busy} of its "
+                f"{self.host_budget} bytes are leased or loading: retry when they are released, "
+                "or raise the host budget"
+            )
+        for key in victims:
+            self._drop_host(key, evicted=True)
+
+    def _load_into(self, entry: _HostEntry) -> None:
+        """Reads the blob (disk tier, else store), publishes it, and wakes the waiters."""
+        manifest = entry.manifest
+        try:
+            buffer = np.empty(entry.nbytes, dtype=np.uint8)
+            # Guard pages on both sides: tasks make the blob's pages read-only, and those pages
+            # must hold nothing but this object.
+            buffer[:GUARD_BYTES] = 0
+            buffer[-GUARD_BYTES:] = 0
+            view = buffer[GUARD_BYTES : GUARD_BYTES + manifest.nbytes]
+            entry.source = self._read(manifest, view)
+            handle = self.memory.publish(buffer)
+            del buffer, view
+        except BaseException as exc:
+            with self._lock:
+                entry.error = exc
+                self._host.pop(manifest.sha256, None)
+                self._update_host_usage()
+                entry.ready.set()
+            raise
+        with self._lock:
+            entry.handle = handle
+            self.host_policy.on_insert(manifest.sha256, entry.nbytes, 0.0)
+            self._host_stats.loads += 1
+            entry.ready.set()
+            self._update_host_usage()
+
+    def _read(self, manifest: Manifest, out: np.ndarray) -> str:
+        """Fills ``out`` with the verified blob; returns "disk" or "store"."""
+        key = manifest.sha256
+        with self._lock:
+            on_disk = key in self.disk.sizes
+            if on_disk:
+                self.disk.stats.hits += 1
+                self.disk.policy.on_access(key)
+            else:
+                self.disk.stats.misses += 1
+        if on_disk:
+            try:
+                read_blob(
+                    _LOCAL_FS,
+                    str(self.disk.path(key)),
+                    nbytes=manifest.nbytes,
+                    chunk_digests=manifest.chunks,
+                    out=out,
+                    source=str(self.disk.path(key)),
+                )
+                return DISK
+            except (IntegrityError, OSError) as exc:
+                log.warning("trims_ray: dropping a bad disk copy of %s: %s", key, exc)
+                with self._lock:
+                    self.disk.forget(key, evicted=False)
+        self.store.read(manifest, out=out)
+        self._write_through(key, out)
+        return "store"
+
+    def _write_through(self, key: str, data: np.ndarray) -> None:
+        """Keeps a disk copy of verified bytes, if the disk budget allows; never fails a load."""
+        with self._lock:
+            if key in self.disk.sizes or key in self.disk.reserved:
+                return
+            if not self.disk.make_room(len(data)):
+                return
+            self.disk.reserved[key] = len(data)
+        try:
+            write_atomically(_LOCAL_FS, str(self.disk.path(key)), [memoryview(data)])
+        except OSError as exc:
+            log.warning("trims_ray: disk tier write of %s failed: %s", key, exc)
+            return
+        finally:
+            with self._lock:
+                del self.disk.reserved[key]
+        with self._lock:
+            self.disk.adopt(key, len(data))
+
+    # -- eviction and prefetch -----------------------------------------------------------------
+
+    def evict(self, name: str, tenant: str, tier: str | None = None) -> dict[str, str]:
+        """Evicts a model from one tier or both; a leased host copy goes when its last lease ends.
+
+        Returns, per tier, "evicted", "deferred" (leased now) or "absent".
+        """
+        tiers = _check_tier(tier, (HOST, DISK))
+        key = self.resolve(name, tenant).sha256
+        result = {}
+        with self._lock:
+            if HOST in tiers:
+                entry = self._host.get(key)
+                if entry is None or not entry.ready.is_set():
+                    result[HOST] = "absent" if entry is None else "deferred"
+                    if entry is not None:
+                        entry.evict_when_idle = True
+                elif entry.leases:
+                    entry.evict_when_idle = True
+                    result[HOST] = "deferred"
+                else:
+                    self._drop_host(key, evicted=True)
+                    result[HOST] = "evicted"
+            if DISK in tiers:
+                present = key in self.disk.sizes
+                self.disk.forget(key, evicted=True)
+                result[DISK] = "evicted" if present else "absent"
+        return result
+
+    def prefetch(self, name: str, tenant: str, tier: str = HOST) -> str:
+        """Warms a tier ahead of traffic; returns where the model was found ("host", "disk",
+        "store"). Raises as ``acquire``."""
+        (tier,) = _check_tier(tier, (HOST, DISK))
+        if tier == HOST:
+            grant = self.acquire(name, tenant, Holder(-1, -1))
+            self.release(grant.lease_id)
+            return grant.tier
+        manifest = self.resolve(name, tenant)
+        with self._lock:
+            if manifest.sha256 in self.disk.sizes:
+                return DISK
+        buffer, _ = self.store.read(manifest)
+        self._write_through(manifest.sha256, buffer)
+        return "store"
+
+    def _drop_host(self, key: str, *, evicted: bool) -> None:
+        """Forgets a ready, unleased host entry; dropping the handle frees the object."""
+        entry = self._host.pop(key)
+        self.host_policy.on_remove(key)
+        entry.handle = None
+        self._host_stats.evictions += evicted
+        self._update_host_usage()
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    def _host_used(self) -> int:
+        return sum(e.nbytes for e in self._host.values())
+
+    def _update_host_usage(self) -> None:
+        self._host_stats.bytes_used = self._host_used()
+        self._host_stats.models = sum(1 for e in self._host.values() if e.ready.is_set())
+
+    def stats(self) -> dict[str, TierStats]:
+        """A snapshot of both tiers' counters; host bytes include loads in flight."""
+        with self._lock:
+            return {
+                HOST: TierStats(**vars(self._host_stats)),
+                DISK: TierStats(**vars(self.disk.stats)),
+            }
+
+    def leases(self) -> int:
+        with self._lock:
+            return len(self._leases)
+
+
+def _check_tier(tier: str | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    if tier is None:
+        return allowed
+    if tier == "gpu":
+        raise ValueError("tier 'gpu': this node has no GPU tier")
+    if tier not in allowed:
+        raise ValueError(f"tier must be one of {', '.join(allowed)} or None (all), got {tier!r}")
+    return (tier,)
+
+
+def _local_fs():
+    from fsspec.implementations.local import LocalFileSystem
+
+    return LocalFileSystem()
+
+
+_LOCAL_FS = _local_fs()

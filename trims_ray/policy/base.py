@@ -1,0 +1,227 @@
+"""The eviction-policy contract: a policy orders the keys resident in one cache tier.
+
+The node cache owns the bytes and the leases and tells a policy what happened (insert, hit,
+removal); the policy only answers "which keys to evict first". It knows nothing of Ray.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import numbers
+import time
+from collections.abc import Callable, Hashable, Iterator, KeysView, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+__all__ = ["Entry", "EvictionPolicy", "choose_victims"]
+
+Key = Hashable
+Evictable = Callable[[Key], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What a policy knows about one resident key.
+
+    Attributes:
+        nbytes: Size of the entry in bytes.
+        cost: Miss cost: the seconds it took to load the entry into this tier.
+    """
+
+    nbytes: int
+    cost: float
+
+
+class EvictionPolicy(abc.ABC):
+    """Base class of every eviction policy: validates calls, keeps the set of tracked keys.
+
+    Subclasses implement four hooks, each called only after the base class has checked the
+    call (so a hook never sees a duplicate insert, an unknown key or a bad size):
+    ``_insert``, ``_access``, ``_remove`` and ``_order``. ``self._entries`` maps every tracked
+    key to its :class:`Entry`; it is updated after ``_insert`` and after ``_remove`` return,
+    so ``_remove`` can still read the entry it is dropping.
+
+    Attributes:
+        name: The name this policy is registered under (see ``trims_ray.policy.POLICIES``).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """Creates an empty policy.
+
+        Args:
+            clock: Returns the current time in seconds; injected so that time-aware policies
+                are deterministic under test and in simulation.
+
+        Raises:
+            TypeError: If clock is not callable.
+        """
+        if not callable(clock):
+            raise TypeError(f"clock must be a zero-argument callable, got {clock!r}")
+        self._clock = clock
+        self._entries: dict[Key, Entry] = {}
+
+    # -- the calls the cache makes -------------------------------------------------------------
+
+    def on_insert(self, key: Key, nbytes: int, cost: float) -> None:
+        """Starts tracking a key that just became resident.
+
+        Args:
+            key: Opaque hashable key (the cache uses blob sha256 hex digests).
+            nbytes: Size of the entry in bytes, >= 0.
+            cost: Miss cost in seconds (the load time), finite and >= 0.
+
+        Raises:
+            ValueError: If the key is already tracked, or nbytes or cost is negative (or cost
+                is not finite).
+            TypeError: If nbytes is not an int or cost is not a real number.
+        """
+        if key in self._entries:
+            raise ValueError(
+                f"{type(self).__name__}.on_insert({key!r}): key is already tracked; "
+                "call on_remove first if it left the tier and came back"
+            )
+        entry = Entry(_check_nbytes(nbytes), _check_cost(cost))
+        self._insert(key, entry.nbytes, entry.cost)
+        self._entries[key] = entry
+
+    def on_access(self, key: Key) -> None:
+        """Records a hit on a tracked key.
+
+        Raises:
+            KeyError: If the key is not tracked: the cache must only report keys it inserted.
+        """
+        self._require(key, "on_access")
+        self._access(key)
+
+    def on_remove(self, key: Key) -> None:
+        """Stops tracking a key that left the tier (evicted, or removed explicitly).
+
+        Raises:
+            KeyError: If the key is not tracked.
+        """
+        self._require(key, "on_remove")
+        self._remove(key)
+        del self._entries[key]
+
+    def victims(self, evictable: Evictable) -> Iterator[Key]:
+        """Yields tracked keys in eviction order (first = evict first), lazily.
+
+        Only reads state: the caller picks its victims, finishes with the iterator, then calls
+        on_remove for each. Calling on_* while the iterator is live is an error (the underlying
+        containers may raise RuntimeError).
+
+        Args:
+            evictable: Returns False for keys that must stay (leased ones); they are skipped.
+
+        Yields:
+            Every tracked key for which evictable(key) is true, each exactly once.
+        """
+        for key in self._order():
+            if evictable(key):
+                yield key
+
+    def keys(self) -> KeysView[Key]:
+        """Returns a live view of the tracked keys, in no particular order (see victims)."""
+        return self._entries.keys()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} policy: {len(self._entries)} keys>"
+
+    # -- the hooks a policy implements ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def _insert(self, key: Key, nbytes: int, cost: float) -> None:
+        """Starts ordering a new key (validated: not tracked, nbytes and cost >= 0)."""
+
+    @abc.abstractmethod
+    def _access(self, key: Key) -> None:
+        """Updates the order after a hit on a tracked key."""
+
+    @abc.abstractmethod
+    def _remove(self, key: Key) -> None:
+        """Forgets a tracked key."""
+
+    @abc.abstractmethod
+    def _order(self) -> Iterator[Key]:
+        """Yields every tracked key once, evict-first first, without changing any state."""
+
+    def _require(self, key: Key, call: str) -> None:
+        if key not in self._entries:
+            raise KeyError(
+                f"{type(self).__name__}.{call}({key!r}): key is not tracked; the cache must "
+                "only report keys it inserted and has not removed"
+            )
+
+
+def choose_victims(
+    policy: EvictionPolicy,
+    need_bytes: int,
+    free_bytes: int,
+    sizes: Mapping[Key, int],
+    evictable: Evictable,
+) -> list[Key] | None:
+    """Picks the fewest evict-first keys whose bytes make room for a load of need_bytes.
+
+    Takes the shortest prefix of ``policy.victims(evictable)`` such that free_bytes plus the
+    victims' sizes reach need_bytes. Removes nothing: the caller evicts the victims and calls
+    ``policy.on_remove`` for each.
+
+    Args:
+        policy: Orders the candidates.
+        need_bytes: Bytes the new entry needs, >= 0.
+        free_bytes: Bytes free in the tier now, >= 0.
+        sizes: Size in bytes of every key the policy may yield (the cache's own accounting).
+        evictable: Returns False for keys that must stay (leased ones).
+
+    Returns:
+        ``[]`` if free_bytes already suffices; the victims, in eviction order, if evicting them
+        makes enough room; None if even every evictable key is not enough, so that the caller
+        fails the load (CapacityError) without evicting anything for it.
+
+    Raises:
+        ValueError: If need_bytes or free_bytes is negative.
+        KeyError: If a yielded key is missing from sizes.
+    """
+    if need_bytes < 0 or free_bytes < 0:
+        raise ValueError(
+            f"need_bytes and free_bytes must be >= 0, got need_bytes={need_bytes}, "
+            f"free_bytes={free_bytes}"
+        )
+    if free_bytes >= need_bytes:
+        return []
+    chosen: list[Key] = []
+    available = free_bytes
+    for key in policy.victims(evictable):
+        chosen.append(key)
+        available += sizes[key]
+        if available >= need_bytes:
+            return chosen
+    # Evicting a partial set would destroy useful entries and still fail the load.
+    return None
+
+
+def _check_nbytes(nbytes: int) -> int:
+    # bool is an int subclass; True as a size is a caller bug, not one byte.
+    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
+        raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__} {nbytes!r}")
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    return int(nbytes)
+
+
+def _check_cost(cost: float) -> float:
+    if isinstance(cost, bool) or not isinstance(cost, numbers.Real):
+        raise TypeError(f"cost must be a number of seconds, got {type(cost).__name__} {cost!r}")
+    # NaN or inf would poison cost-weighted priorities (GDSF's running minimum) for good.
+    if not math.isfinite(cost) or cost < 0:
+        raise ValueError(f"cost must be a finite number of seconds >= 0, got {cost}")
+    return float(cost)
