@@ -68,7 +68,9 @@ def process_start(pid: int) -> int:
 
 
 def holder_alive(holder: Holder) -> bool:
-    return process_start(holder.pid) == holder.start
+    # A holder whose start time could not be read is treated as gone rather than immortal, so
+    # its leases are reclaimed instead of pinning the model forever.
+    return holder.start >= 0 and process_start(holder.pid) == holder.start
 
 
 @dataclass(frozen=True)

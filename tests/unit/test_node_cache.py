@@ -1,0 +1,770 @@
+"""NodeCache without Ray: host and disk tiers, single flight, leases, byte budgets, eviction,
+the reaper, tenants and verification, over a local file store and a fake shared memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trims_ray import CapacityError, IntegrityError, ModelNotFoundError, ModelStore
+from trims_ray._protect import GUARD_BYTES
+from trims_ray.actors.node_cache import Grant, Holder, NodeCache, holder_alive, process_start
+
+# A wedged load must fail the test, not hang the suite.
+pytestmark = pytest.mark.timeout(60)
+
+TENANT = "default"
+ME = Holder.this_process()
+BIG = 64 << 20  # a budget nothing in these tests comes near
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+class FakeSharedMemory:
+    """HostMemory for tests: publish copies into a fresh read-only array (as ray.put copies
+    into plasma) and keeps only a weak reference, so a test can tell when the cache let go."""
+
+    def __init__(self) -> None:
+        self.published: list[weakref.ref] = []
+
+    def publish(self, buffer: np.ndarray) -> np.ndarray:
+        copy = np.array(buffer, copy=True)
+        copy.flags.writeable = False
+        self.published.append(weakref.ref(copy))
+        return copy
+
+    def live(self) -> int:
+        gc.collect()
+        return sum(ref() is not None for ref in self.published)
+
+
+class CountingRead:
+    """Wraps ModelStore.read on one instance: counts reads per blob, and holds reads of the
+    blobs in ``hold`` until ``gate`` is set, so a load can be kept in flight."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self.real = store.read
+        self.calls: Counter[str] = Counter()
+        self.hold: set[str] = set()
+        self.started = threading.Event()
+        self.gate = threading.Event()
+
+    def __call__(self, manifest, **kwargs):
+        self.calls[manifest.sha256] += 1
+        if manifest.sha256 in self.hold:
+            self.started.set()
+            if not self.gate.wait(20):
+                raise TimeoutError("the test never opened the gate")
+        return self.real(manifest, **kwargs)
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+def weights(seed: int, rows: int = 32, cols: int = 64) -> dict[str, torch.Tensor]:
+    """A small state dict; models with the same shape have the same blob size."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "layer.weight": torch.randn(rows, cols, generator=gen),
+        "layer.bias": torch.randn(rows, generator=gen),
+    }
+
+
+def cost(info) -> int:
+    """What a model costs in the host tier: the blob and its two guard regions."""
+    return info.nbytes + 2 * GUARD_BYTES
+
+
+def blob(store: ModelStore, sha: str) -> bytes:
+    return store.fs.cat_file(store.blob_path(sha))
+
+
+def served(grant: Grant) -> bytes:
+    return bytes(grant.handle[grant.offset : grant.offset + grant.manifest.nbytes])
+
+
+def flip_byte(data: bytes, at: int | None = None) -> bytes:
+    at = len(data) - 1 if at is None else at  # the last byte is tensor data, not the header
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the cache")
+        time.sleep(0.002)
+
+
+def run_together(n: int, fn: Callable[[], object]) -> tuple[list[threading.Thread], list[object]]:
+    """Starts ``fn`` in n threads released at once; each result or exception lands in the list."""
+    barrier = threading.Barrier(n)
+    results: list[object] = [None] * n
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = fn()
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            results[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def join_all(threads: list[threading.Thread]) -> None:
+    for t in threads:
+        t.join(20)
+        assert not t.is_alive(), "a thread is stuck in the cache"
+
+
+@pytest.fixture
+def memory() -> FakeSharedMemory:
+    return FakeSharedMemory()
+
+
+@pytest.fixture
+def disk_dir(tmp_path) -> Path:
+    return tmp_path / "disk"
+
+
+@pytest.fixture
+def reads(file_store, monkeypatch) -> CountingRead:
+    wrapper = CountingRead(file_store)
+    monkeypatch.setattr(file_store, "read", wrapper)
+    return wrapper
+
+
+@pytest.fixture
+def make_cache(file_store, memory, disk_dir):
+    def make(**overrides) -> NodeCache:
+        kwargs = dict(
+            store=file_store,
+            memory=memory,
+            host_budget=BIG,
+            disk_dir=disk_dir,
+            disk_budget=BIG,
+            policy="lru",
+            manifest_ttl_s=60.0,
+        )
+        kwargs.update(overrides)
+        return NodeCache(**kwargs)
+
+    return make
+
+
+def use(cache: NodeCache, name: str, tenant: str = TENANT) -> str:
+    """Acquires and releases at once (a task that ran); returns the tier it was found in."""
+    grant = cache.acquire(name, tenant, ME)
+    assert cache.release(grant.lease_id)
+    return grant.tier
+
+
+# -- 1. miss, then hit -----------------------------------------------------------------------
+
+
+def test_miss_loads_from_store_writes_through_then_hits(make_cache, file_store, memory, disk_dir):
+    info = file_store.register("m", weights(0), tenant=TENANT)
+    cache = make_cache()
+
+    first = cache.acquire("m", TENANT, ME)
+    assert first.tier == "store"
+    assert first.offset == GUARD_BYTES
+    assert served(first) == blob(file_store, info.sha256)
+    # The guard regions hold nothing but zeros.
+    assert not first.handle[:GUARD_BYTES].any() and not first.handle[-GUARD_BYTES:].any()
+    assert len(first.handle) == cost(info)
+    assert (disk_dir / f"{info.sha256}.safetensors").read_bytes() == blob(file_store, info.sha256)
+
+    host, disk = cache.stats()["host"], cache.stats()["disk"]
+    assert (host.hits, host.misses, host.loads, host.evictions) == (0, 1, 1, 0)
+    assert (host.bytes_used, host.models, host.capacity) == (cost(info), 1, BIG)
+    assert (disk.hits, disk.misses, disk.loads) == (0, 1, 1)
+    assert (disk.bytes_used, disk.models) == (info.nbytes, 1)
+    assert cache.leases() == 1
+
+    assert cache.release(first.lease_id) is True
+    assert cache.release(first.lease_id) is False  # twice is harmless
+    assert cache.leases() == 0
+
+    second = cache.acquire("m", TENANT, ME)
+    assert second.tier == "host"
+    assert second.handle is first.handle  # the same object, no copy
+    host = cache.stats()["host"]
+    assert (host.hits, host.misses, host.loads) == (1, 1, 1)
+    assert (host.bytes_used, host.models) == (cost(info), 1)
+    assert len(memory.published) == 1
+    cache.release(second.lease_id)
+
+
+# -- 2. disk tier across a restart ------------------------------------------------------------
+
+
+def test_restarted_cache_loads_from_its_disk_tier_without_the_store(
+    make_cache, file_store, reads, disk_dir
+):
+    info = file_store.register("m", weights(1), tenant=TENANT)
+    expected = blob(file_store, info.sha256)
+    assert use(make_cache(), "m") == "store"
+
+    # Without the blob in the store, only the disk copy can serve the second cache.
+    file_store.fs.rm(file_store.blob_path(info.sha256))
+    reads.calls.clear()
+    # A crash mid-write leaves a temporary file: the next start-up removes it.
+    stale = disk_dir / f".{info.sha256}.safetensors.0123abcd.part"
+    stale.write_bytes(b"half a blob")
+    restarted = make_cache(memory=FakeSharedMemory())
+    assert restarted.stats()["disk"].models == 1  # adopted at start-up
+    assert restarted.stats()["host"].models == 0
+    assert not stale.exists()
+
+    grant = restarted.acquire("m", TENANT, ME)
+    assert grant.tier == "disk"
+    assert served(grant) == expected
+    assert reads.total == 0
+    host, disk = restarted.stats()["host"], restarted.stats()["disk"]
+    assert (host.loads, host.misses, disk.hits, disk.misses) == (1, 1, 1, 0)
+    restarted.release(grant.lease_id)
+
+
+# -- 3. single flight -------------------------------------------------------------------------
+
+
+def test_concurrent_cold_acquires_cause_exactly_one_load(make_cache, file_store, reads, memory):
+    info = file_store.register("m", weights(2), tenant=TENANT)
+    cache = make_cache()
+    n = 32
+    # Hold the one load until every thread has joined it, so all 32 really are concurrent.
+    reads.hold.add(info.sha256)
+    threads, results = run_together(n, lambda: cache.acquire("m", TENANT, ME))
+    try:
+        wait_for(lambda: cache.stats()["host"].misses == n)
+        assert cache.stats()["host"].loads == 0
+    finally:
+        reads.gate.set()
+    join_all(threads)
+
+    assert all(isinstance(r, Grant) for r in results), results
+    assert reads.calls[info.sha256] == 1
+    assert len(memory.published) == 1
+    assert cache.stats()["host"].loads == 1
+    assert all(g.handle is results[0].handle for g in results)
+    assert sorted(g.tier for g in results) == ["host"] * (n - 1) + ["store"]
+    assert len({g.lease_id for g in results}) == n
+    assert served(results[0]) == blob(file_store, info.sha256)
+    assert cache.leases() == n
+    for g in results:
+        assert cache.release(g.lease_id)
+    assert cache.leases() == 0
+
+
+def test_a_failed_single_flight_load_fails_everyone_and_keeps_nothing(
+    make_cache, file_store, reads, memory, disk_dir
+):
+    good = weights(3)
+    info = file_store.register("m", good, tenant=TENANT)
+    path = file_store.blob_path(info.sha256)
+    file_store.fs.pipe_file(path, flip_byte(file_store.fs.cat_file(path)))
+    cache = make_cache()
+    n = 32
+    reads.hold.add(info.sha256)
+    threads, results = run_together(n, lambda: cache.acquire("m", TENANT, ME))
+    try:
+        wait_for(lambda: cache.stats()["host"].misses == n)
+    finally:
+        reads.gate.set()
+    join_all(threads)
+
+    assert all(isinstance(r, IntegrityError) for r in results), results
+    assert reads.calls[info.sha256] == 1  # the failure was shared, not retried 32 times
+    host, disk = cache.stats()["host"], cache.stats()["disk"]
+    assert (host.bytes_used, host.models, host.loads) == (0, 0, 0)
+    assert (disk.bytes_used, disk.models) == (0, 0)
+    assert list(disk_dir.iterdir()) == []
+    assert cache.leases() == 0
+    assert memory.live() == 0 and memory.published == []
+
+    # Registering the same weights again repairs the blob; the next acquire loads it.
+    assert file_store.register("m", good, tenant=TENANT).sha256 == info.sha256
+    grant = cache.acquire("m", TENANT, ME)
+    assert grant.tier == "store"
+    assert served(grant) == blob(file_store, info.sha256)
+    cache.release(grant.lease_id)
+
+
+# -- 5. bytes of loads in flight count --------------------------------------------------------
+
+
+def test_loads_in_flight_count_against_the_budget(make_cache, file_store, reads):
+    a = file_store.register("a", weights(4), tenant=TENANT)
+    small = file_store.register("small", weights(5, rows=2, cols=2), tenant=TENANT)
+    b = file_store.register("b", weights(6, rows=48), tenant=TENANT)
+    # B fits the budget on its own, but not next to A, even with the idle small model evicted.
+    budget = cost(a) + cost(b) - 1
+    assert cost(b) <= budget and cost(small) + cost(b) <= budget
+    cache = make_cache(host_budget=budget)
+    assert use(cache, "small") == "store"
+
+    reads.hold.add(a.sha256)
+    threads, results = run_together(1, lambda: cache.acquire("a", TENANT, ME))
+    try:
+        assert reads.started.wait(10)
+        host = cache.stats()["host"]
+        assert host.bytes_used == cost(a) + cost(small)  # A's full size, before a byte arrived
+        assert host.models == 1  # only the small one is ready
+
+        with pytest.raises(CapacityError, match="leased or loading"):
+            cache.acquire("b", TENANT, ME)
+        host = cache.stats()["host"]
+        assert host.evictions == 0
+        assert host.bytes_used == cost(a) + cost(small)
+        assert reads.calls[b.sha256] == 0
+    finally:
+        reads.gate.set()
+    join_all(threads)
+
+    (grant_a,) = results
+    assert isinstance(grant_a, Grant) and grant_a.tier == "store"
+    assert use(cache, "small") == "host"  # refusing B evicted nothing
+    cache.release(grant_a.lease_id)
+    assert use(cache, "b") == "store"  # once A is idle, B fits by evicting
+
+
+# -- 6. leases and LRU ------------------------------------------------------------------------
+
+
+def test_a_leased_model_is_never_evicted(make_cache, file_store, memory):
+    a = file_store.register("a", weights(7), tenant=TENANT)
+    b = file_store.register("b", weights(8), tenant=TENANT)
+    assert a.nbytes == b.nbytes
+    cache = make_cache(host_budget=cost(a))  # room for exactly one
+
+    grant_a = cache.acquire("a", TENANT, ME)
+    with pytest.raises(CapacityError, match="leased"):
+        cache.acquire("b", TENANT, ME)
+    host = cache.stats()["host"]
+    assert (host.models, host.evictions, host.bytes_used) == (1, 0, cost(a))
+    assert served(grant_a) == blob(file_store, a.sha256)
+
+    cache.release(grant_a.lease_id)
+    grant_b = cache.acquire("b", TENANT, ME)
+    assert grant_b.tier == "store"
+    host = cache.stats()["host"]
+    assert (host.models, host.evictions, host.bytes_used) == (1, 1, cost(b))
+    # The cache held the only other reference to A's object: with our grant gone, it is freed.
+    del grant_a
+    assert memory.live() == 1
+    cache.release(grant_b.lease_id)
+
+
+def test_lru_evicts_the_least_recently_used_idle_model(make_cache, file_store):
+    infos = [file_store.register(n, weights(10 + i), tenant=TENANT) for i, n in enumerate("abcd")]
+    cache = make_cache(host_budget=3 * cost(infos[0]))
+    for name in "abc":
+        assert use(cache, name) == "store"
+    assert use(cache, "a") == "host"  # recency now: b, c, a
+
+    assert use(cache, "d") == "store"
+    assert cache.stats()["host"].evictions == 1
+    assert use(cache, "a") == "host"
+    assert use(cache, "c") == "host"
+    assert use(cache, "d") == "host"
+    assert cache.stats()["host"].evictions == 1
+    assert use(cache, "b") == "disk"  # b was the one that went (its disk copy remains)
+
+
+def test_lru_skips_leased_models(make_cache, file_store):
+    for i, name in enumerate("abc"):
+        file_store.register(name, weights(20 + i), tenant=TENANT)
+    cache = make_cache(host_budget=2 * cost(file_store.manifest("a", tenant=TENANT)))
+    held = cache.acquire("a", TENANT, ME)  # least recently used, but leased
+    assert use(cache, "b") == "store"
+    assert use(cache, "c") == "store"  # must evict b, not a
+    assert served(held) == blob(file_store, held.manifest.sha256)
+    assert use(cache, "a") == "host"
+    cache.release(held.lease_id)
+
+
+# -- 7. bigger than the budget ----------------------------------------------------------------
+
+
+def test_a_model_bigger_than_the_host_budget_fails_without_evicting(
+    make_cache, file_store, reads, memory, disk_dir
+):
+    small = file_store.register("small", weights(30, rows=4), tenant=TENANT)
+    big = file_store.register("big", weights(31, rows=256), tenant=TENANT)
+    budget = cost(big) - 1
+    cache = make_cache(host_budget=budget)
+    assert use(cache, "small") == "store"
+
+    with pytest.raises(CapacityError, match=rf"budget is {budget}\b"):
+        cache.acquire("big", TENANT, ME)
+    host = cache.stats()["host"]
+    assert (host.models, host.evictions, host.loads) == (1, 0, 1)
+    assert host.bytes_used == cost(small)
+    assert reads.calls[big.sha256] == 0
+    assert not (disk_dir / f"{big.sha256}.safetensors").exists()
+    assert len(memory.published) == 1
+    assert cache.leases() == 0
+
+
+# -- 8. evict ---------------------------------------------------------------------------------
+
+
+def test_evict_idle_model_frees_both_tiers(make_cache, file_store, memory, disk_dir):
+    info = file_store.register("m", weights(40), tenant=TENANT)
+    cache = make_cache()
+    use(cache, "m")
+    assert memory.live() == 1
+
+    assert cache.evict("m", TENANT) == {"host": "evicted", "disk": "evicted"}
+    host, disk = cache.stats()["host"], cache.stats()["disk"]
+    assert (host.bytes_used, host.models, host.evictions) == (0, 0, 1)
+    assert (disk.bytes_used, disk.models) == (0, 0)
+    assert not (disk_dir / f"{info.sha256}.safetensors").exists()
+    assert memory.live() == 0  # no strong reference left anywhere
+    assert cache.evict("m", TENANT) == {"host": "absent", "disk": "absent"}
+
+
+def test_evict_leased_model_is_deferred_until_the_last_release(make_cache, file_store, memory):
+    info = file_store.register("m", weights(41), tenant=TENANT)
+    cache = make_cache()
+    first = cache.acquire("m", TENANT, ME)
+    second = cache.acquire("m", TENANT, Holder(ME.pid, ME.start))
+
+    assert cache.evict("m", TENANT, tier="host") == {"host": "deferred"}
+    assert served(first) == blob(file_store, info.sha256)  # the holders still read it
+    assert cache.stats()["host"].bytes_used == cost(info)
+
+    cache.release(first.lease_id)
+    assert cache.stats()["host"].bytes_used == cost(info)  # one lease left
+    cache.release(second.lease_id)
+    host = cache.stats()["host"]
+    assert (host.bytes_used, host.models, host.evictions) == (0, 0, 1)
+    assert served(first) == blob(file_store, info.sha256)  # our grant still keeps it mapped
+    del first, second
+    assert memory.live() == 0
+    assert use(cache, "m") == "disk"  # the disk copy was not touched
+
+
+def test_evict_during_a_load_is_deferred_until_the_loader_releases(
+    make_cache, file_store, reads, memory
+):
+    info = file_store.register("m", weights(45), tenant=TENANT)
+    cache = make_cache()
+    reads.hold.add(info.sha256)
+    threads, results = run_together(1, lambda: cache.acquire("m", TENANT, ME))
+    try:
+        assert reads.started.wait(10)
+        assert cache.evict("m", TENANT, tier="host") == {"host": "deferred"}
+    finally:
+        reads.gate.set()
+    join_all(threads)
+
+    (grant,) = results
+    assert isinstance(grant, Grant)
+    assert served(grant) == blob(file_store, info.sha256)  # the loader still gets its model
+    assert cache.stats()["host"].models == 1
+    cache.release(grant.lease_id)
+    host = cache.stats()["host"]
+    assert (host.bytes_used, host.models, host.evictions) == (0, 0, 1)
+    del grant, results
+    assert memory.live() == 0
+
+
+def test_evict_absent_model(make_cache, file_store):
+    file_store.register("m", weights(42), tenant=TENANT)
+    assert make_cache().evict("m", TENANT) == {"host": "absent", "disk": "absent"}
+
+
+def test_evict_disk_only_leaves_the_host_copy(make_cache, file_store, disk_dir):
+    info = file_store.register("m", weights(43), tenant=TENANT)
+    cache = make_cache()
+    use(cache, "m")
+    assert cache.evict("m", TENANT, tier="disk") == {"disk": "evicted"}
+    assert not (disk_dir / f"{info.sha256}.safetensors").exists()
+    assert cache.stats()["disk"].models == 0
+    assert cache.stats()["host"].models == 1
+    assert use(cache, "m") == "host"
+
+
+@pytest.mark.parametrize("tier", ["ram", "gpu", "HOST", ""])
+def test_evict_rejects_tiers_it_does_not_have(make_cache, file_store, tier):
+    file_store.register("m", weights(44), tenant=TENANT)
+    cache = make_cache()
+    use(cache, "m")
+    with pytest.raises(ValueError, match="tier"):
+        cache.evict("m", TENANT, tier=tier)
+    assert cache.stats()["host"].models == 1  # nothing happened
+
+
+# -- 9. prefetch ------------------------------------------------------------------------------
+
+
+def test_prefetch_host_then_acquire_hits(make_cache, file_store):
+    file_store.register("m", weights(50), tenant=TENANT)
+    cache = make_cache()
+    assert cache.prefetch("m", TENANT, tier="host") == "store"
+    assert cache.leases() == 0  # prefetch holds no lease
+    assert cache.acquire("m", TENANT, ME).tier == "host"
+
+
+def test_prefetch_disk_fills_only_the_disk_tier(make_cache, file_store, disk_dir, memory):
+    info = file_store.register("m", weights(51), tenant=TENANT)
+    cache = make_cache()
+    assert cache.prefetch("m", TENANT, tier="disk") == "store"
+    host, disk = cache.stats()["host"], cache.stats()["disk"]
+    assert (host.models, host.bytes_used) == (0, 0)
+    assert (disk.models, disk.bytes_used) == (1, info.nbytes)
+    assert (disk_dir / f"{info.sha256}.safetensors").read_bytes() == blob(file_store, info.sha256)
+    assert memory.published == []
+    assert cache.prefetch("m", TENANT, tier="disk") == "disk"
+    assert use(cache, "m") == "disk"
+
+
+def test_prefetch_rejects_bad_tiers(make_cache, file_store):
+    file_store.register("m", weights(52), tenant=TENANT)
+    for tier in ("gpu", "ram", None):
+        with pytest.raises(ValueError):
+            make_cache().prefetch("m", TENANT, tier=tier)
+
+
+# -- 10. the reaper ---------------------------------------------------------------------------
+
+
+def test_reap_releases_exactly_the_dead_holders_leases(make_cache, file_store, memory):
+    a = file_store.register("a", weights(60), tenant=TENANT)
+    b = file_store.register("b", weights(61), tenant=TENANT)
+    dead: set[Holder] = set()
+    cache = make_cache(holder_alive=lambda h: h not in dead)
+    h1, h2, h3 = Holder(10_001, 7), Holder(10_002, 7), Holder(10_003, 7)
+    lease1 = cache.acquire("a", TENANT, h1).lease_id
+    cache.acquire("a", TENANT, h2)
+    cache.acquire("b", TENANT, h3)
+    assert cache.reap() == 0
+    assert cache.evict("a", TENANT, tier="host") == {"host": "deferred"}
+
+    dead.add(h1)
+    assert cache.reap() == 1
+    assert cache.leases() == 2
+    assert cache.stats()["host"].bytes_used == cost(a) + cost(b)  # h2 still holds a
+    assert cache.release(lease1) is False  # already ended by the reaper
+
+    dead.add(h2)
+    assert cache.reap() == 1
+    assert cache.leases() == 1
+    host = cache.stats()["host"]
+    assert (host.bytes_used, host.models, host.evictions) == (cost(b), 1, 1)  # deferred: done
+    assert memory.live() == 1
+    assert cache.reap() == 0
+
+
+def test_holder_alive_follows_a_real_process(tmp_path):
+    # A command name with spaces and parentheses: the parser must count fields after the last ")".
+    odd = tmp_path / "s p) (x"
+    odd.symlink_to(shutil.which("sleep"))
+    child = subprocess.Popen([str(odd), "30"])
+    try:
+        start = process_start(child.pid)
+        ticks_now = float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK")
+        assert process_start(os.getpid()) <= start <= ticks_now + 1
+        holder = Holder(child.pid, start)
+        assert holder_alive(holder)
+        assert not holder_alive(Holder(child.pid, start + 1))  # same pid, another process
+        assert holder_alive(Holder.this_process())
+    finally:
+        child.kill()
+        child.wait()  # reaped: a zombie would still have a /proc entry
+    assert not holder_alive(holder)
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    assert process_start(pid_max + 1) == -1
+
+
+def test_reap_with_the_real_holder_alive(make_cache, file_store):
+    file_store.register("m", weights(62), tenant=TENANT)
+    cache = make_cache()  # the default holder_alive
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        cache.acquire("m", TENANT, Holder(child.pid, process_start(child.pid)))
+        cache.acquire("m", TENANT, ME)
+        assert cache.reap() == 0
+    finally:
+        child.kill()
+        child.wait()
+    assert cache.reap() == 1
+    assert cache.leases() == 1
+
+
+# -- 11. tenants ------------------------------------------------------------------------------
+
+
+def test_another_tenants_model_is_not_found(make_cache, file_store):
+    file_store.register("secret", weights(70), tenant="alice")
+    cache = make_cache()
+    with pytest.raises(ModelNotFoundError):
+        cache.acquire("secret", "bob", ME)
+    assert cache.stats()["host"].misses == 0  # refused before touching the tiers
+    assert use(cache, "secret", "alice") == "store"
+    with pytest.raises(ModelNotFoundError):  # resident now, still invisible to bob
+        cache.acquire("secret", "bob", ME)
+    with pytest.raises(ModelNotFoundError):
+        cache.evict("secret", "bob")
+    assert cache.stats()["host"].models == 1
+
+
+def test_public_models_resolve_for_everyone(make_cache, file_store):
+    info = file_store.register("shared", weights(71), tenant="public")
+    cache = make_cache()
+    alice = cache.acquire("shared", "alice", ME)
+    bob = cache.acquire("shared", "bob", ME)
+    assert (alice.tier, bob.tier) == ("store", "host")
+    assert bob.manifest.tenant == "public"
+    assert served(bob) == blob(file_store, info.sha256)
+
+
+def test_identical_weights_of_two_tenants_share_one_host_entry(make_cache, file_store, memory):
+    same = weights(72)
+    alice_info = file_store.register("mine", same, tenant="alice")
+    bob_info = file_store.register("ours", same, tenant="bob")
+    assert alice_info.sha256 == bob_info.sha256
+    cache = make_cache()
+    alice = cache.acquire("mine", "alice", ME)
+    bob = cache.acquire("ours", "bob", ME)
+    assert (alice.tier, bob.tier) == ("store", "host")
+    assert alice.handle is bob.handle
+    assert (bob.manifest.tenant, bob.manifest.name) == ("bob", "ours")
+    host = cache.stats()["host"]
+    assert (host.models, host.bytes_used, host.loads) == (1, cost(alice_info), 1)
+    assert len(memory.published) == 1
+
+
+# -- 12. disk budget --------------------------------------------------------------------------
+
+
+def test_a_disk_tier_too_small_is_skipped_without_error(make_cache, file_store, disk_dir):
+    info = file_store.register("m", weights(80), tenant=TENANT)
+    cache = make_cache(disk_budget=info.nbytes - 1)
+    grant = cache.acquire("m", TENANT, ME)
+    assert grant.tier == "store"
+    assert served(grant) == blob(file_store, info.sha256)
+    assert list(disk_dir.iterdir()) == []
+    disk = cache.stats()["disk"]
+    assert (disk.models, disk.bytes_used, disk.loads, disk.evictions) == (0, 0, 0, 0)
+    assert cache.prefetch("m", TENANT, tier="disk") == "store"  # also no error, no file
+    assert list(disk_dir.iterdir()) == []
+
+
+def test_a_full_disk_tier_evicts_its_least_recently_used_blob(make_cache, file_store, disk_dir):
+    a, b, c = (file_store.register(n, weights(81 + i), tenant=TENANT) for i, n in enumerate("abc"))
+    cache = make_cache(disk_budget=2 * a.nbytes)
+
+    def on_disk() -> set[str]:
+        return {p.name.removesuffix(".safetensors") for p in disk_dir.glob("*.safetensors")}
+
+    use(cache, "a")
+    use(cache, "b")
+    assert on_disk() == {a.sha256, b.sha256}
+    # A disk hit on a makes b the least recently used blob (FIFO would pick a).
+    cache.evict("a", TENANT, tier="host")
+    assert use(cache, "a") == "disk"
+
+    use(cache, "c")
+    assert on_disk() == {a.sha256, c.sha256}
+    disk = cache.stats()["disk"]
+    assert (disk.models, disk.bytes_used, disk.evictions) == (2, 2 * a.nbytes, 1)
+
+
+def test_disk_budget_shrunk_across_a_restart(make_cache, file_store, disk_dir):
+    for i, name in enumerate("ab"):
+        file_store.register(name, weights(85 + i), tenant=TENANT)
+    cache = make_cache()
+    use(cache, "a")
+    use(cache, "b")
+    nbytes = file_store.manifest("a", tenant=TENANT).nbytes
+    smaller = make_cache(disk_budget=nbytes)
+    assert smaller.stats()["disk"].bytes_used <= nbytes
+    assert len(list(disk_dir.glob("*.safetensors"))) == 1
+
+
+# -- 13. manifest TTL -------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_reregistered_name_is_seen_after_the_manifest_ttl(make_cache, file_store):
+    old = file_store.register("m", weights(90), tenant=TENANT)
+    clock = FakeClock()
+    cache = make_cache(clock=clock, manifest_ttl_s=5.0)
+    assert use(cache, "m") == "store"
+    new = file_store.register("m", weights(91), tenant=TENANT)
+    assert new.sha256 != old.sha256
+
+    clock.now += 4.9
+    grant = cache.acquire("m", TENANT, ME)
+    assert (grant.manifest.sha256, grant.tier) == (old.sha256, "host")
+    cache.release(grant.lease_id)
+
+    clock.now += 0.2
+    grant = cache.acquire("m", TENANT, ME)
+    assert (grant.manifest.sha256, grant.tier) == (new.sha256, "store")
+    assert served(grant) == blob(file_store, new.sha256)
+    cache.release(grant.lease_id)
+
+
+# -- 14. a bad disk copy ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_bad_disk_copy_is_dropped_and_reloaded_from_the_store(
+    make_cache, file_store, reads, disk_dir, damage
+):
+    info = file_store.register("m", weights(100), tenant=TENANT)
+    good = blob(file_store, info.sha256)
+    cache = make_cache()
+    assert use(cache, "m") == "store"
+    cache.evict("m", TENANT, tier="host")
+
+    copy = disk_dir / f"{info.sha256}.safetensors"
+    if damage == "flip":
+        copy.write_bytes(flip_byte(good))
+    elif damage == "truncate":
+        copy.write_bytes(good[:-1])
+    else:
+        copy.unlink()
+
+    reads.calls.clear()
+    grant = cache.acquire("m", TENANT, ME)
+    assert grant.tier == "store"
+    assert served(grant) == good
+    assert reads.calls[info.sha256] == 1
+    assert copy.read_bytes() == good  # rewritten from verified bytes
+    disk = cache.stats()["disk"]
+    assert (disk.models, disk.bytes_used) == (1, info.nbytes)
+    cache.release(grant.lease_id)
+
+    cache.evict("m", TENANT, tier="host")
+    assert use(cache, "m") == "disk"
