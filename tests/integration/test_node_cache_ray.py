@@ -61,6 +61,7 @@ def test_function_gets_a_working_module_and_hits_after_the_first_call(cache, ray
         assert torch.equal(ray.get(classify.remote(x)), expected)
     host = node_stats(ray_node).tiers["host"]
     assert (host.loads, host.misses, host.hits, host.models) == (1, 1, 2, 1)
+    ray.get(node_actor(ray_node).drain.remote())  # the disk copy is written in the background
     assert node_stats(ray_node).tiers["disk"].models == 1
 
 

@@ -175,6 +175,7 @@ def use(cache: NodeCache, name: str, tenant: str = TENANT) -> str:
     """Acquires and releases at once (a task that ran); returns the tier it was found in."""
     grant = cache.acquire(name, tenant, ME)
     assert cache.release(grant.lease_id)
+    cache.drain()  # disk copies are written in the background
     return grant.tier
 
 
@@ -186,6 +187,7 @@ def test_miss_loads_from_store_writes_through_then_hits(make_cache, file_store, 
     cache = make_cache()
 
     first = cache.acquire("m", TENANT, ME)
+    cache.drain()
     assert first.tier == "store"
     assert first.offset == GUARD_BYTES
     assert served(first) == blob(file_store, info.sha256)
@@ -449,6 +451,7 @@ def test_evict_leased_model_is_deferred_until_the_last_release(make_cache, file_
     cache = make_cache()
     first = cache.acquire("m", TENANT, ME)
     second = cache.acquire("m", TENANT, Holder(ME.pid, ME.start))
+    cache.drain()
 
     assert cache.evict("m", TENANT, tier="host") == {"host": "deferred"}
     assert served(first) == blob(file_store, info.sha256)  # the holders still read it
@@ -758,6 +761,7 @@ def test_a_bad_disk_copy_is_dropped_and_reloaded_from_the_store(
 
     reads.calls.clear()
     grant = cache.acquire("m", TENANT, ME)
+    cache.drain()
     assert grant.tier == "store"
     assert served(grant) == good
     assert reads.calls[info.sha256] == 1
@@ -768,3 +772,27 @@ def test_a_bad_disk_copy_is_dropped_and_reloaded_from_the_store(
 
     cache.evict("m", TENANT, tier="host")
     assert use(cache, "m") == "disk"
+
+
+def test_the_first_invocation_does_not_wait_for_the_disk_copy(make_cache, file_store, disk_dir, monkeypatch):
+    """Write-through runs after the model is served: a slow disk delays no one."""
+    from trims_ray.actors import node_cache as node_cache_module
+
+    info = file_store.register("m", weights(60), tenant=TENANT)
+    cache = make_cache()
+    gate = threading.Event()
+    real_write = node_cache_module.write_atomically
+
+    def slow_write(*args, **kwargs):
+        assert gate.wait(20), "the test never opened the gate"
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(node_cache_module, "write_atomically", slow_write)
+    grant = cache.acquire("m", TENANT, ME)  # returns while the disk write is held
+    assert grant.tier == "store" and served(grant) == blob(file_store, info.sha256)
+    assert not (disk_dir / f"{info.sha256}.safetensors").exists()
+    assert cache.stats()["disk"].bytes_used == info.nbytes  # the write in flight is counted
+    gate.set()
+    cache.drain()
+    assert (disk_dir / f"{info.sha256}.safetensors").read_bytes() == blob(file_store, info.sha256)
+    cache.release(grant.lease_id)

@@ -80,6 +80,10 @@ class NodeCacheServer:
             "tier": grant.tier,
         }
 
+    def drain(self) -> None:
+        """Waits until disk copies of earlier loads are written (for tests and benchmarks)."""
+        self.cache.drain()
+
     def release(self, lease_id: int) -> bool:
         return self.cache.release(lease_id)
 

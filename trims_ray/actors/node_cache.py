@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import os
 import threading
 import time
@@ -150,6 +151,9 @@ class DiskTier:
     def _track(self, key: str, size: int) -> None:
         self.sizes[key] = size
         self.policy.on_insert(key, size, 0.0)
+        self._refresh()
+
+    def _refresh(self) -> None:
         self.stats.bytes_used, self.stats.models = self.used, len(self.sizes)
 
     def forget(self, key: str, *, evicted: bool) -> None:
@@ -158,7 +162,20 @@ class DiskTier:
             self.policy.on_remove(key)
             self.path(key).unlink(missing_ok=True)
             self.stats.evictions += evicted
-            self.stats.bytes_used, self.stats.models = self.used, len(self.sizes)
+            self._refresh()
+
+    def reserve(self, key: str, nbytes: int) -> bool:
+        """Claims room for a write about to start (evicting if needed); False if it can't fit or
+        the blob is already here or on its way."""
+        if key in self.sizes or key in self.reserved or not self.make_room(nbytes):
+            return False
+        self.reserved[key] = nbytes
+        self._refresh()
+        return True
+
+    def unreserve(self, key: str) -> None:
+        del self.reserved[key]
+        self._refresh()
 
     def make_room(self, nbytes: int) -> bool:
         """Evicts least valuable blobs until ``nbytes`` fit; False (nothing evicted) if they can't."""
@@ -218,6 +235,9 @@ class NodeCache:
         self._leases: dict[int, _Lease] = {}
         self._lease_ids = itertools.count(1)
         self._manifests: dict[tuple[str, str], tuple[float, Manifest]] = {}
+        # Disk copies are written after the model is served from the host tier, off the path
+        # of the invocation that missed; one writer keeps the disk's I/O sequential.
+        self._disk_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trims-disk-write")
 
     # -- resolving names -----------------------------------------------------------------------
 
@@ -388,17 +408,15 @@ class NodeCache:
                 with self._lock:
                     self.disk.forget(key, evicted=False)
         self.store.read(manifest, out=out)
-        self._write_through(key, out)
+        # ``out`` stays alive in the job until written, though the load has already moved on.
+        self._disk_writer.submit(self._write_through, key, out)
         return "store"
 
     def _write_through(self, key: str, data: np.ndarray) -> None:
         """Keeps a disk copy of verified bytes, if the disk budget allows; never fails a load."""
         with self._lock:
-            if key in self.disk.sizes or key in self.disk.reserved:
+            if not self.disk.reserve(key, len(data)):
                 return
-            if not self.disk.make_room(len(data)):
-                return
-            self.disk.reserved[key] = len(data)
         try:
             write_atomically(_LOCAL_FS, str(self.disk.path(key)), [memoryview(data)])
         except OSError as exc:
@@ -406,7 +424,7 @@ class NodeCache:
             return
         finally:
             with self._lock:
-                del self.disk.reserved[key]
+                self.disk.unreserve(key)
         with self._lock:
             self.disk.adopt(key, len(data))
 
@@ -483,6 +501,14 @@ class NodeCache:
     def leases(self) -> int:
         with self._lock:
             return len(self._leases)
+
+    def drain(self) -> None:
+        """Waits until the disk copies of earlier loads are written."""
+        self._disk_writer.submit(lambda: None).result()
+
+    def close(self) -> None:
+        """Finishes pending disk writes and stops the writer."""
+        self._disk_writer.shutdown(wait=True)
 
 
 def _check_tier(tier: str | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
