@@ -23,10 +23,12 @@ from ._store import ModelStore
 from .actors.node_actor import NAMESPACE, NodeCacheServer, node_actor_name
 from .actors.node_cache import TierStats
 
-__all__ = ["Cluster", "ClusterStats", "NodeStats", "init", "shutdown", "stats", "prefetch", "evict", "node_actor", "forget_node_actor", "call"]
+__all__ = ["Cluster", "ClusterStats", "NodeStats", "init", "shutdown", "stats", "prefetch", "evict", "node_actor", "forget_node_actor", "sole_cache_node", "call"]
 
 _lock = threading.Lock()
 _actors: dict[str, ray.actor.ActorHandle] = {}
+# The nodes init() found in this process; empty in workers, which never call init().
+_init_nodes: tuple[str, ...] = ()
 
 # Enough threads that callers waiting on a load in flight do not block hits on other models.
 _ACTOR_CONCURRENCY = 64
@@ -111,15 +113,19 @@ def init(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         ).remote(node_id, model_store.uri, storage_options, config)
     ray.get([h.ping.remote() for h in handles.values()])
+    global _init_nodes
     with _lock:
         _actors.update(handles)
+        _init_nodes = tuple(handles)
     return Cluster(model_store.uri, _api.caller_tenant(), tuple(handles))
 
 
 def shutdown() -> None:
     """Kills this library's actors (their cached objects go with them); Ray keeps running."""
+    global _init_nodes
     with _lock:
         _actors.clear()
+        _init_nodes = ()
     _api._session["store"] = None
     _api._session["tenant"] = None
     if not ray.is_initialized():
@@ -165,6 +171,13 @@ def node_actor(node_id: str | None = None) -> ray.actor.ActorHandle:
         with _lock:
             _actors[node_id] = handle
     return handle
+
+
+def sole_cache_node() -> str | None:
+    """The node id when ``init`` in this process found exactly one node (a one-node cluster),
+    else None. It asks Ray nothing, so it costs nothing on the hot path."""
+    with _lock:
+        return _init_nodes[0] if len(_init_nodes) == 1 else None
 
 
 def forget_node_actor(node_id: str | None = None) -> None:

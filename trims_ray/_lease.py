@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import _api
-from ._cluster import call, forget_node_actor, node_actor
+from ._cluster import call, forget_node_actor, node_actor, sole_cache_node
 from ._names import check_name
 from ._protect import protect_array, release
 from ._store import materialize
@@ -26,6 +28,9 @@ from .actors.node_cache import Holder
 __all__ = ["open", "function", "ModelFunction"]
 
 _HOLDER: Holder | None = None
+# When the last decorated task in this process started (perf_counter), before its lease: lets a
+# benchmark time "task start to usable module" for the decorated path. Not part of the API.
+task_started = 0.0
 
 
 def _this_holder() -> Holder:
@@ -61,6 +66,13 @@ def open(name: str, *, tenant: str | None = None) -> Iterator[Any]:  # noqa: A00
         forget_node_actor()
         actor = node_actor()
         grant = call(actor.acquire.remote(name, tenant, _this_holder()))
+    with _use_grant(actor, grant) as model:
+        yield model
+
+
+@contextlib.contextmanager
+def _use_grant(actor, grant: dict) -> Iterator[Any]:
+    """The model of a granted lease, its pages read-only while in use; ends the lease after."""
     try:
         obj = ray.get(grant["refs"][0])
         manifest = grant["manifest"]
@@ -99,21 +111,49 @@ class ModelFunction:
         return ModelFunction(self._fn, model, {**self._options, **options})
 
     def remote(self, *args, **kwargs) -> ray.ObjectRef:
-        """Submits the task; the caller's tenant travels with it."""
+        """Submits the task; the caller's tenant travels with it.
+
+        When the node the task will run on is known (a cluster with one cache node for now; the
+        placement actor's route later), the lease is taken here, on this process's connection to
+        that node's cache, and handed to the task as an argument: Ray resolves it before the task
+        starts, so a fresh worker does not pay for finding and first calling the cache actor.
+        """
         if self._model is None:
             raise ValueError(
                 f"{self._fn.__name__} has no model: use @trims_ray.function(model=...) or "
                 ".options(model=...)"
             )
-        node_actor()  # fails clearly before submitting when trims_ray is not initialized
         if self._remote is None:
             self._remote = _make_remote(self._fn, self._model, self._options)
-        return self._remote.remote(_api.caller_tenant(), *args, **kwargs)
+        tenant = _api.caller_tenant()
+        node = None if "scheduling_strategy" in self._options else sole_cache_node()
+        if node is None:
+            node_actor()  # fails clearly before submitting when trims_ray is not initialized
+            return self._remote.remote(tenant, None, None, *args, **kwargs)
+        actor = node_actor(node)
+        grant = actor.acquire.remote(self._model, tenant, None)
+        strategy = NodeAffinitySchedulingStrategy(node, soft=True)
+        return self._remote.options(scheduling_strategy=strategy).remote(tenant, grant, actor, *args, **kwargs)
+
+
+def _mark_task_start() -> None:
+    # A module-level function: the closure below travels to workers by value (cloudpickle), with
+    # a copy of this module's globals, so it must not assign module globals itself.
+    global task_started
+    task_started = time.perf_counter()
 
 
 def _make_remote(fn: Callable, model: str, options: dict):
-    def run_with_model(tenant: str, *args, **kwargs):
-        with open(model, tenant=tenant) as leased:
+    def run_with_model(tenant: str, grant: dict | None, actor, *args, **kwargs):
+        _mark_task_start()
+        if grant is None:
+            with open(model, tenant=tenant) as leased:
+                return fn(leased, *args, **kwargs)
+        # The lease was taken for us; name this process as its holder so that the reaper ends it
+        # if we die. The grant's object ref, an argument of this task, keeps the object alive
+        # until we finish even if the lease were reclaimed.
+        actor.claim.remote(grant["lease_id"], _this_holder())
+        with _use_grant(actor, grant) as leased:
             return fn(leased, *args, **kwargs)
 
     run_with_model.__name__ = getattr(fn, "__name__", "run_with_model")

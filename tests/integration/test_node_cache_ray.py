@@ -242,6 +242,20 @@ def test_lease_of_a_dead_worker_is_reclaimed(cache, ray_node):
     assert trims_ray.evict("m", tier="host")[ray_node]["host"] == "evicted"
 
 
+def test_lease_taken_for_a_decorated_task_is_reclaimed_when_it_dies(cache, ray_node):
+    trims_ray.register("m", weights(1))
+
+    @trims_ray.function(model="m", max_retries=0)
+    def die_holding(sd):
+        time.sleep(0.5)  # long enough for the claim naming this process to arrive
+        os._exit(1)
+
+    with pytest.raises(ray.exceptions.WorkerCrashedError):
+        ray.get(die_holding.remote())
+    wait_for(lambda: node_stats(ray_node).leases == 0)
+    assert trims_ray.evict("m", tier="host")[ray_node]["host"] == "evicted"
+
+
 # -- bad input -----------------------------------------------------------------------------
 
 

@@ -796,3 +796,22 @@ def test_the_first_invocation_does_not_wait_for_the_disk_copy(make_cache, file_s
     cache.drain()
     assert (disk_dir / f"{info.sha256}.safetensors").read_bytes() == blob(file_store, info.sha256)
     cache.release(grant.lease_id)
+
+
+def test_a_lease_taken_for_a_task_is_claimed_and_reaped_like_any_other(make_cache, file_store):
+    file_store.register("m", weights(70), tenant=TENANT)
+    now = [0.0]
+    dead: set[Holder] = set()
+    cache = make_cache(clock=lambda: now[0], unclaimed_ttl_s=30.0, holder_alive=lambda h: h not in dead)
+    claimed = cache.acquire("m", TENANT, None)
+    never_claimed = cache.acquire("m", TENANT, None)
+    worker = Holder(4242, 7)
+    assert cache.claim(claimed.lease_id, worker) is True
+    assert cache.claim(10_000, worker) is False  # no such lease
+    now[0] = 29.0
+    assert cache.reap() == 0  # the unclaimed one is still within its time to be claimed
+    now[0] = 31.0
+    assert cache.reap() == 1 and cache.leases() == 1  # the unclaimed one expired
+    dead.add(worker)
+    assert cache.reap() == 1 and cache.leases() == 0  # its claimant died
+    assert cache.release(never_claimed.lease_id) is False

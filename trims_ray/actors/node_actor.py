@@ -69,7 +69,10 @@ class NodeCacheServer:
     def ping(self) -> str:
         return self.node_id
 
-    def acquire(self, name: str, tenant: str, holder: Holder) -> dict:
+    def claim(self, lease_id: int, holder: Holder) -> bool:
+        return self.cache.claim(lease_id, holder)
+
+    def acquire(self, name: str, tenant: str, holder: Holder | None) -> dict:
         grant: Grant = self.cache.acquire(name, tenant, holder)
         # The ref travels inside a list so that Ray hands the caller the ref, not the value.
         return {

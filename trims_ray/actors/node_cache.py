@@ -113,7 +113,8 @@ class _HostEntry:
 @dataclass
 class _Lease:
     key: str
-    holder: Holder
+    holder: Holder | None  # None until the task that will use it claims it
+    granted_at: float = 0.0
 
 
 class DiskTier:
@@ -218,6 +219,7 @@ class NodeCache:
         disk_budget: int,
         policy: str = "lru",
         manifest_ttl_s: float = 2.0,
+        unclaimed_ttl_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
         holder_alive: Callable[[Holder], bool] = holder_alive,
     ) -> None:
@@ -227,6 +229,7 @@ class NodeCache:
         self.host_policy = make_policy(policy, clock=clock)
         self.disk = DiskTier(Path(disk_dir), disk_budget, make_policy(policy, clock=clock))
         self.manifest_ttl_s = manifest_ttl_s
+        self.unclaimed_ttl_s = unclaimed_ttl_s
         self.clock = clock
         self.holder_alive = holder_alive
         self._lock = threading.Lock()
@@ -257,8 +260,12 @@ class NodeCache:
 
     # -- leases --------------------------------------------------------------------------------
 
-    def acquire(self, name: str, tenant: str, holder: Holder) -> Grant:
+    def acquire(self, name: str, tenant: str, holder: Holder | None) -> Grant:
         """Leases the model for ``holder``, loading it into the host tier first on a miss.
+
+        ``holder`` may be None when a caller takes the lease for a task it is about to submit;
+        the task claims it (``claim``) when it starts. A lease nobody claims within
+        ``unclaimed_ttl_s`` is reclaimed.
 
         Concurrent misses for the same blob cause one load; the others wait for it and share its
         result or its error. The lease counts from the moment the request is admitted, so a
@@ -292,7 +299,7 @@ class NodeCache:
                 entry.leases -= 1
                 raise entry.error
             lease_id = next(self._lease_ids)
-            self._leases[lease_id] = _Lease(key, holder)
+            self._leases[lease_id] = _Lease(key, holder, self.clock())
         return Grant(lease_id, entry.handle, manifest, GUARD_BYTES, entry.source if leader else HOST)
 
     def release(self, lease_id: int) -> bool:
@@ -305,10 +312,25 @@ class NodeCache:
             self._unlease(lease.key)
             return True
 
-    def reap(self) -> int:
-        """Ends the leases of processes that died; returns how many."""
+    def claim(self, lease_id: int, holder: Holder) -> bool:
+        """Names the process that uses a lease taken on its behalf; False if the lease is gone."""
         with self._lock:
-            dead = [lid for lid, lease in self._leases.items() if not self.holder_alive(lease.holder)]
+            lease = self._leases.get(lease_id)
+            if lease is None:
+                return False
+            lease.holder = holder
+            return True
+
+    def reap(self) -> int:
+        """Ends the leases of processes that died, and those never claimed; returns how many."""
+        now = self.clock()
+        with self._lock:
+            dead = [
+                lid
+                for lid, lease in self._leases.items()
+                if (lease.holder is None and now - lease.granted_at > self.unclaimed_ttl_s)
+                or (lease.holder is not None and not self.holder_alive(lease.holder))
+            ]
             for lid in dead:
                 self._unlease(self._leases.pop(lid).key)
         if dead:
@@ -462,7 +484,7 @@ class NodeCache:
         "store"). Raises as ``acquire``."""
         (tier,) = _check_tier(tier, (HOST, DISK))
         if tier == HOST:
-            grant = self.acquire(name, tenant, Holder(-1, -1))
+            grant = self.acquire(name, tenant, None)
             self.release(grant.lease_id)
             return grant.tier
         manifest = self.resolve(name, tenant)
