@@ -211,6 +211,12 @@ def _nodes(nodes: list[str] | None) -> list[str]:
     return list(nodes)
 
 
+def _on_each_node(nodes: list[str] | None, method: str, *args) -> dict[str, object]:
+    """Calls ``method`` on the cache actor of every node in ``nodes`` (default: all) at once."""
+    refs = {n: getattr(node_actor(n), method).remote(*args) for n in _nodes(nodes)}
+    return {n: call(ref) for n, ref in refs.items()}
+
+
 def prefetch(name: str, tier: str = "host", nodes: list[str] | None = None) -> dict[str, str]:
     """Warms ``tier`` ("host" or "disk") with a model on ``nodes`` (default: every node).
 
@@ -220,10 +226,7 @@ def prefetch(name: str, tier: str = "host", nodes: list[str] | None = None) -> d
         ModelNotFoundError, CapacityError, IntegrityError, ValueError: as for an invocation.
     """
     check_name(name)
-    tenant = _api.caller_tenant()
-    targets = _nodes(nodes)
-    refs = {n: node_actor(n).prefetch.remote(name, tenant, tier) for n in targets}
-    return {n: call(ref) for n, ref in refs.items()}
+    return _on_each_node(nodes, "prefetch", name, _api.caller_tenant(), tier)
 
 
 def evict(name: str, tier: str | None = None, nodes: list[str] | None = None) -> dict[str, dict[str, str]]:
@@ -233,19 +236,13 @@ def evict(name: str, tier: str | None = None, nodes: list[str] | None = None) ->
     "deferred" or "absent".
     """
     check_name(name)
-    tenant = _api.caller_tenant()
-    targets = _nodes(nodes)
-    refs = {n: node_actor(n).evict.remote(name, tenant, tier) for n in targets}
-    return {n: call(ref) for n, ref in refs.items()}
+    return _on_each_node(nodes, "evict", name, _api.caller_tenant(), tier)
 
 
 def stats() -> ClusterStats:
     """Per node and tier: bytes used and capacity, models, hits, misses, loads, evictions."""
-    targets = _nodes(None)
-    refs = {n: node_actor(n).stats.remote() for n in targets}
     out = ClusterStats()
-    for n, ref in refs.items():
-        raw = call(ref)
+    for n, raw in _on_each_node(None, "stats").items():
         out.nodes[n] = NodeStats(
             {t: TierStats(**s) for t, s in raw["tiers"].items()}, raw["leases"], raw["object_store_bytes_used"]
         )
