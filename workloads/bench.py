@@ -2,6 +2,7 @@
 
     python -m workloads.bench load [--mb 500] [--repeats 3] [--dir DIR] [--no-s3]
     python -m workloads.bench handoff [--sizes-mb 100,500,1000] [--repeats 3] [--object-store-mb 3072]
+    python -m workloads.bench routing [--models 1000] [--nodes 64] [--calls 100000]
     python -m workloads.bench overhead [--calls 200] [--object-store-mb 256]
 
 ``load``: the store reader's rate for one blob from local disk (page cache dropped for the file
@@ -749,6 +750,42 @@ def print_overhead(r: OverheadResult) -> None:
     print(f"\ngoal: median added latency <= 1 ms: {added:.3f} ms: {_verdict(added <= 1)}")
 
 
+def bench_routing(models: int, nodes: int, calls: int, seed: int = 0) -> list[float]:
+    """Seconds per ``Placement.route`` call over a seeded cluster: ``models`` models each resident
+    on one to three of ``nodes`` nodes in a random tier, random queues; pure Python, no Ray."""
+    import random
+
+    from trims_ray.actors.placement import TIERS, Placement
+
+    rng = random.Random(seed)
+    placement = Placement()
+    names = [f"node{i:02d}" for i in range(nodes)]
+    for name in names:
+        placement.node_joined(name, 64 * 1024**3)
+    residency: dict[str, dict[str, str]] = {n: {} for n in names}
+    sizes = {f"model{i:04d}": rng.randint(10, 2000) * MiB for i in range(models)}
+    for key in sizes:
+        for node in rng.sample(names, rng.randint(1, 3)):
+            residency[node][key] = rng.choice(TIERS)
+    for node in names:
+        placement.report(node, residency=residency[node], host_used=0, in_flight=rng.randint(0, 8))
+    keys = rng.choices(list(sizes), k=calls)
+    samples = []
+    for key in keys:
+        started = time.perf_counter()
+        placement.route(key, sizes[key])
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def print_routing(samples: list[float], models: int, nodes: int) -> None:
+    ordered = sorted(samples)
+    median, p99 = statistics.median(ordered), ordered[int(0.99 * (len(ordered) - 1))]
+    print(f"routing: {len(samples)} route() calls, {models} models, {nodes} nodes, pure Python (no Ray)")
+    print(f"median {median * 1e6:.1f} us, p99 {p99 * 1e6:.1f} us")
+    print(f"goal: median <= 50 us: {median * 1e6:.1f} us: {_verdict(median <= 50e-6)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workloads.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -762,6 +799,10 @@ def main(argv: list[str] | None = None) -> int:
     handoff.add_argument("--repeats", type=int, default=3, help="fresh-worker runs per size and method (default 3)")
     handoff.add_argument("--object-store-mb", type=int, default=3072, help="Ray object store in MiB (default 3072)")
     handoff.add_argument("--dir", default=None, help="directory for the store, disk tier and files (default: system temp)")
+    routing = sub.add_parser("routing", help="cost of one routing decision, 1,000 models on 64 nodes")
+    routing.add_argument("--models", type=int, default=1000)
+    routing.add_argument("--nodes", type=int, default=64)
+    routing.add_argument("--calls", type=int, default=100_000)
     overhead = sub.add_parser("overhead", help="a decorated call on a warm model vs a plain Ray task")
     overhead.add_argument("--calls", type=int, default=200, help="timed calls of each kind (default 200)")
     overhead.add_argument("--object-store-mb", type=int, default=256, help="Ray object store in MiB (default 256)")
@@ -786,6 +827,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{math.ceil(need / MiB / 0.9)}"
             )
         print_handoff(bench_handoff(sizes, args.repeats, args.object_store_mb, args.dir))
+    elif args.bench == "routing":
+        if min(args.models, args.nodes, args.calls) < 1:
+            parser.error("--models, --nodes and --calls must be positive")
+        print_routing(bench_routing(args.models, args.nodes, args.calls), args.models, args.nodes)
     else:
         if args.calls < 1:
             parser.error("--calls must be positive")

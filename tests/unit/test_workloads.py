@@ -104,3 +104,11 @@ def test_overhead_benchmark_compares_a_decorated_call_with_a_plain_task(tmp_path
     goal = next(line for line in lines if line.startswith("goal: median added latency <= 1 ms"))
     assert goal.endswith(": met" if added <= 1 else ": NOT met"), goal
     assert not list(tmp_path.iterdir()), "the benchmark must remove its temporary files"
+
+
+def test_routing_benchmark_prints_median_and_goal(capsys):
+    assert bench.main(["routing", "--models", "50", "--nodes", "8", "--calls", "500"]) == 0
+    out = capsys.readouterr().out
+    median, p99 = map(float, re.search(r"median ([\d.]+) us, p99 ([\d.]+) us", out).groups())
+    assert 0 < median <= p99
+    assert re.search(rf"goal: median <= 50 us: {median} us: (met|NOT met)", out)
