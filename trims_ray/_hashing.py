@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-__all__ = ["CHUNK_BYTES", "ChunkDigests", "digest_blob"]
+__all__ = ["CHUNK_BYTES", "ChunkDigests", "chunk_ranges", "digest_blob"]
 
 # 16 MiB: large enough that per-chunk overhead (a ranged GET, a thread hand-off) is small, small
 # enough that a 100 MB model still splits over several cores.
@@ -29,7 +29,12 @@ class ChunkDigests:
     digests: tuple[str, ...]
 
     def ranges(self, nbytes: int) -> list[tuple[int, int]]:
-        return [(s, min(s + self.chunk_bytes, nbytes)) for s in range(0, nbytes, self.chunk_bytes)]
+        return chunk_ranges(nbytes, self.chunk_bytes)
+
+
+def chunk_ranges(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """[start, end) of consecutive ``chunk_bytes`` slices of ``nbytes`` (the last may be short)."""
+    return [(s, min(s + chunk_bytes, nbytes)) for s in range(0, nbytes, chunk_bytes)]
 
 
 def digest_blob(pieces: Iterable[memoryview | bytes], *, chunk_bytes: int = CHUNK_BYTES) -> tuple[str, ChunkDigests]:

@@ -21,7 +21,7 @@ import numpy as np
 from ._config import ReadOptions
 from ._errors import IntegrityError
 from ._fsio import is_local
-from ._hashing import ChunkDigests
+from ._hashing import ChunkDigests, chunk_ranges
 
 __all__ = ["ReadStats", "read_blob"]
 
@@ -96,8 +96,7 @@ def read_blob(
                 )
             expected = dict(zip(ranges, chunk_digests.digests))
         else:
-            step = options.chunk_bytes
-            ranges = [(s, min(s + step, size)) for s in range(0, size, step)]
+            ranges = chunk_ranges(size, options.chunk_bytes)
             expected = {}
         hasher = hashlib.sha256() if sha256 is not None and not expected else None
 
