@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-from concurrent.futures import ThreadPoolExecutor
 import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from .._errors import CapacityError, IntegrityError
 from .._fsio import write_atomically
@@ -441,13 +442,17 @@ class NodeCache:
                 return
         try:
             write_atomically(_LOCAL_FS, str(self.disk.path(key)), [memoryview(data)])
-        except OSError as exc:
-            log.warning("trims_ray: disk tier write of %s failed: %s", key, exc)
-            return
-        finally:
+        except BaseException as exc:
             with self._lock:
                 self.disk.unreserve(key)
+            if isinstance(exc, OSError):
+                log.warning("trims_ray: disk tier write of %s failed: %s", key, exc)
+                return
+            raise
+        # One step from "being written" to "on disk": no moment where another write of the same
+        # blob could find neither and reserve it again.
         with self._lock:
+            self.disk.unreserve(key)
             self.disk.adopt(key, len(data))
 
     # -- eviction and prefetch -----------------------------------------------------------------
@@ -543,10 +548,4 @@ def _check_tier(tier: str | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
     return (tier,)
 
 
-def _local_fs():
-    from fsspec.implementations.local import LocalFileSystem
-
-    return LocalFileSystem()
-
-
-_LOCAL_FS = _local_fs()
+_LOCAL_FS = LocalFileSystem()
