@@ -47,9 +47,11 @@ class NodeCacheServer:
     def __init__(self, node_id: str, store_uri: str, storage_options: dict | None, config: CacheConfig) -> None:
         self.node_id = node_id
         self.config = config
+        # Looked up once: the node's object store size and its raylet's address do not change.
+        self._node = _node_info(node_id)
         host_budget = config.host_bytes
         if host_budget is None:
-            host_budget = int(_node_object_store_bytes(node_id) * config.host_fraction)
+            host_budget = int(self._node["Resources"].get("object_store_memory", 0) * config.host_fraction)
         self.cache = NodeCache(
             store=ModelStore(store_uri, storage_options=storage_options),
             memory=_PlasmaMemory(),
@@ -100,7 +102,7 @@ class NodeCacheServer:
         return {
             "tiers": {t: asdict(s) for t, s in self.cache.stats().items()},
             "leases": self.cache.leases(),
-            "object_store_bytes_used": object_store_bytes_used(self.node_id),
+            "object_store_bytes_used": object_store_bytes_used(self._node),
         }
 
 
@@ -111,16 +113,11 @@ def _node_info(node_id: str) -> dict:
     raise RuntimeError(f"node {node_id} is not in the cluster")
 
 
-def _node_object_store_bytes(node_id: str) -> int:
-    return int(_node_info(node_id)["Resources"].get("object_store_memory", 0))
-
-
-def object_store_bytes_used(node_id: str) -> int:
+def object_store_bytes_used(node: dict) -> int:
     """Bytes in use in the node's object store, as its raylet reports them (all objects, ours
     and everyone else's): the figure that shows whether an eviction really freed memory."""
     # Ray has no public per-node store API; this is the call `ray memory --stats-only` makes.
     from ray._private.internal_api import node_stats
 
-    node = _node_info(node_id)
     reply = node_stats(node["NodeManagerAddress"], node["NodeManagerPort"], include_memory_info=False)
     return int(reply.store_stats.object_store_bytes_used)
