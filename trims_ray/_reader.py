@@ -23,7 +23,7 @@ from ._errors import IntegrityError
 from ._fsio import is_local
 from ._hashing import ChunkDigests, chunk_ranges
 
-__all__ = ["ReadStats", "read_blob"]
+__all__ = ["ReadStats", "read_blob", "copy_verified"]
 
 
 @dataclass(frozen=True)
@@ -111,13 +111,7 @@ def read_blob(
                     )
                 buffer[start:end] = np.frombuffer(data, dtype=np.uint8)
             if expected:
-                digest = hashlib.sha256(memoryview(buffer[start:end])).hexdigest()
-                if digest != expected[(start, end)]:
-                    raise IntegrityError(
-                        f"{source}: sha256 mismatch in bytes {start}-{end}: the manifest says "
-                        f"{expected[(start, end)]}, the bytes hash to {digest}; nothing was kept: "
-                        "re-register the model or repair the store"
-                    )
+                _check_chunk(buffer, start, end, expected[(start, end)], source)
 
         with ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="trims-read") as pool:
             futures: list[Future] = [pool.submit(read_range, s, e) for s, e in ranges]
@@ -139,6 +133,46 @@ def read_blob(
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def copy_verified(
+    src: np.ndarray, out: np.ndarray, chunk_digests: ChunkDigests, *, source: str, concurrency: int = 8
+) -> ReadStats:
+    """Copies ``src`` into ``out`` chunk by chunk on a thread pool, verifying each copied chunk
+    against ``chunk_digests`` (for bytes that arrive other than from a file: a peer's memory).
+
+    Raises:
+        IntegrityError: sizes differ or a chunk does not match; ``out`` must not be used then.
+        ValueError: ``out`` has the wrong size, type or is read-only.
+    """
+    started = time.perf_counter()
+    _check_out(out, len(src))
+    ranges = chunk_digests.ranges(len(src))
+    if len(ranges) != len(chunk_digests.digests):
+        raise IntegrityError(
+            f"{source}: has {len(src)} bytes, which is {len(ranges)} chunks, but the manifest "
+            f"lists {len(chunk_digests.digests)} chunk digests"
+        )
+
+    def copy_range(start: int, end: int, digest: str) -> None:
+        out[start:end] = src[start:end]
+        # Hash the copy, not the source: what is verified is what will be served.
+        _check_chunk(out, start, end, digest, source)
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="trims-copy") as pool:
+        for future in [pool.submit(copy_range, s, e, d) for (s, e), d in zip(ranges, chunk_digests.digests)]:
+            future.result()
+    return ReadStats(len(src), time.perf_counter() - started)
+
+
+def _check_chunk(buffer: np.ndarray, start: int, end: int, expected: str, source: str) -> None:
+    digest = hashlib.sha256(memoryview(buffer[start:end])).hexdigest()
+    if digest != expected:
+        raise IntegrityError(
+            f"{source}: sha256 mismatch in bytes {start}-{end}: the manifest says "
+            f"{expected}, the bytes hash to {digest}; nothing was kept: "
+            "re-register the model or repair the store"
+        )
 
 
 def _check_out(out: np.ndarray, size: int) -> np.ndarray:

@@ -22,7 +22,8 @@ import torch
 
 from trims_ray import CapacityError, IntegrityError, ModelNotFoundError, ModelStore
 from trims_ray._protect import GUARD_BYTES
-from trims_ray.actors.node_cache import Grant, Holder, NodeCache, holder_alive, process_start
+from trims_ray._reader import copy_verified
+from trims_ray.actors.node_cache import Caller, Grant, Holder, NodeCache, holder_alive, process_start
 
 # A wedged load must fail the test, not hang the suite.
 pytestmark = pytest.mark.timeout(60)
@@ -815,3 +816,125 @@ def test_a_lease_taken_for_a_task_is_claimed_and_reaped_like_any_other(make_cach
     dead.add(worker)
     assert cache.reap() == 1 and cache.leases() == 0  # its claimant died
     assert cache.release(never_claimed.lease_id) is False
+
+
+def test_a_callers_lease_can_be_released_before_it_is_granted(make_cache, file_store, memory):
+    # A caller ends its task's lease when the result exists; if the task ran elsewhere, that can
+    # be before this node even granted it. The grant then ends at once: nothing stays leased.
+    file_store.register("m", weights(71), tenant=TENANT)
+    now = [0.0]
+    cache = make_cache(clock=lambda: now[0], unclaimed_ttl_s=30.0)
+    caller = Caller("c1")
+    assert cache.release("c1:1") is False  # not granted yet
+    grant = cache.acquire("m", TENANT, caller, "c1:1")
+    assert grant.lease_id == "c1:1" and cache.leases() == 0
+    assert cache.evict("m", TENANT, "host")["host"] == "evicted"  # not pinned by a lost lease
+    kept = cache.acquire("m", TENANT, caller, "c1:2")
+    with pytest.raises(ValueError, match="in use"):
+        cache.acquire("m", TENANT, caller, "c1:2")
+    with pytest.raises(TypeError):
+        cache.acquire("m", TENANT, caller, 3)
+    assert cache.leases() == 1 and cache.release(kept.lease_id) is True and cache.leases() == 0
+    cache.release("c1:9")  # a tombstone whose acquire never comes is forgotten in time
+    now[0] = 31.0
+    cache.reap()
+    assert cache._released_early == {}
+
+
+def test_callers_leases_are_reaped_when_the_actor_finds_the_caller_dead(make_cache, file_store):
+    file_store.register("m", weights(72), tenant=TENANT)
+    now = [0.0]
+    dead: set[str] = set()
+    cache = make_cache(clock=lambda: now[0], holder_alive=lambda h: not (isinstance(h, Caller) and h.id in dead))
+    cache.acquire("m", TENANT, Caller("alive"), "alive:1")
+    cache.acquire("m", TENANT, Caller("gone"), "gone:1")
+    cache.acquire("m", TENANT, ME)
+    assert cache.callers(older_than_s=5.0) == set()  # too young to ask about
+    now[0] = 10.0
+    assert cache.callers(older_than_s=5.0) == {"alive", "gone"}
+    dead.add("gone")
+    assert cache.reap() == 1 and cache.leases() == 2
+    assert cache.report()["in_flight"] == {file_store.manifest("m", tenant=TENANT).sha256: 2}
+
+
+def test_report_gives_placement_residency_usage_and_demand(make_cache, file_store, reads):
+    a = file_store.register("a", weights(73), tenant=TENANT)
+    b = file_store.register("b", weights(74), tenant=TENANT)
+    changes = []
+    cache = make_cache(on_change=lambda: changes.append(1))
+    grant = cache.acquire("a", TENANT, ME)
+    cache.drain()
+    assert changes  # every change is signalled, so the actor reports it
+    reads.hold.add(b.sha256)
+    loader = threading.Thread(target=lambda: use(cache, "b"))
+    loader.start()
+    assert reads.started.wait(10)
+    report = cache.report()
+    assert report["residency"] == {a.sha256: "host", b.sha256: "loading"}
+    assert report["in_flight"] == {a.sha256: 1, b.sha256: 1}  # b's loader holds its lease
+    assert report["host_used"] == cost(a) + cost(b) and report["host_capacity"] == BIG
+    assert report["models"][a.sha256] == (TENANT, "a", a.nbytes)
+    reads.gate.set()
+    loader.join()
+    cache.release(grant.lease_id)
+    cache.evict("a", TENANT, "host")
+    assert cache.report()["residency"] == {a.sha256: "disk", b.sha256: "host"}
+
+
+def test_lend_serves_only_a_ready_host_copy_and_holds_it(make_cache, file_store, memory):
+    info = file_store.register("m", weights(75), tenant=TENANT)
+    cache = make_cache()
+    assert cache.lend(info.sha256) is None  # not here: lending never loads
+    use(cache, "m")
+    grant = cache.lend(info.sha256)
+    assert served(grant) == blob(file_store, info.sha256)
+    assert cache.evict("m", TENANT, "host")["host"] == "deferred"  # the peer is still copying
+    lease_id = grant.lease_id
+    del grant
+    assert cache.release(lease_id) and memory.live() == 0
+    assert cache.lend(info.sha256) is None
+
+
+def test_a_miss_copies_from_a_peer_and_falls_back_to_the_store_on_a_bad_copy(make_cache, file_store, reads, tmp_path):
+    info = file_store.register("m", weights(76), tenant=TENANT)
+    peer = make_cache(disk_dir=tmp_path / "peer-disk")
+    use(peer, "m")
+    reads.calls.clear()
+    corrupt = [False]
+
+    def from_peer(manifest, out):
+        grant = peer.lend(manifest.sha256)
+        try:
+            data = np.array(grant.handle[grant.offset : grant.offset + manifest.nbytes])
+            if corrupt[0]:
+                data[-1] ^= 0xFF
+            copy_verified(data, out, manifest.chunks, source="peer")
+            return True
+        finally:
+            peer.release(grant.lease_id)
+
+    cache = make_cache(peer_read=from_peer)
+    assert use(cache, "m") == "peer" and reads.total == 0  # the store was not read
+    assert served(cache.acquire("m", TENANT, ME)) == blob(file_store, info.sha256)
+    assert cache.rates.keys() <= {"peer"}
+    other = make_cache(peer_read=from_peer, disk_dir=tmp_path / "other-disk")
+    corrupt[0] = True
+    assert use(other, "m") == "store" and reads.total == 1
+
+
+def test_an_evict_cancels_the_disk_copy_still_queued(make_cache, file_store, disk_dir, monkeypatch):
+    # The disk copy is written after the load returns; an evict of both tiers in between must
+    # not see the copy appear afterwards.
+    info = file_store.register("m", weights(77), tenant=TENANT)
+    cache = make_cache()
+    gate = threading.Event()
+    real = cache._write_through
+    monkeypatch.setattr(cache, "_write_through", lambda key, data: (gate.wait(10), real(key, data)))
+    grant = cache.acquire("m", TENANT, ME)
+    cache.release(grant.lease_id)
+    assert cache.evict("m", TENANT) == {"host": "evicted", "disk": "absent"}
+    gate.set()
+    cache.drain()
+    assert cache.stats()["disk"].models == 0 and not (disk_dir / f"{info.sha256}.safetensors").exists()
+    assert use(cache, "m") == "store"  # and a later load writes its copy as usual
+    assert cache.stats()["disk"].models == 1

@@ -31,11 +31,11 @@ from .._reader import read_blob
 from .._store import ModelStore
 from ..policy import EvictionPolicy, choose_victims, make_policy
 
-__all__ = ["HostMemory", "Holder", "Grant", "TierStats", "NodeCache", "DiskTier"]
+__all__ = ["HostMemory", "Holder", "Caller", "Grant", "TierStats", "NodeCache", "DiskTier"]
 
 log = logging.getLogger("trims_ray")
 
-HOST, DISK = "host", "disk"
+HOST, DISK, PEER, STORE = "host", "disk", "peer", "store"
 
 
 class HostMemory(Protocol):
@@ -58,6 +58,14 @@ class Holder:
         return cls(os.getpid(), process_start(os.getpid()))
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who holds a lease taken at submit time: the submitting process, anywhere in the cluster,
+    until its task's result exists. It is alive while it keeps polling placement."""
+
+    id: str
+
+
 def process_start(pid: int) -> int:
     """The start time of ``pid`` in clock ticks since boot, or -1 if it does not exist."""
     try:
@@ -69,7 +77,11 @@ def process_start(pid: int) -> int:
     return int(stat[stat.rindex(b")") + 2 :].split()[19])
 
 
-def holder_alive(holder: Holder) -> bool:
+def holder_alive(holder: Holder | Caller) -> bool:
+    """Whether a local process holder still runs; a Caller cannot be checked from here (the
+    actor asks placement) and counts as alive."""
+    if isinstance(holder, Caller):
+        return True
     # A holder whose start time could not be read is treated as gone rather than immortal, so
     # its leases are reclaimed instead of pinning the model forever.
     return holder.start >= 0 and process_start(holder.pid) == holder.start
@@ -79,11 +91,11 @@ def holder_alive(holder: Holder) -> bool:
 class Grant:
     """What ``acquire`` hands a task: the lease, the shared object, where the blob lies in it."""
 
-    lease_id: int
+    lease_id: int | str
     handle: object
     manifest: Manifest
     offset: int
-    tier: str  # where the model was found: "host" (hit), "disk" or "store" (loaded)
+    tier: str  # where the model was found: "host" (hit), "disk", "peer" or "store" (loaded)
 
 
 @dataclass
@@ -108,13 +120,13 @@ class _HostEntry:
     error: BaseException | None = None
     leases: int = 0
     evict_when_idle: bool = False
-    source: str = ""  # where the load read from: "disk" or "store"
+    source: str = ""  # where the load read from: "disk", "peer" or "store"
 
 
 @dataclass
 class _Lease:
     key: str
-    holder: Holder | None  # None until the task that will use it claims it
+    holder: Holder | Caller | None  # None until the task that will use it claims it
     granted_at: float = 0.0
 
 
@@ -126,10 +138,13 @@ class DiskTier:
     for bookkeeping and does the I/O outside.
     """
 
-    def __init__(self, directory: Path, budget: int, policy: EvictionPolicy) -> None:
+    def __init__(
+        self, directory: Path, budget: int, policy: EvictionPolicy, on_change: Callable[[], None] = lambda: None
+    ) -> None:
         self.directory = directory
         self.budget = budget
         self.policy = policy
+        self.on_change = on_change
         self.sizes: dict[str, int] = {}
         self.reserved: dict[str, int] = {}  # writes in flight count against the budget too
         self.stats = TierStats(capacity=budget)
@@ -157,6 +172,7 @@ class DiskTier:
 
     def _refresh(self) -> None:
         self.stats.bytes_used, self.stats.models = self.used, len(self.sizes)
+        self.on_change()
 
     def forget(self, key: str, *, evicted: bool) -> None:
         if key in self.sizes:
@@ -208,6 +224,11 @@ class NodeCache:
         manifest_ttl_s: how long a resolved manifest is trusted.
         clock: monotonic time source.
         holder_alive: tells whether a lease holder still runs (injected for tests).
+        peer_read: fills a buffer with a blob from another node's host tier and returns True,
+            or returns False when no peer is expected to be faster than the store (the actor
+            passes one built on Ray's object transfer; None: never).
+        on_change: called (under the cache's lock, so it must only signal) whenever residency,
+            usage or leases change, so that the actor can report to placement.
     """
 
     def __init__(
@@ -222,26 +243,39 @@ class NodeCache:
         manifest_ttl_s: float = 2.0,
         unclaimed_ttl_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
-        holder_alive: Callable[[Holder], bool] = holder_alive,
+        holder_alive: Callable[[Holder | Caller], bool] = holder_alive,
+        peer_read: Callable[[Manifest, np.ndarray], bool] | None = None,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.memory = memory
         self.host_budget = host_budget
         self.host_policy = make_policy(policy, clock=clock)
-        self.disk = DiskTier(Path(disk_dir), disk_budget, make_policy(policy, clock=clock))
+        self.on_change = on_change
+        self.disk = DiskTier(Path(disk_dir), disk_budget, make_policy(policy, clock=clock), self._changed)
         self.manifest_ttl_s = manifest_ttl_s
         self.unclaimed_ttl_s = unclaimed_ttl_s
         self.clock = clock
         self.holder_alive = holder_alive
+        self.peer_read = peer_read
+        # Measured load rates by source (bytes/s, moving averages), for choosing between a peer
+        # and the store; empty until the first load from each.
+        self.rates: dict[str, float] = {}
+        self.last_load_source = ""
         self._lock = threading.Lock()
         self._host: dict[str, _HostEntry] = {}
         self._host_stats = TierStats(capacity=host_budget)
         self._leases: dict[int, _Lease] = {}
         self._lease_ids = itertools.count(1)
+        # Caller-chosen lease ids released before their acquire finished (the task ran on
+        # another node, say): the acquire ends its lease as soon as it is granted.
+        self._released_early: dict[str, float] = {}
         self._manifests: dict[tuple[str, str], tuple[float, Manifest]] = {}
         # Disk copies are written after the model is served from the host tier, off the path
         # of the invocation that missed; one writer keeps the disk's I/O sequential.
         self._disk_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trims-disk-write")
+        self._disk_queued: dict[str, int] = {}  # blob -> disk copies queued or being written
+        self._disk_cancelled: set[str] = set()  # blobs evicted while a copy was queued
 
     # -- resolving names -----------------------------------------------------------------------
 
@@ -261,12 +295,15 @@ class NodeCache:
 
     # -- leases --------------------------------------------------------------------------------
 
-    def acquire(self, name: str, tenant: str, holder: Holder | None) -> Grant:
+    def acquire(
+        self, name: str, tenant: str, holder: Holder | Caller | None, lease_id: str | None = None
+    ) -> Grant:
         """Leases the model for ``holder``, loading it into the host tier first on a miss.
 
-        ``holder`` may be None when a caller takes the lease for a task it is about to submit;
-        the task claims it (``claim``) when it starts. A lease nobody claims within
-        ``unclaimed_ttl_s`` is reclaimed.
+        ``holder`` is the process that will use the model, or the Caller that submits a task
+        and ends the lease when the task's result exists (then ``lease_id`` is the caller's own
+        id for it, so that it can release without waiting for this call). It may be None when a
+        task will ``claim`` it; a lease nobody claims within ``unclaimed_ttl_s`` is reclaimed.
 
         Concurrent misses for the same blob cause one load; the others wait for it and share its
         result or its error. The lease counts from the moment the request is admitted, so a
@@ -278,9 +315,13 @@ class NodeCache:
             IntegrityError: the bytes read do not match the manifest (nothing is kept).
             StoreUnavailableError: the store cannot be reached.
         """
+        if lease_id is not None and not isinstance(lease_id, str):
+            raise TypeError(f"a caller's lease_id must be a str, got {type(lease_id).__name__}")
         manifest = self.resolve(name, tenant)
         key = manifest.sha256
         with self._lock:
+            if lease_id in self._leases:
+                raise ValueError(f"lease id {lease_id!r} is in use already")
             entry = self._host.get(key)
             leader = entry is None
             if leader:
@@ -299,16 +340,37 @@ class NodeCache:
             if entry.error is not None:
                 entry.leases -= 1
                 raise entry.error
-            lease_id = next(self._lease_ids)
+            if lease_id is None:
+                lease_id = next(self._lease_ids)
             self._leases[lease_id] = _Lease(key, holder, self.clock())
+            if self._released_early.pop(lease_id, None) is not None:
+                del self._leases[lease_id]
+                self._unlease(key)
+            self.on_change()
         return Grant(lease_id, entry.handle, manifest, GUARD_BYTES, entry.source if leader else HOST)
 
-    def release(self, lease_id: int) -> bool:
+    def lend(self, key: str) -> Grant | None:
+        """Leases a blob that is ready in the host tier to a peer node copying it, without
+        loading anything: None when it is not here (or not ready). The peer releases it."""
+        with self._lock:
+            entry = self._host.get(key)
+            if entry is None or not entry.ready.is_set() or entry.evict_when_idle:
+                return None
+            entry.leases += 1
+            lease_id = next(self._lease_ids)
+            self._leases[lease_id] = _Lease(key, None, self.clock())
+            self.on_change()
+            return Grant(lease_id, entry.handle, entry.manifest, GUARD_BYTES, HOST)
+
+    def release(self, lease_id: int | str) -> bool:
         """Ends a lease; True if it was held. Releasing twice is harmless (the reaper may have
-        ended it already when its process died)."""
+        ended it already when its process died). A caller's lease id that is not granted yet
+        is ended as soon as its acquire grants it."""
         with self._lock:
             lease = self._leases.pop(lease_id, None)
             if lease is None:
+                if isinstance(lease_id, str):
+                    self._released_early[lease_id] = self.clock()
                 return False
             self._unlease(lease.key)
             return True
@@ -334,6 +396,8 @@ class NodeCache:
             ]
             for lid in dead:
                 self._unlease(self._leases.pop(lid).key)
+            for lid in [i for i, at in self._released_early.items() if now - at > self.unclaimed_ttl_s]:
+                del self._released_early[lid]  # their acquire never came: nothing to end
         if dead:
             log.info("trims_ray: reclaimed %d lease(s) of dead processes", len(dead))
         return len(dead)
@@ -343,6 +407,11 @@ class NodeCache:
         entry.leases -= 1
         if entry.leases == 0 and entry.evict_when_idle:
             self._drop_host(key, evicted=True)
+        self.on_change()
+
+    def _changed(self) -> None:
+        # Through a method, so that a later change of ``on_change`` reaches the disk tier too.
+        self.on_change()
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -381,6 +450,7 @@ class NodeCache:
     def _load_into(self, entry: _HostEntry) -> None:
         """Reads the blob (disk tier, else store), publishes it, and wakes the waiters."""
         manifest = entry.manifest
+        started = self.clock()
         try:
             buffer = np.empty(entry.nbytes, dtype=np.uint8)
             # Guard pages on both sides: tasks make the blob's pages read-only, and those pages
@@ -400,13 +470,31 @@ class NodeCache:
             raise
         with self._lock:
             entry.handle = handle
-            self.host_policy.on_insert(manifest.sha256, entry.nbytes, 0.0)
+            # The miss cost a cost-aware policy weighs: what this load took.
+            self.host_policy.on_insert(manifest.sha256, entry.nbytes, max(0.0, self.clock() - started))
             self._host_stats.loads += 1
             entry.ready.set()
             self._update_host_usage()
 
     def _read(self, manifest: Manifest, out: np.ndarray) -> str:
-        """Fills ``out`` with the verified blob; returns "disk" or "store"."""
+        """Fills ``out`` with the verified blob from the first source that has it: the disk tier,
+        a peer node (when one holds it and is expected to be faster), the store. Returns the
+        source's name and records its rate."""
+        started = time.perf_counter()
+        source = self._read_from_first(manifest, out)
+        self._record_rate(source, manifest.nbytes, time.perf_counter() - started)
+        self.last_load_source = source
+        return source
+
+    def _record_rate(self, source: str, nbytes: int, seconds: float) -> None:
+        if seconds <= 0 or nbytes < 1024 * 1024:
+            return  # tiny reads measure latency, not bandwidth
+        rate = nbytes / seconds
+        with self._lock:
+            old = self.rates.get(source)
+            self.rates[source] = rate if old is None else 0.7 * old + 0.3 * rate
+
+    def _read_from_first(self, manifest: Manifest, out: np.ndarray) -> str:
         key = manifest.sha256
         with self._lock:
             on_disk = key in self.disk.sizes
@@ -430,15 +518,38 @@ class NodeCache:
                 log.warning("trims_ray: dropping a bad disk copy of %s: %s", key, exc)
                 with self._lock:
                     self.disk.forget(key, evicted=False)
+        if self.peer_read is not None:
+            try:
+                if self.peer_read(manifest, out):
+                    self._write_later(key, out)
+                    return PEER
+            except (IntegrityError, OSError) as exc:
+                log.warning("trims_ray: peer fetch of %s failed, reading the store: %s", key, exc)
         self.store.read(manifest, out=out)
-        # ``out`` stays alive in the job until written, though the load has already moved on.
-        self._disk_writer.submit(self._write_through, key, out)
-        return "store"
+        self._write_later(key, out)
+        return STORE
+
+    def _write_later(self, key: str, data: np.ndarray) -> None:
+        """Queues a disk copy; ``data`` stays alive in the job until written, though the load
+        has already moved on. An evict of the disk tier meanwhile cancels it."""
+        with self._lock:
+            self._disk_queued[key] = self._disk_queued.get(key, 0) + 1
+        self._disk_writer.submit(self._write_queued, key, data)
+
+    def _write_queued(self, key: str, data: np.ndarray) -> None:
+        try:
+            self._write_through(key, data)
+        finally:
+            with self._lock:
+                self._disk_queued[key] -= 1
+                if not self._disk_queued[key]:
+                    del self._disk_queued[key]
+                    self._disk_cancelled.discard(key)
 
     def _write_through(self, key: str, data: np.ndarray) -> None:
         """Keeps a disk copy of verified bytes, if the disk budget allows; never fails a load."""
         with self._lock:
-            if not self.disk.reserve(key, len(data)):
+            if key in self._disk_cancelled or not self.disk.reserve(key, len(data)):
                 return
         try:
             write_atomically(_LOCAL_FS, str(self.disk.path(key)), [memoryview(data)])
@@ -453,6 +564,9 @@ class NodeCache:
         # blob could find neither and reserve it again.
         with self._lock:
             self.disk.unreserve(key)
+            if key in self._disk_cancelled:  # evicted while being written: it must not appear
+                self.disk.path(key).unlink(missing_ok=True)
+                return
             self.disk.adopt(key, len(data))
 
     # -- eviction and prefetch -----------------------------------------------------------------
@@ -481,6 +595,8 @@ class NodeCache:
             if DISK in tiers:
                 present = key in self.disk.sizes
                 self.disk.forget(key, evicted=True)
+                if key in self._disk_queued:
+                    self._disk_cancelled.add(key)
                 result[DISK] = "evicted" if present else "absent"
         return result
 
@@ -498,7 +614,7 @@ class NodeCache:
                 return DISK
         buffer, _ = self.store.read(manifest)
         self._write_through(manifest.sha256, buffer)
-        return "store"
+        return STORE
 
     def _drop_host(self, key: str, *, evicted: bool) -> None:
         """Forgets a ready, unleased host entry; dropping the handle frees the object."""
@@ -516,6 +632,7 @@ class NodeCache:
     def _update_host_usage(self) -> None:
         self._host_stats.bytes_used = self._host_used()
         self._host_stats.models = sum(1 for e in self._host.values() if e.ready.is_set())
+        self.on_change()
 
     def stats(self) -> dict[str, TierStats]:
         """A snapshot of both tiers' counters; host bytes include loads in flight."""
@@ -528,6 +645,37 @@ class NodeCache:
     def leases(self) -> int:
         with self._lock:
             return len(self._leases)
+
+    def callers(self, older_than_s: float) -> set[str]:
+        """Ids of the Callers holding leases granted more than ``older_than_s`` ago (whose
+        liveness the actor checks with placement)."""
+        now = self.clock()
+        with self._lock:
+            return {
+                lease.holder.id
+                for lease in self._leases.values()
+                if isinstance(lease.holder, Caller) and now - lease.granted_at > older_than_s
+            }
+
+    def report(self) -> dict:
+        """What placement needs of this node, in one consistent snapshot: the best tier of every
+        blob here ("host", "loading" or "disk"), host budget and use, leases per blob, and one
+        (tenant, name, nbytes) per blob so that placement can ask another node for a copy."""
+        with self._lock:
+            residency = {key: DISK for key in self.disk.sizes}
+            models = {}
+            for key, entry in self._host.items():
+                residency[key] = HOST if entry.ready.is_set() else "loading"
+                models[key] = (entry.manifest.tenant, entry.manifest.name, entry.manifest.nbytes)
+            # Leases held and requests waiting for a load in flight alike.
+            in_flight = {key: entry.leases for key, entry in self._host.items() if entry.leases}
+            return {
+                "residency": residency,
+                "host_capacity": self.host_budget,
+                "host_used": self._host_used(),
+                "in_flight": in_flight,
+                "models": models,
+            }
 
     def drain(self) -> None:
         """Waits until the disk copies of earlier loads are written."""
