@@ -1,5 +1,6 @@
 """Placement without Ray: the residency table, route ranking by expected start-up time, queues
-spreading load, copies of hot models, membership, and the errors routing raises before any task.
+spreading load, copies of hot models (asked for and dropped), membership, callers' copies of the
+table, and the errors routing raises before any task.
 """
 
 from __future__ import annotations
@@ -7,34 +8,55 @@ from __future__ import annotations
 import pytest
 
 from trims_ray import CapacityError
-from trims_ray.actors.placement import Placement
+from trims_ray.actors.placement import LOADING, NodeReport, Placement
 
 MB = 1024 * 1024
 
 
-def cluster(nodes: int = 3, capacity: int = 1024 * MB) -> Placement:
-    p = Placement(clock=lambda: 0.0)
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def cluster(nodes: int = 3, capacity: int = 1024 * MB, slots: int = 1, clock=None) -> Placement:
+    p = Placement(clock=clock or (lambda: 0.0))
     for i in range(nodes):
-        p.node_joined(f"n{i}", capacity)
+        p.node_joined(f"n{i}", capacity, slots)
     return p
+
+
+def report(p: Placement, node: str, residency: dict, *, used: int = 0, in_flight=None, capacity=1024 * MB, slots=1, models=None):
+    p.report(
+        node,
+        NodeReport(residency, capacity, used, in_flight or {}, slots, models or {}),
+    )
 
 
 def test_prefers_gpu_then_host_then_disk_then_loading():
     p = cluster(4)
-    p.report("n1", residency={"m": "disk"}, host_used=0, in_flight=0)
+    report(p, "n1", {"m": "disk"})
     assert p.route("m", 100 * MB).node == "n1" and p.route("m", 100 * MB).tier == "disk"
-    p.report("n2", residency={"m": "host"}, host_used=100 * MB, in_flight=0)
+    report(p, "n2", {"m": "host"}, used=100 * MB)
     assert p.route("m", 100 * MB).tier == "host" and p.route("m", 100 * MB).node == "n2"
-    p.report("n3", residency={"m": "gpu"}, host_used=0, in_flight=0)
+    report(p, "n3", {"m": "gpu"})
     assert p.route("m", 100 * MB).node == "n3"
     assert p.route("unknown-model", 100 * MB).tier is None  # loads somewhere
 
 
+def test_a_host_hit_beats_loading_even_a_tiny_model_from_a_peer():
+    p = cluster(3)
+    report(p, "n1", {"m": "host"}, used=MB)
+    assert p.route("m", MB).node == "n1"
+
+
 def test_a_long_queue_sends_traffic_elsewhere():
     p = cluster(2)
-    p.report("n0", residency={"m": "host"}, host_used=10 * MB, in_flight=0)
+    report(p, "n0", {"m": "host"}, used=10 * MB)
     assert p.route("m", 10 * MB).node == "n0"
-    for _ in range(20):  # 20 x 50 ms of queue outweighs loading 10 MB at 100 MB/s elsewhere
+    for _ in range(20):  # 20 x 50 ms of queue outweighs loading 10 MB from n0's memory
         p.started("m", "n0")
     route = p.route("m", 10 * MB)
     assert route.node == "n1" and route.tier is None
@@ -43,10 +65,35 @@ def test_a_long_queue_sends_traffic_elsewhere():
     assert p.route("m", 10 * MB).node == "n0"
 
 
+def test_a_node_with_more_slots_queues_later():
+    p = Placement(clock=lambda: 0.0)
+    p.node_joined("small", 1024 * MB, slots=1)
+    p.node_joined("big", 1024 * MB, slots=8)
+    for node in ("small", "big"):
+        report(p, node, {"m": "host"}, slots=1 if node == "small" else 8)
+    chosen = []
+    for _ in range(9):
+        route = p.route("m", MB)
+        p.started("m", route.node)
+        chosen.append(route.node)
+    assert chosen.count("big") == 8 and chosen.count("small") == 1
+
+
+def test_measured_service_time_sets_the_cost_of_a_queue():
+    p = cluster(2)
+    report(p, "n0", {"m": "host"}, used=10 * MB)
+    p.started("m", "n0")
+    assert p.route("m", 10 * MB).node == "n0"  # 50 ms of queue by default: worth waiting
+    for _ in range(3):
+        p.finished("m", "n0", seconds=2.0)
+        p.started("m", "n0")
+    assert p.route("m", 10 * MB).node == "n1"  # ~1 s of queue: loading elsewhere is sooner
+
+
 def test_traffic_spreads_over_two_copies():
     p = cluster(2)
     for node in ("n0", "n1"):
-        p.report(node, residency={"m": "host"}, host_used=10 * MB, in_flight=0)
+        report(p, node, {"m": "host"}, used=10 * MB)
     chosen = []
     for _ in range(10):
         route = p.route("m", 10 * MB)
@@ -55,16 +102,66 @@ def test_traffic_spreads_over_two_copies():
     assert chosen.count("n0") == chosen.count("n1") == 5
 
 
-def test_a_hot_model_asks_for_a_copy_where_it_fits():
-    p = cluster(3, capacity=100 * MB)
-    p.report("n0", residency={"m": "host"}, host_used=50 * MB, in_flight=0)
-    p.report("n1", residency={}, host_used=90 * MB, in_flight=0)  # no room for 50 MB
-    assert p.copies_wanted("m", 50 * MB) == []
-    for _ in range(p.copy_when_in_flight + 1):
-        p.started("m", "n0")
-    assert p.copies_wanted("m", 50 * MB) == ["n2"]
-    p.report("n2", residency={"m": "host"}, host_used=50 * MB, in_flight=0)
-    assert p.copies_wanted("m", 50 * MB) == []  # 5 in flight over 2 copies is under the bar
+def test_a_load_in_flight_attracts_the_next_invocations():
+    p = cluster(3)
+    first = p.route("m", 100 * MB)
+    assert first.tier is None
+    p.loading("m", first.node)
+    second = p.route("m", 100 * MB)
+    assert (second.node, second.tier) == (first.node, LOADING)
+    report(p, first.node, {})  # the node's report is the truth: the load did not start there
+    assert p.route("m", 100 * MB).tier is None
+
+
+def test_a_hot_model_asks_for_one_copy_at_a_time_where_it_fits():
+    clock = Clock()
+    p = cluster(4, capacity=100 * MB, clock=clock)
+    report(p, "n0", {"m": "host"}, used=50 * MB, capacity=100 * MB, in_flight={"m": 5})
+    report(p, "n1", {}, used=90 * MB, capacity=100 * MB)  # no room for 50 MB
+    report(p, "n3", {}, capacity=100 * MB, in_flight={"other": 3})
+    assert p.demand("m") == 5
+    assert p.copies_wanted("m", 50 * MB) == ["n2"]  # free and idle; n3 is busy
+    p.copy_made("m", "n2")
+    report(p, "n0", {"m": "host"}, used=50 * MB, capacity=100 * MB, in_flight={"m": 30})
+    assert p.copies_wanted("m", 50 * MB) == []  # the first copy has not landed yet
+    report(p, "n2", {"m": "host"}, used=50 * MB, capacity=100 * MB)
+    assert p.copies_wanted("m", 50 * MB) == ["n3"]  # 30 in flight over 2 copies is still hot
+
+
+def test_a_copy_that_never_lands_is_asked_for_again_after_a_timeout():
+    clock = Clock()
+    p = cluster(3, clock=clock)
+    report(p, "n0", {"m": "host"}, in_flight={"m": 10})
+    (node,) = p.copies_wanted("m", MB)
+    p.copy_made("m", node)
+    assert p.copies_wanted("m", MB) == []
+    clock.now += p.copy_timeout_s + 1
+    assert p.copies_wanted("m", MB) != []
+
+
+def test_scaled_copies_are_dropped_when_demand_stays_low():
+    clock = Clock()
+    p = cluster(3, clock=clock)
+    report(p, "n0", {"m": "host"}, in_flight={"m": 10})
+    (node,) = p.copies_wanted("m", MB)
+    p.copy_made("m", node)
+    report(p, node, {"m": "host"}, in_flight={"m": 2})
+    report(p, "n0", {"m": "host"}, in_flight={"m": 0})
+    assert p.copies_unwanted("m") == []  # low, but not for long yet
+    clock.now += p.drop_after_s + 1
+    assert p.copies_unwanted("m") == [node]
+    report(p, node, {})
+    clock.now += p.drop_after_s + 1
+    assert p.copies_unwanted("m") == []  # the last copy, and n0's was not placement's doing
+
+
+def test_a_copy_that_a_user_made_is_never_dropped():
+    clock = Clock()
+    p = cluster(2, clock=clock)
+    report(p, "n0", {"m": "host"})
+    report(p, "n1", {"m": "host"})
+    clock.now += 3600
+    assert p.copies_unwanted("m") == []
 
 
 def test_a_model_no_node_can_hold_fails_before_any_task():
@@ -75,28 +172,48 @@ def test_a_model_no_node_can_hold_fails_before_any_task():
         Placement().route("m", 1)
 
 
-def test_a_node_that_leaves_takes_its_residency_with_it():
+def test_a_node_that_leaves_takes_its_residency_and_demand_with_it():
     p = cluster(2)
-    p.report("n1", residency={"m": "host"}, host_used=MB, in_flight=0)
+    report(p, "n1", {"m": "host"}, used=MB, in_flight={"m": 3})
     version, table = p.table()
-    assert table == {"m": {"n1": "host"}}
+    assert table == {"m": {"n1": "host"}} and p.demand("m") == 3
     p.node_left("n1")
-    assert p.version > version and p.table()[1] == {}
+    assert p.version > version and p.table()[1] == {} and p.demand("m") == 0
     assert p.route("m", MB).node == "n0"
     p.node_left("n1")  # twice is harmless
 
 
 def test_reports_replace_the_snapshot_and_version_only_moves_on_change():
     p = cluster(1)
-    p.report("n0", residency={"a": "host", "b": "disk"}, host_used=0, in_flight=0)
+    report(p, "n0", {"a": "host", "b": "disk"})
     v = p.version
-    p.report("n0", residency={"a": "host", "b": "disk"}, host_used=5, in_flight=1)
+    report(p, "n0", {"a": "host", "b": "disk"}, used=5, in_flight={"a": 1})
     assert p.version == v  # load figures alone do not invalidate callers' tables
-    p.report("n0", residency={"a": "disk"}, host_used=0, in_flight=0)
+    report(p, "n0", {"a": "disk"})
     assert p.version == v + 1 and p.table()[1] == {"a": {"n0": "disk"}}
     with pytest.raises(ValueError, match="tier"):
-        p.report("n0", residency={"a": "ram"}, host_used=0, in_flight=0)
-    with pytest.raises(KeyError):
-        p.report("ghost", residency={}, host_used=0, in_flight=0)
+        report(p, "n0", {"a": "ram"})
     with pytest.raises(ValueError):
         p.node_joined("bad", -1)
+
+
+def test_a_report_from_a_new_node_makes_it_join():
+    p = cluster(1)
+    report(p, "fresh", {"m": "host"}, capacity=10 * MB, slots=4)
+    assert p.nodes() == ["fresh", "n0"]
+    assert p.route("m", MB).node == "fresh"
+
+
+def test_a_callers_copy_routes_like_the_original_and_keeps_measurements():
+    p = cluster(3)
+    report(p, "n2", {"m": "host"}, used=MB, in_flight={"m": 1}, models={"m": ("t", "model", MB)})
+    copy = Placement.from_snapshot(p.snapshot())
+    assert copy.version == p.version and copy.table() == p.table()
+    assert copy.route("m", MB) == p.route("m", MB)
+    assert copy.model_of("m") is None  # names stay in the placement actor
+    copy.finished("m", "n2", seconds=1.5)
+    again = Placement.from_snapshot(p.snapshot(), previous=copy)
+    for _ in range(2):
+        again.started("m", "n2")
+    # 1.5 s per queued invocation, measured by the copy before: loading elsewhere wins now.
+    assert again.route("m", MB).node != "n2"

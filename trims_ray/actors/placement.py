@@ -1,10 +1,13 @@
 """The placement logic of the cluster: where each model is, and where an invocation should go.
 
-Node caches report residency (model -> tier), their host capacity and the invocations in flight;
-``Placement`` keeps the cluster-wide table and ranks nodes by the expected start-up time of an
-invocation there: GPU-resident, then host-resident, then disk-resident, else the best node to
-load on, each plus the queue ahead of it. Callers cache ``table()`` (versioned) so that routing
-does not cost a round trip. A plain class, no Ray: the placement actor (next) only wires it up.
+Node caches report residency (model -> tier), their host budget and use, their task slots and
+the invocations in flight per model; ``Placement`` keeps the cluster-wide table and ranks nodes
+by the expected start-up time of an invocation there: GPU-resident, then host-resident, then
+disk-resident, else the best node to load on (from a peer's memory when one holds the model,
+else from the store), each plus the queue ahead of it. The placement actor runs one
+``Placement`` with the truth; every caller runs another, rebuilt from the actor's versioned
+``snapshot()``, and routes locally so that an invocation costs no extra round trip. A plain
+class, no Ray.
 """
 
 from __future__ import annotations
@@ -15,19 +18,47 @@ from dataclasses import dataclass, field
 
 from .._errors import CapacityError
 
-__all__ = ["Placement", "NodeInfo", "Route", "TIERS"]
+__all__ = ["Placement", "NodeInfo", "NodeReport", "Route", "Snapshot", "TIERS", "LOADING"]
 
 TIERS = ("gpu", "host", "disk")
+# A model whose load into the host tier is under way on a node: an invocation sent there waits
+# for that load instead of starting a second one elsewhere.
+LOADING = "loading"
+_TIER_RANK = {"gpu": 0, "host": 1, LOADING: 2, "disk": 3}
 
 
 @dataclass
 class NodeInfo:
-    """What placement knows of a node: its host budget and use, and its queue."""
+    """What placement knows of a node: its host budget and use, task slots and queue."""
 
     host_capacity: int
     host_used: int = 0
+    slots: int = 1  # invocations the node runs at once (its CPUs); more wait in its queue
     in_flight: int = 0
     last_report: float = 0.0
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """A node cache's full snapshot, replacing its previous one.
+
+    Attributes:
+        residency: model key (blob sha256) -> best tier it is in there ("gpu", "host", "disk")
+            or "loading" while its host load is under way.
+        host_capacity: the host tier's byte budget.
+        host_used: bytes the host tier holds or has reserved for loads in flight.
+        in_flight: model key -> leases held now (invocations running or queued there).
+        slots: invocations the node runs at once.
+        models: model key -> (tenant, name, nbytes) of one model that resolves to it, so that
+            placement can ask another node to load a copy. Never sent to callers.
+    """
+
+    residency: dict[str, str]
+    host_capacity: int
+    host_used: int = 0
+    in_flight: dict[str, int] = field(default_factory=dict)
+    slots: int = 1
+    models: dict[str, tuple[str, str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -40,76 +71,165 @@ class Route:
     expected_s: float
 
 
-@dataclass
-class _Demand:
-    in_flight: int = 0
+@dataclass(frozen=True)
+class Snapshot:
+    """What callers cache: the residency table and each node's figures, at one version."""
+
+    version: int
+    where: dict[str, dict[str, str]]
+    nodes: dict[str, tuple[int, int, int, int]]  # node -> (host_capacity, host_used, slots, in_flight)
 
 
 @dataclass
 class Placement:
-    """Cluster-wide residency and routing.
+    """Cluster-wide residency, routing and copy scaling.
 
     Args:
         handoff_s: expected start-up of a hit, by tier (seconds).
-        load_bytes_per_s: expected load rate by source: "disk" (the node's disk tier) and "store".
-        service_s: expected time one queued invocation adds.
+        load_bytes_per_s: expected load rate by source: "disk" (the node's disk tier), "peer"
+            (another node's host tier, over Ray's object transfer) and "store".
+        load_overhead_s: fixed cost of a load into the host tier besides moving the bytes (calls,
+            allocating and publishing the object), paid before the hit's own handoff.
+        service_s: expected time one invocation occupies a slot, until measured per model.
         copy_when_in_flight: invocations in flight per copy above which a hot model should get
             another copy (ModelMesh-style copy scaling).
+        drop_after_s: how long demand must stay low before an extra copy is dropped.
+        copy_timeout_s: how long a copy placement asked for may take to load before it asks
+            again (elsewhere).
         clock: monotonic time source.
     """
 
-    handoff_s: dict[str, float] = field(default_factory=lambda: {"gpu": 0.002, "host": 0.01, "disk": 0.01})
-    load_bytes_per_s: dict[str, float] = field(default_factory=lambda: {"disk": 0.5e9, "store": 0.1e9})
+    handoff_s: dict[str, float] = field(
+        default_factory=lambda: {"gpu": 0.002, "host": 0.01, "disk": 0.01, LOADING: 0.01}
+    )
+    load_bytes_per_s: dict[str, float] = field(
+        default_factory=lambda: {"disk": 0.5e9, "peer": 1e9, "store": 0.1e9}
+    )
+    load_overhead_s: float = 0.05
     service_s: float = 0.05
     copy_when_in_flight: int = 4
+    drop_after_s: float = 10.0
+    copy_timeout_s: float = 60.0
     clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
         self._nodes: dict[str, NodeInfo] = {}
         self._where: dict[str, dict[str, str]] = {}  # model key -> {node: best tier there}
-        self._demand: dict[str, _Demand] = {}
+        self._key_in_flight: dict[str, dict[str, int]] = {}  # model key -> {node: in flight}
+        self._service: dict[str, float] = {}  # model key -> measured seconds per invocation
+        self._models: dict[str, tuple[str, str, int]] = {}
+        self._scaled: dict[str, set[str]] = {}  # copies placement itself asked for
+        self._low_since: dict[str, float] = {}
+        self._pending: dict[str, tuple[str, float]] = {}  # model key -> (node, asked at)
         self.version = 0
 
     # -- membership and reports ----------------------------------------------------------------
 
-    def node_joined(self, node: str, host_capacity: int) -> None:
+    def node_joined(self, node: str, host_capacity: int, slots: int = 1) -> None:
         if host_capacity < 0:
             raise ValueError(f"host_capacity must be >= 0, got {host_capacity}")
-        self._nodes[node] = NodeInfo(host_capacity, last_report=self.clock())
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if node in self._nodes:
+            info = self._nodes[node]
+            info.host_capacity, info.slots = host_capacity, slots
+            return
+        self._nodes[node] = NodeInfo(host_capacity, slots=slots, last_report=self.clock())
         self.version += 1
 
     def node_left(self, node: str) -> None:
         """Forgets a node and everything resident on it (nothing is served from a dead node)."""
         if self._nodes.pop(node, None) is None:
             return
-        for where in self._where.values():
-            where.pop(node, None)
+        for table in (self._where, self._key_in_flight):
+            for key in [k for k, per_node in table.items() if per_node.pop(node, None) is not None and not per_node]:
+                del table[key]
+        for nodes in self._scaled.values():
+            nodes.discard(node)
         self.version += 1
 
-    def report(self, node: str, *, residency: dict[str, str], host_used: int, in_flight: int) -> None:
-        """A node's full snapshot: model key -> tier ("gpu", "host" or "disk"), replacing the last.
+    def nodes(self) -> list[str]:
+        return sorted(self._nodes)
+
+    def report(self, node: str, report: NodeReport) -> None:
+        """Replaces a node's snapshot; a node not seen before joins.
 
         Raises:
-            KeyError: the node has not joined.
             ValueError: an unknown tier.
         """
-        info = self._nodes[node]
-        for key, tier in residency.items():
-            if tier not in TIERS:
+        for key, tier in report.residency.items():
+            if tier not in _TIER_RANK:
                 raise ValueError(f"unknown tier {tier!r} for {key}")
+        if node not in self._nodes:
+            self.node_joined(node, report.host_capacity, report.slots)
+        info = self._nodes[node]
+        info.host_capacity, info.slots = report.host_capacity, max(1, report.slots)
         changed = False
-        for key, where in self._where.items():
-            if node in where and key not in residency:
-                del where[node]
+        for key in [k for k, per_node in self._where.items() if node in per_node and k not in report.residency]:
+            del self._where[key][node]
+            if not self._where[key]:
+                del self._where[key]
+            self._scaled.get(key, set()).discard(node)
+            changed = True
+        for key, tier in report.residency.items():
+            per_node = self._where.setdefault(key, {})
+            if per_node.get(node) != tier:
+                per_node[node] = tier
                 changed = True
-        for key, tier in residency.items():
-            where = self._where.setdefault(key, {})
-            if where.get(node) != tier:
-                where[node] = tier
-                changed = True
-        info.host_used, info.in_flight, info.last_report = host_used, in_flight, self.clock()
+        for key in [k for k, per_node in self._key_in_flight.items() if node in per_node]:
+            del self._key_in_flight[key][node]
+            if not self._key_in_flight[key]:
+                del self._key_in_flight[key]
+        for key, count in report.in_flight.items():
+            if count > 0:
+                self._key_in_flight.setdefault(key, {})[node] = count
+        self._models.update(report.models)
+        info.host_used, info.in_flight = report.host_used, sum(report.in_flight.values())
+        info.last_report = self.clock()
         if changed:
             self.version += 1
+
+    # -- what callers cache --------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            self.version,
+            {k: dict(v) for k, v in self._where.items()},
+            {n: (i.host_capacity, i.host_used, i.slots, i.in_flight) for n, i in self._nodes.items()},
+        )
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Snapshot, *, previous: Placement | None = None, **settings) -> Placement:
+        """A caller's copy of the placement actor's table, to route locally; ``previous`` (the
+        copy it replaces) passes on the service times measured so far."""
+        placement = cls(**settings)
+        placement._where = {k: dict(v) for k, v in snapshot.where.items()}
+        for node, (capacity, used, slots, in_flight) in snapshot.nodes.items():
+            placement._nodes[node] = NodeInfo(capacity, used, slots, in_flight)
+        placement.version = snapshot.version
+        if previous is not None:
+            placement._service = previous._service
+        return placement
+
+    def at_least_in_flight(self, node: str, count: int) -> None:
+        """Raises a node's in-flight figure to ``count`` (invocations a caller knows of that the
+        node may not have reported yet)."""
+        info = self._nodes.get(node)
+        if info is not None and info.in_flight < count:
+            info.in_flight = count
+
+    def queued(self, node: str) -> bool:
+        """Whether an invocation sent to ``node`` now would wait for a free slot."""
+        info = self._nodes.get(node)
+        return info is not None and info.in_flight >= info.slots
+
+    def holders(self, key: str) -> dict[str, str]:
+        """Node -> tier for every node that has ``key`` (or is loading it)."""
+        return dict(self._where.get(key, {}))
+
+    def table(self) -> tuple[int, dict[str, dict[str, str]]]:
+        """(version, model key -> {node: tier})."""
+        return self.version, {k: dict(v) for k, v in self._where.items() if v}
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -120,62 +240,138 @@ class Placement:
             CapacityError: no node's host tier can ever hold ``nbytes`` (before any task starts).
             LookupError: there are no nodes.
         """
-        if not self._nodes:
+        nodes = self._nodes
+        if not nodes:
             raise LookupError("no nodes with a trims_ray cache")
-        best: Route | None = None
-        for node, tier in self._where.get(key, {}).items():
-            info = self._nodes[node]
-            cost = self.handoff_s[tier] + self._queue_s(info)
-            if tier == "disk":
-                cost += nbytes / self.load_bytes_per_s["disk"]
-            if best is None or cost < best.expected_s:
-                best = Route(node, tier, cost)
-        load_cost = nbytes / self.load_bytes_per_s["store"]
-        for node, info in self._nodes.items():
-            if info.host_capacity < nbytes:
-                continue
-            cost = load_cost + self._queue_s(info)
-            if best is None or cost < best.expected_s:
-                best = Route(node, None, cost)
-        if best is None:
-            largest = max(i.host_capacity for i in self._nodes.values())
+        service = self._service.get(key, self.service_s)
+        rates = self.load_bytes_per_s
+        # A load pays its own overhead and the bytes' transfer, then the host tier's handoff.
+        load_base = self.handoff_s["host"] + self.load_overhead_s
+        best_node, best_tier, best_cost = None, None, float("inf")
+        where = self._where.get(key)
+        has_copy = False
+        if where:
+            for node, tier in where.items():
+                info = nodes.get(node)
+                if info is None:
+                    continue
+                if tier == "disk":
+                    cost = load_base + nbytes / rates["disk"]
+                elif tier == LOADING:  # about half of it still to come, on average
+                    cost = self.handoff_s["host"] + 0.5 * nbytes / rates["store"]
+                else:
+                    cost = self.handoff_s[tier]
+                    has_copy = True
+                cost += (info.in_flight // info.slots) * service
+                if cost < best_cost:
+                    best_node, best_tier, best_cost = node, tier, cost
+        # Loading on a node without it: from a peer's memory when one holds it, else the store.
+        load_cost = load_base + nbytes / rates["peer" if has_copy else "store"]
+        if load_cost < best_cost:
+            for node, info in nodes.items():
+                if info.host_capacity < nbytes or (where and node in where):
+                    continue
+                cost = load_cost + (info.in_flight // info.slots) * service
+                if info.host_capacity - info.host_used < nbytes:
+                    cost += load_cost  # it would evict someone else's model first
+                if cost < best_cost:
+                    best_node, best_tier, best_cost = node, None, cost
+        if best_node is None:
+            largest = max(i.host_capacity for i in nodes.values())
             raise CapacityError(
                 f"model {key} needs {nbytes} bytes, more than any node's host tier can hold "
                 f"(largest: {largest}): raise the host budget or add a bigger node"
             )
-        return best
-
-    def _queue_s(self, info: NodeInfo) -> float:
-        return info.in_flight * self.service_s
+        return Route(best_node, best_tier, best_cost)
 
     def started(self, key: str, node: str) -> None:
         """An invocation of ``key`` was sent to ``node`` (counts until ``finished``)."""
-        self._nodes[node].in_flight += 1
-        self._demand.setdefault(key, _Demand()).in_flight += 1
+        info = self._nodes.get(node)
+        if info is not None:
+            info.in_flight += 1
+        per_node = self._key_in_flight.setdefault(key, {})
+        per_node[node] = per_node.get(node, 0) + 1
 
-    def finished(self, key: str, node: str) -> None:
+    def finished(self, key: str, node: str, seconds: float | None = None) -> None:
+        """An invocation ended; ``seconds``, when known, refines the model's service time."""
         info = self._nodes.get(node)
         if info is not None and info.in_flight:
             info.in_flight -= 1
-        demand = self._demand.get(key)
-        if demand is not None and demand.in_flight:
-            demand.in_flight -= 1
+        per_node = self._key_in_flight.get(key)
+        if per_node and per_node.get(node):
+            per_node[node] -= 1
+        if seconds is not None and seconds >= 0:
+            old = self._service.get(key)
+            self._service[key] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def loading(self, key: str, node: str) -> None:
+        """Marks ``key`` as loading on ``node`` until the node's next report says otherwise, so
+        that the caller's next invocations join that load instead of starting another."""
+        if node in self._nodes:
+            self._where.setdefault(key, {}).setdefault(node, LOADING)
+
+    # -- copies of hot models ------------------------------------------------------------------
+
+    def demand(self, key: str) -> int:
+        return sum(self._key_in_flight.get(key, {}).values())
+
+    def copies(self, key: str) -> list[str]:
+        return sorted(n for n, t in self._where.get(key, {}).items() if t in ("gpu", "host"))
 
     def copies_wanted(self, key: str, nbytes: int) -> list[str]:
         """Nodes that should load another copy of a hot model: one more copy when the in-flight
         invocations per existing host/GPU copy exceed ``copy_when_in_flight``, on the node that
-        would start it soonest among those without one."""
-        copies = [n for n, t in self._where.get(key, {}).items() if t in ("gpu", "host")]
-        demand = self._demand.get(key, _Demand()).in_flight
+        would start it soonest among those with room and without one."""
+        copies = self.copies(key)
+        pending = self._pending.get(key)
+        if pending is not None:
+            node, asked = pending
+            if node in copies or node not in self._nodes or self.clock() - asked > self.copy_timeout_s:
+                del self._pending[key]
+            else:
+                return []  # one copy at a time: wait for the last one to land
+        demand = self.demand(key)
         if not copies or demand <= self.copy_when_in_flight * len(copies):
             return []
+        busy = set(self._where.get(key, {}))
         candidates = [
-            (self._queue_s(info), node)
+            (info.in_flight / info.slots, node)
             for node, info in self._nodes.items()
-            if node not in copies and info.host_capacity - info.host_used >= nbytes
+            if node not in busy and info.host_capacity - info.host_used >= nbytes
         ]
         return [min(candidates)[1]] if candidates else []
 
-    def table(self) -> tuple[int, dict[str, dict[str, str]]]:
-        """The versioned residency table callers cache: (version, model key -> {node: tier})."""
-        return self.version, {k: dict(v) for k, v in self._where.items() if v}
+    def copy_made(self, key: str, node: str) -> None:
+        """Records that ``node`` was asked for a copy by scaling (only those are dropped)."""
+        self._scaled.setdefault(key, set()).add(node)
+        self._pending[key] = (node, self.clock())
+        self._low_since.pop(key, None)
+
+    def copies_unwanted(self, key: str) -> list[str]:
+        """Scaled copies to drop: demand has fitted in one copy fewer, with room to spare, for
+        ``drop_after_s``. Copies a user prefetched, or that routing loaded, are left to the
+        node's eviction policy."""
+        scaled = [n for n in self.copies(key) if n in self._scaled.get(key, ())]
+        copies = self.copies(key)
+        if not scaled or len(copies) < 2:
+            self._low_since.pop(key, None)
+            return []
+        if self.demand(key) * 2 > self.copy_when_in_flight * (len(copies) - 1):
+            self._low_since.pop(key, None)
+            return []
+        now = self.clock()
+        since = self._low_since.setdefault(key, now)
+        if now - since < self.drop_after_s:
+            return []
+        del self._low_since[key]
+        per_node = self._key_in_flight.get(key, {})
+        victim = min(scaled, key=lambda n: (per_node.get(n, 0), n))
+        self._scaled[key].discard(victim)
+        return [victim]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def model_of(self, key: str) -> tuple[str, str, int] | None:
+        """(tenant, name, nbytes) of a model that resolves to ``key``, to ask a node to load it."""
+        return self._models.get(key)
