@@ -1,9 +1,10 @@
 """The driver's side of trims_ray on a Ray cluster: ``init``, ``shutdown``, ``stats``,
 ``prefetch`` and ``evict``, and finding the node cache actors.
 
-``init`` connects to Ray if needed and creates one node cache actor per alive node (or finds the
-ones another driver created: they are detached and named, so every job on the cluster shares
-them). Everything else talks to those actors by name.
+``init`` connects to Ray if needed and creates the placement actor and one node cache actor per
+alive node (or finds the ones another driver created: they are detached and named, so every job
+on the cluster shares them); from then on placement gives nodes that join a cache of their own.
+Everything else talks to those actors by name.
 """
 
 from __future__ import annotations
@@ -13,25 +14,33 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from . import _api
+from . import _api, _routing
 from ._config import CacheConfig
 from ._errors import TrimsError
 from ._names import check_name, check_tenant
 from ._store import ModelStore
-from .actors.node_actor import NAMESPACE, NodeCacheServer, node_actor_name
+from .actors.node_actor import NAMESPACE, PLACEMENT_NAME, node_actor_name, start_node_actor
 from .actors.node_cache import TierStats
+from .actors.placement_actor import start_placement_actor
 
-__all__ = ["Cluster", "ClusterStats", "NodeStats", "init", "shutdown", "stats", "prefetch", "evict", "node_actor", "forget_node_actor", "sole_cache_node", "call"]
+__all__ = [
+    "Cluster",
+    "ClusterStats",
+    "NodeStats",
+    "init",
+    "shutdown",
+    "stats",
+    "prefetch",
+    "evict",
+    "node_actor",
+    "placement_actor",
+    "forget_node_actor",
+    "call",
+]
 
 _lock = threading.Lock()
 _actors: dict[str, ray.actor.ActorHandle] = {}
-# The nodes init() found in this process; empty in workers, which never call init().
-_init_nodes: tuple[str, ...] = ()
-
-# Enough threads that callers waiting on a load in flight do not block hits on other models.
-_ACTOR_CONCURRENCY = 64
 
 
 @dataclass(frozen=True)
@@ -96,41 +105,32 @@ def init(
         ray.init(address=address, runtime_env={"env_vars": env})
     _api._session["store"] = model_store
     _api._session["tenant"] = tenant
-    server = ray.remote(NodeCacheServer)
-    handles = {}
-    for node in ray.nodes():
-        if not node["Alive"]:
-            continue
-        node_id = node["NodeID"]
-        handles[node_id] = server.options(
-            name=node_actor_name(node_id),
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,  # a cache must not take CPUs from the tasks it serves
-            max_concurrency=_ACTOR_CONCURRENCY,
-            max_restarts=-1,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(node_id, model_store.uri, storage_options, config)
+    placement = start_placement_actor(model_store.uri, storage_options, config)
+    handles = {
+        node: start_node_actor(node, model_store.uri, storage_options, config)
+        for node in ray.get(placement.sync.remote())
+    }
     ray.get([h.ping.remote() for h in handles.values()])
-    global _init_nodes
     with _lock:
         _actors.update(handles)
-        _init_nodes = tuple(handles)
-    return Cluster(model_store.uri, _api.caller_tenant(), tuple(handles))
+    # Routing needs every cache's first report: wait for them (they come within report_s).
+    deadline = time.monotonic() + 30
+    while set(ray.get(placement.members.remote())) < set(handles) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return Cluster(model_store.uri, _api.caller_tenant(), tuple(sorted(handles)))
 
 
 def shutdown() -> None:
     """Kills this library's actors (their cached objects go with them); Ray keeps running."""
-    global _init_nodes
     with _lock:
         _actors.clear()
-        _init_nodes = ()
+    _routing.reset()
     _api._session["store"] = None
     _api._session["tenant"] = None
     if not ray.is_initialized():
         return
-    for name in _our_actor_names():
+    # Placement first: it gives caches to nodes without one, and must not replace those killed.
+    for name in sorted(_our_actor_names(), key=lambda n: n != PLACEMENT_NAME):
         try:
             ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
         except ValueError:
@@ -173,11 +173,18 @@ def node_actor(node_id: str | None = None) -> ray.actor.ActorHandle:
     return handle
 
 
-def sole_cache_node() -> str | None:
-    """The node id when ``init`` in this process found exactly one node (a one-node cluster),
-    else None. It asks Ray nothing, so it costs nothing on the hot path."""
-    with _lock:
-        return _init_nodes[0] if len(_init_nodes) == 1 else None
+def placement_actor() -> ray.actor.ActorHandle:
+    """The cluster's placement actor.
+
+    Raises:
+        TrimsError: Ray is not initialized, or trims_ray is not running on this cluster.
+    """
+    if not ray.is_initialized():
+        raise TrimsError("Ray is not initialized: call trims_ray.init() first")
+    try:
+        return ray.get_actor(PLACEMENT_NAME, namespace=NAMESPACE)
+    except ValueError:
+        raise TrimsError("trims_ray is not running on this cluster: call trims_ray.init() first") from None
 
 
 def forget_node_actor(node_id: str | None = None) -> None:
@@ -202,10 +209,9 @@ def _nodes(nodes: list[str] | None) -> list[str]:
     if not ray.is_initialized():
         raise TrimsError("Ray is not initialized: call trims_ray.init() first")
     if nodes is None:
-        found = sorted(n.removeprefix("trims_ray:node:") for n in _our_actor_names() if n.startswith("trims_ray:node:"))
-        if not found:
-            raise TrimsError("no trims_ray node caches are running: call trims_ray.init() first")
-        return found
+        # The alive nodes (placement gives a cache to any that lacks one); a dead node's cache
+        # is not asked, and so not reported.
+        return call(placement_actor().sync.remote())
     if isinstance(nodes, str) or not all(isinstance(n, str) for n in nodes):
         raise TypeError("nodes must be a list of node ids (hex strings) or None")
     return list(nodes)
@@ -226,7 +232,9 @@ def prefetch(name: str, tier: str = "host", nodes: list[str] | None = None) -> d
         ModelNotFoundError, CapacityError, IntegrityError, ValueError: as for an invocation.
     """
     check_name(name)
-    return _on_each_node(nodes, "prefetch", name, _api.caller_tenant(), tier)
+    result = _on_each_node(nodes, "prefetch", name, _api.caller_tenant(), tier)
+    _routing.refresh()
+    return result
 
 
 def evict(name: str, tier: str | None = None, nodes: list[str] | None = None) -> dict[str, dict[str, str]]:
@@ -236,7 +244,9 @@ def evict(name: str, tier: str | None = None, nodes: list[str] | None = None) ->
     "deferred" or "absent".
     """
     check_name(name)
-    return _on_each_node(nodes, "evict", name, _api.caller_tenant(), tier)
+    result = _on_each_node(nodes, "evict", name, _api.caller_tenant(), tier)
+    _routing.refresh()
+    return result
 
 
 def stats() -> ClusterStats:

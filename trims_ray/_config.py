@@ -82,6 +82,13 @@ class CacheConfig:
         manifest_ttl_s: how long a node trusts a manifest it resolved before asking the store
             again (a re-registered model is seen after at most this long).
         lease_check_s: how often leases of dead processes are reclaimed.
+        peer_fetch: whether a node that misses may copy a model from another node's host tier
+            (over Ray's object transfer) when that is expected to be faster than the store.
+        report_s: how often a node cache reports to placement when nothing changed (changes are
+            reported at once); placement also checks cluster membership at this interval.
+        caller_timeout_s: a process that submitted tasks (and holds their leases until their
+            results exist) is taken for dead when placement has not heard from it for this long;
+            its leases are then reclaimed. Callers poll every 2 s.
     """
 
     host_bytes: int | None = None
@@ -91,6 +98,9 @@ class CacheConfig:
     policy: str = "lru"
     manifest_ttl_s: float = 2.0
     lease_check_s: float = 1.0
+    peer_fetch: bool = True
+    report_s: float = 0.5
+    caller_timeout_s: float = 15.0
 
     def __post_init__(self) -> None:
         if self.host_bytes is not None and (type(self.host_bytes) is not int or self.host_bytes < 0):
@@ -109,6 +119,12 @@ class CacheConfig:
             raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(available_policies())}")
         if self.manifest_ttl_s < 0 or self.lease_check_s <= 0:
             raise ValueError("manifest_ttl_s must be >= 0 and lease_check_s > 0")
+        if not isinstance(self.peer_fetch, bool):
+            raise TypeError(f"peer_fetch must be a bool, got {type(self.peer_fetch).__name__}")
+        if not 0 < self.report_s <= 60:
+            raise ValueError(f"report_s must be in (0, 60] seconds, got {self.report_s!r}")
+        if not self.caller_timeout_s >= 3:
+            raise ValueError(f"caller_timeout_s must be >= 3 s (callers poll every 2 s), got {self.caller_timeout_s!r}")
 
     @classmethod
     def from_env(cls, **overrides) -> CacheConfig:

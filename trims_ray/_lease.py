@@ -18,12 +18,13 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from . import _api
-from ._cluster import call, forget_node_actor, node_actor, sole_cache_node
+from . import _api, _routing
+from ._cluster import call, forget_node_actor, node_actor
+from ._errors import TrimsError
 from ._names import check_name
 from ._protect import protect_array, release
 from ._store import materialize
-from .actors.node_cache import Holder
+from .actors.node_cache import Caller, Holder
 
 __all__ = ["open", "function", "ModelFunction"]
 
@@ -66,26 +67,25 @@ def open(name: str, *, tenant: str | None = None) -> Iterator[Any]:  # noqa: A00
         forget_node_actor()
         actor = node_actor()
         grant = call(actor.acquire.remote(name, tenant, _this_holder()))
-    with _use_grant(actor, grant) as model:
-        yield model
-
-
-@contextlib.contextmanager
-def _use_grant(actor, grant: dict) -> Iterator[Any]:
-    """The model of a granted lease, its pages read-only while in use; ends the lease after."""
     try:
-        obj = ray.get(grant["refs"][0])
-        manifest = grant["manifest"]
-        blob = obj[grant["offset"] : grant["offset"] + manifest.nbytes]
-        token = protect_array(blob)
-        try:
-            yield materialize(manifest, blob)
-        finally:
-            release(token)
+        with _read_only_model(grant, ray.get(grant["refs"][0])) as model:
+            yield model
     finally:
         # Fire and forget: if this message is lost or the process dies first, the node's reaper
         # ends the lease when it sees the process gone.
         actor.release.remote(grant["lease_id"])
+
+
+@contextlib.contextmanager
+def _read_only_model(grant: dict, obj) -> Iterator[Any]:
+    """The model of a granted lease (``obj``: its object), its pages read-only while in use."""
+    manifest = grant["manifest"]
+    blob = obj[grant["offset"] : grant["offset"] + manifest.nbytes]
+    token = protect_array(blob)
+    try:
+        yield materialize(manifest, blob)
+    finally:
+        release(token)
 
 
 class ModelFunction:
@@ -98,6 +98,7 @@ class ModelFunction:
         self._model = model
         self._options = options
         self._remote = None
+        self._placed: dict[str, Any] = {}  # node -> the remote function with its affinity
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, **kwargs):
@@ -111,12 +112,19 @@ class ModelFunction:
         return ModelFunction(self._fn, model, {**self._options, **options})
 
     def remote(self, *args, **kwargs) -> ray.ObjectRef:
-        """Submits the task; the caller's tenant travels with it.
+        """Submits the task to the node where it is expected to start soonest (the placement
+        table this process caches: where the model is resident, and the queues), with a soft
+        NodeAffinity so that a vanished node does not make it unschedulable.
 
-        When the node the task will run on is known (a cluster with one cache node for now; the
-        placement actor's route later), the lease is taken here, on this process's connection to
-        that node's cache, and handed to the task as an argument: Ray resolves it before the task
-        starts, so a fresh worker does not pay for finding and first calling the cache actor.
+        The lease is taken here, on that node's cache, and handed to the task inside a list, so
+        Ray does not wait for it before scheduling: the lease and the task's start overlap, and
+        a fresh worker does not pay for finding and first calling the cache actor. A task that
+        lands elsewhere (its node died; the lease failed) leases from its own node instead.
+
+        Raises:
+            ModelNotFoundError: no such model for the caller's tenant.
+            CapacityError: no node's host tier can hold the model (no task is started).
+            TrimsError: trims_ray is not initialized on this cluster.
         """
         if self._model is None:
             raise ValueError(
@@ -126,14 +134,23 @@ class ModelFunction:
         if self._remote is None:
             self._remote = _make_remote(self._fn, self._model, self._options)
         tenant = _api.caller_tenant()
-        node = None if "scheduling_strategy" in self._options else sole_cache_node()
-        if node is None:
-            node_actor()  # fails clearly before submitting when trims_ray is not initialized
-            return self._remote.remote(tenant, None, None, *args, **kwargs)
-        actor = node_actor(node)
-        grant = actor.acquire.remote(self._model, tenant, None)
-        strategy = NodeAffinitySchedulingStrategy(node, soft=True)
-        return self._remote.options(scheduling_strategy=strategy).remote(tenant, grant, actor, *args, **kwargs)
+        router = _routing.router()
+        manifest, route = router.route(self._model, tenant)
+        if "scheduling_strategy" in self._options:
+            # The caller placed the task itself: it leases from whatever node it runs on.
+            return self._remote.remote(tenant, None, *args, **kwargs)
+        actor = node_actor(route.node)
+        # The caller holds the lease until the task's result exists, then ends it (the task
+        # sends nothing: each message from a worker costs it most of a millisecond).
+        lease_id = router.new_lease_id()
+        grant = actor.acquire.remote(self._model, tenant, Caller(router.id), lease_id)
+        remote = self._placed.get(route.node)
+        if remote is None:
+            strategy = NodeAffinitySchedulingStrategy(route.node, soft=True)
+            remote = self._placed[route.node] = self._remote.options(scheduling_strategy=strategy)
+        ref = remote.remote(tenant, [grant], *args, **kwargs)
+        router.track(ref, manifest.sha256, route.node, functools.partial(actor.release.remote, lease_id))
+        return ref
 
 
 def _mark_task_start() -> None:
@@ -143,17 +160,35 @@ def _mark_task_start() -> None:
     task_started = time.perf_counter()
 
 
+def _granted(boxed: list | None) -> tuple[dict, Any] | None:
+    """The lease taken for this task at submit time and its object, or None when it cannot be
+    used here: the task runs on another node than the lease's (its node died and Ray retried it
+    elsewhere, or the soft affinity gave way), or that node's cache died (with its objects).
+    The caller ends the lease when this task's result exists, whichever way it went."""
+    if boxed is None:
+        return None
+    try:
+        grant = call(boxed[0])
+    except TrimsError:
+        raise  # the model's own fault (not found, too big, corrupt): the same on every node
+    except ray.exceptions.RayError:
+        return None
+    if grant["node"] != ray.get_runtime_context().get_node_id():
+        return None
+    try:
+        return grant, ray.get(grant["refs"][0])
+    except ray.exceptions.RayError:
+        return None  # the cache actor died after granting: its objects died with it
+
+
 def _make_remote(fn: Callable, model: str, options: dict):
-    def run_with_model(tenant: str, grant: dict | None, actor, *args, **kwargs):
+    def run_with_model(tenant: str, boxed: list | None, *args, **kwargs):
         _mark_task_start()
-        if grant is None:
+        granted = _granted(boxed)
+        if granted is None:
             with open(model, tenant=tenant) as leased:
                 return fn(leased, *args, **kwargs)
-        # The lease was taken for us; name this process as its holder so that the reaper ends it
-        # if we die. The grant's object ref, an argument of this task, keeps the object alive
-        # until we finish even if the lease were reclaimed.
-        actor.claim.remote(grant["lease_id"], _this_holder())
-        with _use_grant(actor, grant) as leased:
+        with _read_only_model(*granted) as leased:
             return fn(leased, *args, **kwargs)
 
     run_with_model.__name__ = getattr(fn, "__name__", "run_with_model")

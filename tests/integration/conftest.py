@@ -34,7 +34,9 @@ def ray_node():
 @pytest.fixture
 def cache(ray_node, tmp_path):
     """trims_ray on the module's Ray, with its own store and disk tier; yields the store."""
-    config = trims_ray.CacheConfig(host_bytes=HOST_BUDGET, disk_dir=str(tmp_path / "disk"), lease_check_s=0.2)
+    config = trims_ray.CacheConfig(
+        host_bytes=HOST_BUDGET, disk_dir=str(tmp_path / "disk"), lease_check_s=0.2, caller_timeout_s=3.0
+    )
     trims_ray.init(store=str(tmp_path / "store"), config=config)
     try:
         yield trims_ray.ModelStore(str(tmp_path / "store"))

@@ -6,6 +6,8 @@ and the API's answers to bad input.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -247,12 +249,35 @@ def test_lease_taken_for_a_decorated_task_is_reclaimed_when_it_dies(cache, ray_n
 
     @trims_ray.function(model="m", max_retries=0)
     def die_holding(sd):
-        time.sleep(0.5)  # long enough for the claim naming this process to arrive
-        os._exit(1)
+        os._exit(1)  # the caller ends the lease when the task's (failed) result exists
 
     with pytest.raises(ray.exceptions.WorkerCrashedError):
         ray.get(die_holding.remote())
     wait_for(lambda: node_stats(ray_node).leases == 0)
+    assert trims_ray.evict("m", tier="host")[ray_node]["host"] == "evicted"
+
+
+def test_leases_of_a_caller_that_dies_are_reclaimed(cache, ray_node, tmp_path):
+    # A second driver submits a decorated task (its lease is the caller's until the result
+    # exists), then dies. Its task dies with it (Ray kills a dead owner's workers) and the node
+    # cache, hearing from placement that the caller stopped polling, ends the lease.
+    trims_ray.register("m", weights(1))
+    script = tmp_path / "caller.py"
+    script.write_text(
+        "import os, sys, time, ray, trims_ray\n"
+        f"ray.init(address={ray.get_runtime_context().gcs_address!r}, log_to_driver=False)\n"
+        f"trims_ray.init(store={str(tmp_path / 'store')!r})\n"
+        "fn = trims_ray.function(model='m')(lambda m: time.sleep(600))\n"
+        "ref = fn.remote()\n"
+        "while sum(n.leases for n in trims_ray.stats().nodes.values()) < 1:\n"
+        "    time.sleep(0.05)\n"
+        "print('leased', flush=True)\n"
+        "os._exit(0)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert "leased" in done.stdout, done.stderr[-2000:]
+    # Reclaimed after the caller timeout (3 s here) and the reaper's next round.
+    wait_for(lambda: node_stats(ray_node).leases == 0, timeout=30)
     assert trims_ray.evict("m", tier="host")[ray_node]["host"] == "evicted"
 
 

@@ -1,4 +1,5 @@
-"""The node cache actor: a thin Ray wrapper that gives NodeCache shared memory and a lease reaper.
+"""The node cache actor: a thin Ray wrapper that gives NodeCache shared memory, a lease reaper,
+peer fetch over Ray's object transfer, and residency reports to the placement actor.
 
 One per node, named ``trims_ray:node:<node id>`` in namespace "trims_ray", pinned to its node,
 detached so that cached models outlive the job that loaded them. It owns every host-tier object
@@ -7,23 +8,78 @@ detached so that cached models outlive the job that loaded them. It owns every h
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from dataclasses import asdict
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .._config import CacheConfig
+from .._manifest import Manifest
+from .._reader import copy_verified
 from .._store import ModelStore
-from .node_cache import Grant, Holder, NodeCache
+from .node_cache import PEER, STORE, Caller, Grant, Holder, NodeCache, holder_alive
 
-__all__ = ["NAMESPACE", "node_actor_name", "NodeCacheServer"]
+__all__ = [
+    "NAMESPACE",
+    "PLACEMENT_NAME",
+    "node_actor_name",
+    "start_node_actor",
+    "grant_dict",
+    "NodeCacheServer",
+]
+
+log = logging.getLogger("trims_ray")
 
 NAMESPACE = "trims_ray"
+PLACEMENT_NAME = "trims_ray:placement"
+
+# Enough threads that callers waiting on a load in flight do not block hits on other models.
+_ACTOR_CONCURRENCY = 64
+# Expected rates before this node has measured its own (bytes/s): a peer's memory over Ray's
+# object transfer is assumed an order of magnitude faster than a cloud store.
+_DEFAULT_RATES = {PEER: 1e9, STORE: 0.1e9}
+
 
 
 def node_actor_name(node_id: str) -> str:
     return f"trims_ray:node:{node_id}"
+
+
+def start_node_actor(
+    node_id: str, store_uri: str, storage_options: dict | None, config: CacheConfig
+) -> ray.actor.ActorHandle:
+    """Gets or creates the cache actor of ``node_id`` (returns at once; it starts on its node)."""
+    return (
+        ray.remote(NodeCacheServer)
+        .options(
+            name=node_actor_name(node_id),
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,  # a cache must not take CPUs from the tasks it serves
+            max_concurrency=_ACTOR_CONCURRENCY,
+            max_restarts=-1,
+            max_task_retries=2,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        )
+        .remote(node_id, store_uri, storage_options, config)
+    )
+
+
+def grant_dict(grant: Grant, node_id: str) -> dict:
+    # The ref travels inside a list so that Ray hands the caller the ref, not the value.
+    return {
+        "lease_id": grant.lease_id,
+        "refs": [grant.handle],
+        "manifest": grant.manifest,
+        "offset": grant.offset,
+        "tier": grant.tier,
+        "node": node_id,
+    }
 
 
 class _PlasmaMemory:
@@ -35,7 +91,7 @@ class _PlasmaMemory:
 
 
 class NodeCacheServer:
-    """Ray actor body around NodeCache (made remote with ``ray.remote(...)`` at the call site).
+    """Ray actor body around NodeCache (made remote with ``start_node_actor``).
 
     Args:
         node_id: the node this actor serves (hex).
@@ -49,9 +105,15 @@ class NodeCacheServer:
         self.config = config
         # Looked up once: the node's object store size and its raylet's address do not change.
         self._node = _node_info(node_id)
+        self._slots = max(1, int(self._node["Resources"].get("CPU", 1)))
         host_budget = config.host_bytes
         if host_budget is None:
             host_budget = int(self._node["Resources"].get("object_store_memory", 0) * config.host_fraction)
+        self._changed = threading.Event()
+        self._placement: ray.actor.ActorHandle | None = None
+        # One report at a time, each built just before it is sent: reports arrive in order.
+        self._report_lock = threading.Lock()
+        self._last_report: tuple[dict | None, float] = (None, 0.0)
         self.cache = NodeCache(
             store=ModelStore(store_uri, storage_options=storage_options),
             memory=_PlasmaMemory(),
@@ -60,13 +122,41 @@ class NodeCacheServer:
             disk_budget=config.disk_bytes,
             policy=config.policy,
             manifest_ttl_s=config.manifest_ttl_s,
+            peer_read=self._peer_read if config.peer_fetch else None,
+            on_change=self._changed.set,
+            holder_alive=self._holder_alive,
         )
+        self._dead_callers: set[str] = set()
+        self._peer_mode = "auto" if config.peer_fetch else "never"
         self._stop = threading.Event()
         threading.Thread(target=self._reap_forever, name="trims-lease-reaper", daemon=True).start()
+        threading.Thread(target=self._report_forever, name="trims-report", daemon=True).start()
 
     def _reap_forever(self) -> None:
         while not self._stop.wait(self.config.lease_check_s):
+            self._dead_callers = self._find_dead_callers()
             self.cache.reap()
+
+    def _find_dead_callers(self) -> set[str]:
+        """Callers holding leases here that placement has not seen polling lately (they died,
+        and their tasks' results will never come to release the leases)."""
+        # Only leases older than the timeout: their caller has had time to be seen polling.
+        ids = sorted(self.cache.callers(older_than_s=self.config.caller_timeout_s))
+        if not ids:
+            return set()
+        try:
+            alive = ray.get(self._placement_actor().callers_alive.remote(ids), timeout=5)
+        except Exception:  # placement unreachable: no evidence that anyone died
+            self._placement = None
+            return set()
+        return {caller for caller, ok in zip(ids, alive) if not ok}
+
+    def _holder_alive(self, holder: Holder | Caller) -> bool:
+        if isinstance(holder, Caller):
+            return holder.id not in self._dead_callers
+        return holder_alive(holder)
+
+    # -- the calls tasks make ------------------------------------------------------------------
 
     def ping(self) -> str:
         return self.node_id
@@ -74,36 +164,128 @@ class NodeCacheServer:
     def claim(self, lease_id: int, holder: Holder) -> bool:
         return self.cache.claim(lease_id, holder)
 
-    def acquire(self, name: str, tenant: str, holder: Holder | None) -> dict:
-        grant: Grant = self.cache.acquire(name, tenant, holder)
-        # The ref travels inside a list so that Ray hands the caller the ref, not the value.
-        return {
-            "lease_id": grant.lease_id,
-            "refs": [grant.handle],
-            "manifest": grant.manifest,
-            "offset": grant.offset,
-            "tier": grant.tier,
-        }
+    def acquire(self, name: str, tenant: str, holder: Holder | Caller | None, lease_id: str | None = None) -> dict:
+        return grant_dict(self.cache.acquire(name, tenant, holder, lease_id), self.node_id)
+
+    def release(self, lease_id: int | str) -> bool:
+        return self.cache.release(lease_id)
+
+    def lend(self, key: str) -> dict | None:
+        """A lease on a blob this node holds in memory, for a peer copying it (None: not here)."""
+        grant = self.cache.lend(key)
+        return None if grant is None else grant_dict(grant, self.node_id)
 
     def drain(self) -> None:
         """Waits until disk copies of earlier loads are written (for tests and benchmarks)."""
         self.cache.drain()
 
-    def release(self, lease_id: int) -> bool:
-        return self.cache.release(lease_id)
-
     def prefetch(self, name: str, tenant: str, tier: str) -> str:
-        return self.cache.prefetch(name, tenant, tier)
+        try:
+            return self.cache.prefetch(name, tenant, tier)
+        finally:
+            self._send_report()  # placement knows before the caller's prefetch() returns
 
     def evict(self, name: str, tenant: str, tier: str | None) -> dict[str, str]:
-        return self.cache.evict(name, tenant, tier)
+        try:
+            return self.cache.evict(name, tenant, tier)
+        finally:
+            self._send_report()
 
     def stats(self) -> dict:
         return {
             "tiers": {t: asdict(s) for t, s in self.cache.stats().items()},
             "leases": self.cache.leases(),
             "object_store_bytes_used": object_store_bytes_used(self._node),
+            "load_rates": dict(self.cache.rates),
+            "last_load_source": self.cache.last_load_source,
         }
+
+    def configure(self, *, peer_fetch: str | None = None) -> None:
+        """Changes settings of the running cache. ``peer_fetch``: "auto" (copy from a peer when
+        expected faster than the store), "always" (whenever a peer has it) or "never";
+        benchmarks compare the last two.
+
+        Raises:
+            ValueError: an unknown mode.
+        """
+        if peer_fetch is not None:
+            if peer_fetch not in ("auto", "always", "never"):
+                raise ValueError(f"peer_fetch must be 'auto', 'always' or 'never', got {peer_fetch!r}")
+            self._peer_mode = peer_fetch
+            self.cache.peer_read = None if peer_fetch == "never" else self._peer_read
+
+    def report(self) -> dict:
+        """This node's residency snapshot for placement (it also pushes them on every change)."""
+        return {**self.cache.report(), "slots": self._slots}
+
+    # -- placement -----------------------------------------------------------------------------
+
+    def _placement_actor(self) -> ray.actor.ActorHandle:
+        if self._placement is None:
+            self._placement = ray.get_actor(PLACEMENT_NAME, namespace=NAMESPACE)
+        return self._placement
+
+    def _report_forever(self) -> None:
+        """Pushes a snapshot to placement soon after every change, and at least every few
+        seconds (so that a restarted placement actor, or a lost report, is caught up)."""
+        while not self._stop.is_set():
+            self._changed.wait(timeout=self.config.report_s)
+            self._changed.clear()
+            self._stop.wait(0.02)  # coalesce a burst of changes into one report
+            self._send_report(unless_unchanged_for=5 * self.config.report_s)
+
+    def _send_report(self, unless_unchanged_for: float = 0.0) -> None:
+        with self._report_lock:
+            report = self.report()
+            now = time.monotonic()
+            last, last_sent = self._last_report
+            if report == last and now - last_sent < unless_unchanged_for:
+                return
+            try:
+                ray.get(self._placement_actor().report.remote(self.node_id, report), timeout=10)
+                self._last_report = (report, now)
+            except Exception as exc:  # placement restarting or not created yet: retry later
+                log.debug("trims_ray: report to placement failed: %s", exc)
+                self._placement = None
+
+    def _peer_read(self, manifest: Manifest, out: np.ndarray) -> bool:
+        """Copies the blob from a peer that holds it in memory, when that is expected to be
+        faster than the store; verifies every chunk. False when no peer can serve it."""
+        rates = {**_DEFAULT_RATES, **self.cache.rates}
+        if self._peer_mode == "auto" and rates[PEER] <= rates[STORE]:
+            return False
+        try:
+            holders = ray.get(self._placement_actor().holders.remote(manifest.sha256), timeout=5)
+        except Exception as exc:
+            log.debug("trims_ray: no peer list from placement: %s", exc)
+            self._placement = None
+            return False
+        peers = [n for n, tier in holders.items() if tier in ("host", "gpu") and n != self.node_id]
+        for peer in peers:
+            try:
+                lender = ray.get_actor(node_actor_name(peer), namespace=NAMESPACE)
+                grant = ray.get(lender.lend.remote(manifest.sha256), timeout=5)
+            except Exception as exc:
+                log.debug("trims_ray: peer %s cannot lend %s: %s", peer, manifest.sha256, exc)
+                continue
+            if grant is None:
+                continue
+            try:
+                # Ray's object manager pulls the object into this node's store; the copy into our
+                # own buffer makes the host copy ours (an object dies with its owner).
+                obj = ray.get(grant["refs"][0], timeout=max(30.0, manifest.nbytes / 50e6))
+                blob = obj[grant["offset"] : grant["offset"] + manifest.nbytes]
+                copy_verified(blob, out, manifest.chunks, source=f"peer {peer}")
+                del blob, obj
+                return True
+            except Exception as exc:
+                if isinstance(exc, ray.exceptions.RayError) or isinstance(exc, TimeoutError):
+                    log.warning("trims_ray: peer fetch from %s failed: %s", peer, exc)
+                    continue
+                raise
+            finally:
+                lender.release.remote(grant["lease_id"])
+        return False
 
 
 def _node_info(node_id: str) -> dict:

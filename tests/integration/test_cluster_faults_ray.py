@@ -1,0 +1,87 @@
+"""trims_ray on a real three-node Ray (a cluster of its own per test) losing parts under a
+stream of invocations: a node, a node cache actor, the placement actor. Every invocation still
+returns the right result; membership and residency are rebuilt; a node that joins gets a cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+import trims_ray
+from trims_ray._cluster import node_actor, placement_actor
+from trims_ray._routing import router
+
+from .conftest import wait_for
+from .multinode import NODE_STORE, init_trims, run_stream, start_cluster, stop_cluster, weights, where_and_sum
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def own_cluster(tmp_path):
+    """A cluster of its own, for tests that kill parts of it; yields (cluster, node ids)."""
+    cluster, nodes = start_cluster()
+    try:
+        init_trims(tmp_path)
+        yield cluster, nodes
+    finally:
+        stop_cluster(cluster)
+
+
+def test_removing_a_node_during_a_stream_loses_nothing(own_cluster):
+    cluster, nodes = own_cluster
+    w = weights(2, seed=7)
+    trims_ray.register("m", w)
+    trims_ray.prefetch("m")  # on every node
+    fn = trims_ray.function(model="m", num_cpus=1, max_retries=3)(where_and_sum)
+    victim = cluster.list_all_nodes()[2]
+    results = run_stream(fn, w, 80, during=lambda: cluster.remove_node(victim), at=20)
+    assert len(results) == 80
+    wait_for(lambda: victim.node_id not in trims_ray.stats().nodes, timeout=5)
+    assert victim.node_id not in ray.get(placement_actor().members.remote())
+    after = run_stream(fn, w, 10)
+    assert victim.node_id not in {node for node, _ in after}
+
+
+def test_a_node_that_joins_gets_a_cache(own_cluster):
+    cluster, nodes = own_cluster
+    added = cluster.add_node(num_cpus=2, object_store_memory=NODE_STORE)
+    wait_for(lambda: added.node_id in ray.get(placement_actor().members.remote()), timeout=20)
+    trims_ray.register("m", weights(1, seed=8))
+    assert trims_ray.prefetch("m", nodes=[added.node_id]) == {added.node_id: "store"}
+    assert trims_ray.stats().nodes[added.node_id].tiers["host"].models == 1
+
+
+def test_killing_a_node_cache_during_a_stream_loses_nothing(own_cluster):
+    _, nodes = own_cluster
+    w = weights(2, seed=9)
+    trims_ray.register("m", w)
+    trims_ray.prefetch("m", nodes=[nodes[1]])
+    fn = trims_ray.function(model="m", num_cpus=1)(where_and_sum)
+    results = run_stream(fn, w, 60, during=lambda: ray.kill(node_actor(nodes[1]), no_restart=False), at=15)
+    assert len(results) == 60
+    # The restarted cache (its host tier empty at first) served invocations again.
+    assert nodes[1] in {node for node, _ in results[30:]}
+    stats = trims_ray.stats().nodes[nodes[1]].tiers["host"]
+    assert stats.models == 1 and stats.hits + stats.misses < 60
+
+
+def test_killing_placement_during_a_stream_loses_nothing_and_it_rebuilds(own_cluster):
+    _, nodes = own_cluster
+    w = weights(2, seed=10)
+    trims_ray.register("m", w)
+    trims_ray.prefetch("m", nodes=[nodes[2]])
+    fn = trims_ray.function(model="m", num_cpus=1)(where_and_sum)
+    ray.get(fn.remote())
+    results = run_stream(fn, w, 60, during=lambda: ray.kill(placement_actor(), no_restart=False), at=15)
+    assert len(results) == 60
+    key = trims_ray._api.current_store().manifest("m", tenant="default").sha256
+
+    def rebuilt() -> bool:
+        holders = ray.get(placement_actor().holders.remote(key), timeout=10)
+        return holders.get(nodes[2]) == "host" and set(ray.get(placement_actor().members.remote())) == set(nodes)
+
+    wait_for(rebuilt, timeout=20)
+    version = ray.get(placement_actor().snapshot.remote(-1, 0.0)).version
+    assert router().wait_for_version(version, timeout=15)

@@ -1,0 +1,232 @@
+"""The caller's side of placement: a local copy of the cluster's routing table, kept fresh by a
+long poll to the placement actor, so that choosing a node for an invocation costs no round trip.
+
+Every process that submits ``@trims_ray.function`` tasks has one ``Router``. It resolves model
+names through the store (manifests cached for a few seconds), ranks nodes with the same
+``Placement`` logic the actor runs, and counts its own invocations in flight per node (they are
+in the table's figures only after the nodes' next reports), so that a burst from one caller
+spreads over copies at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import ray
+
+from . import _api
+from ._errors import TrimsError
+from ._manifest import Manifest
+from ._protect import GUARD_BYTES
+from .actors.node_actor import NAMESPACE, PLACEMENT_NAME
+from .actors.placement import Placement, Route, Snapshot
+
+__all__ = ["Router", "router", "refresh", "reset"]
+
+log = logging.getLogger("trims_ray")
+
+# A long poll returns at least this often, with fresh load figures, even when residency is
+# unchanged.
+_POLL_S = 2.0
+_MANIFEST_TTL_S = 2.0
+
+_lock = threading.Lock()
+_router: Router | None = None
+
+
+def router() -> Router:
+    """This process's router (created, with its first table fetched, on first use).
+
+    Raises:
+        TrimsError: trims_ray is not initialized on this cluster (no placement actor).
+    """
+    global _router
+    with _lock:
+        if _router is None:
+            _router = Router()
+        return _router
+
+
+def refresh() -> None:
+    """Brings this process's table up to date now, if it has one (after prefetch or evict, so
+    that the caller's next invocation sees what it just did)."""
+    with _lock:
+        current = _router
+    if current is not None:
+        current.refresh()
+
+
+def reset() -> None:
+    """Drops this process's router (after ``trims_ray.shutdown``); its poll thread ends."""
+    global _router
+    with _lock:
+        if _router is not None:
+            _router.close()
+        _router = None
+
+
+class Router:
+    """Routes invocations on a cached, versioned copy of the placement table."""
+
+    def __init__(self) -> None:
+        if not ray.is_initialized():
+            raise TrimsError("Ray is not initialized: call trims_ray.init() first")
+        try:
+            self._actor = ray.get_actor(PLACEMENT_NAME, namespace=NAMESPACE)
+        except ValueError:
+            raise TrimsError("trims_ray is not running on this cluster: call trims_ray.init() first") from None
+        self._lock = threading.Lock()
+        # Who this process is to the node caches: it holds the leases of the tasks it submits
+        # until their results exist, and stays alive to them by polling placement.
+        self.id = uuid.uuid4().hex
+        self._lease_ids = itertools.count(1)
+        self._releases: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
+        self._manifests: dict[tuple[str, str], tuple[float, Manifest]] = {}
+        # Our invocations in flight: (model key, node) -> count; kept across
+        # table refreshes, since the nodes report them only later.
+        self._mine: dict[tuple[str, str], int] = {}
+        self._outstanding: dict[int, ray.ObjectRef] = {}
+        self._closed = threading.Event()
+        self._placement = self._adopt(ray.get(self._actor.snapshot.remote(-1, 0.0)))
+        threading.Thread(target=self._poll_forever, name="trims-routing", daemon=True).start()
+        threading.Thread(target=self._release_forever, name="trims-release", daemon=True).start()
+
+    @property
+    def version(self) -> int:
+        return self._placement.version
+
+    def _adopt(self, snapshot: Snapshot) -> Placement:
+        placement = Placement.from_snapshot(snapshot, previous=getattr(self, "_placement", None))
+        per_node: dict[str, int] = {}
+        for (_key, node), count in self._mine.items():
+            per_node[node] = per_node.get(node, 0) + count
+        for node, count in per_node.items():
+            placement.at_least_in_flight(node, count)
+        return placement
+
+    def _poll_forever(self) -> None:
+        backoff = 0.1
+        while not self._closed.is_set():
+            try:
+                version = self._placement.version
+                snapshot = ray.get(self._actor.snapshot.options(max_task_retries=0).remote(version, _POLL_S, self.id))
+                backoff = 0.1
+            except BaseException as exc:  # ray.shutdown() ends a blocked get with SystemExit
+                if not ray.is_initialized() or self._closed.is_set() or not isinstance(exc, Exception):
+                    return
+                # The placement actor is restarting: keep routing on the table we have.
+                log.debug("trims_ray: routing table refresh failed: %s", exc)
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            with self._lock:
+                self._placement = self._adopt(snapshot)
+
+    def refresh(self) -> None:
+        snapshot = ray.get(self._actor.snapshot.remote(-1, 0.0))
+        with self._lock:
+            if snapshot.version >= self._placement.version:
+                self._placement = self._adopt(snapshot)
+
+    def wait_for_version(self, version: int, timeout: float = 10.0) -> bool:
+        """Waits until the cached table is at ``version`` or later (for tests)."""
+        deadline = time.monotonic() + timeout
+        while self._placement.version < version:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def close(self) -> None:
+        self._closed.set()
+        self._releases.put(None)
+
+    def new_lease_id(self) -> str:
+        """A lease id unique in the cluster, chosen here so that the lease can be ended without
+        waiting for the acquire that grants it."""
+        return f"{self.id}:{next(self._lease_ids)}"
+
+    def _release_forever(self) -> None:
+        # Releases are sent from this thread, not from Ray's completion callback, which must
+        # not block or call back into Ray.
+        while True:
+            release = self._releases.get()
+            if release is None:
+                return
+            try:
+                release()
+            except Exception as exc:  # the node or its cache is gone: so is the lease
+                log.debug("trims_ray: lease release failed: %s", exc)
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def manifest(self, name: str, tenant: str) -> Manifest:
+        """The manifest ``name`` resolves to for ``tenant`` (cached ``_MANIFEST_TTL_S``).
+
+        Raises:
+            ModelNotFoundError, ModelFormatError, StoreUnavailableError: as ModelStore.manifest.
+        """
+        now = time.monotonic()
+        cached = self._manifests.get((tenant, name))
+        if cached is not None and now - cached[0] < _MANIFEST_TTL_S:
+            return cached[1]
+        manifest = _api.current_store().manifest(name, tenant=tenant)
+        self._manifests[(tenant, name)] = (now, manifest)
+        return manifest
+
+    def route(self, name: str, tenant: str) -> tuple[Manifest, Route]:
+        """Where an invocation of ``name`` should run.
+
+        Raises:
+            ModelNotFoundError: no such model for ``tenant``.
+            CapacityError: no node's host tier can hold it.
+            TrimsError: no node cache has reported yet.
+        """
+        manifest = self.manifest(name, tenant)
+        with self._lock:
+            try:
+                route = self._placement.route(manifest.sha256, manifest.nbytes + 2 * GUARD_BYTES)
+            except LookupError:
+                raise TrimsError(
+                    "no trims_ray node cache has reported to placement yet: retry in a moment, "
+                    "or check that trims_ray.init() succeeded"
+                ) from None
+            if route.tier is None:
+                self._placement.loading(manifest.sha256, route.node)
+        return manifest, route
+
+    def track(self, ref: ray.ObjectRef, key: str, node: str, release: Callable[[], object]) -> None:
+        """Counts an invocation in flight on ``node`` until its result exists, then calls
+        ``release`` (which ends its lease) from this router's release thread."""
+        submitted = time.monotonic()
+        with self._lock:
+            queued = self._placement.queued(node)
+            self._placement.started(key, node)
+            self._mine[(key, node)] = self._mine.get((key, node), 0) + 1
+            # Held until done: Ray does not call back for a ref that was dropped.
+            self._outstanding[id(ref)] = ref
+
+        def done(_exc: BaseException | None, ref_id: int = id(ref)) -> None:
+            seconds = time.monotonic() - submitted
+            with self._lock:
+                self._outstanding.pop(ref_id, None)
+                left = self._mine.get((key, node), 0) - 1
+                if left > 0:
+                    self._mine[(key, node)] = left
+                else:
+                    self._mine.pop((key, node), None)
+                # Only an invocation that did not queue measures the time one occupies a slot.
+                self._placement.finished(key, node, None if queued else seconds)
+            self._releases.put(release)
+
+        ref._on_ready(done)
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(self._mine.values())

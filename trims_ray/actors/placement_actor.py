@@ -1,0 +1,201 @@
+"""The placement actor: a thin Ray wrapper around ``Placement``, one per cluster.
+
+Named ``trims_ray:placement`` in namespace "trims_ray", detached, restarted when it dies. It keeps
+the cluster's residency table from the node caches' reports, answers callers' long polls for
+the table (so that callers route locally and hear of changes at once), watches membership (a
+node that joins gets a cache actor; a dead node leaves the table at the next check), and scales
+copies of hot models. Everything it knows can be rebuilt from the node caches, which it asks
+for their snapshots when it (re)starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import ray
+
+from .._config import CacheConfig
+from .node_actor import NAMESPACE, PLACEMENT_NAME, node_actor_name, start_node_actor
+from .placement import NodeReport, Placement, Snapshot
+
+__all__ = ["PlacementServer", "start_placement_actor"]
+
+log = logging.getLogger("trims_ray")
+
+# Every caller process keeps one long poll open here; beyond that, reports and queries.
+_CONCURRENCY = 1000
+_LONG_POLL_S = 10.0
+
+
+def start_placement_actor(store_uri: str, storage_options: dict | None, config: CacheConfig) -> ray.actor.ActorHandle:
+    """Gets or creates the cluster's placement actor (returns at once)."""
+    return (
+        ray.remote(PlacementServer)
+        .options(
+            name=PLACEMENT_NAME,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_concurrency=_CONCURRENCY,
+            max_restarts=-1,
+            max_task_retries=-1,  # its calls are idempotent: retried across a restart
+        )
+        .remote(store_uri, storage_options, config)
+    )
+
+
+class PlacementServer:
+    """Ray actor body around Placement (made remote with ``start_placement_actor``).
+
+    Args:
+        store_uri, storage_options, config: what node cache actors it creates are given.
+    """
+
+    def __init__(self, store_uri: str, storage_options: dict | None, config: CacheConfig) -> None:
+        self._node_args = (store_uri, storage_options, config)
+        self._interval = config.report_s
+        self._caller_timeout_s = config.caller_timeout_s
+        self._cond = threading.Condition()
+        self.placement = Placement()
+        # Callers (processes routing invocations) are alive while they poll: id -> last seen,
+        # and how many of their polls are open now.
+        self._started = time.monotonic()
+        self._callers_seen: dict[str, float] = {}
+        self._callers_polling: dict[str, int] = {}
+        self._rebuild()
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch_forever, name="trims-placement", daemon=True).start()
+
+    # -- state from the node caches ------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        """Asks every alive node's cache for its snapshot (after a restart, the table is empty),
+        creating the caches of nodes that have none."""
+        pending = {}
+        for node in _alive_nodes():
+            handle = start_node_actor(node, *self._node_args)
+            pending[node] = handle.report.remote()
+        for node, ref in pending.items():
+            try:
+                self.report(node, ray.get(ref, timeout=30))
+            except Exception as exc:  # a cache still starting reports by itself when it is up
+                log.info("trims_ray: placement could not rebuild node %s yet: %s", node, exc)
+
+    def report(self, node: str, report: dict) -> None:
+        """A node cache's snapshot (see ``NodeReport``)."""
+        with self._cond:
+            self.placement.report(node, NodeReport(**report))
+            self._cond.notify_all()
+
+    # -- what callers ask ----------------------------------------------------------------------
+
+    def snapshot(self, after_version: int = -1, timeout_s: float = 0.0, caller: str | None = None) -> Snapshot:
+        """The table, once its version is past ``after_version`` or ``timeout_s`` has passed
+        (a long poll: callers hear of a change as soon as it happens). ``caller`` names the
+        polling process, which counts as alive while it polls."""
+        deadline = time.monotonic() + min(max(timeout_s, 0.0), _LONG_POLL_S * 3)
+        with self._cond:
+            if caller is not None:
+                self._callers_polling[caller] = self._callers_polling.get(caller, 0) + 1
+            try:
+                while self.placement.version <= after_version:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                return self.placement.snapshot()
+            finally:
+                if caller is not None:
+                    self._callers_seen[caller] = time.monotonic()
+                    self._callers_polling[caller] -= 1
+                    if not self._callers_polling[caller]:
+                        del self._callers_polling[caller]
+
+    def callers_alive(self, callers: list[str]) -> list[bool]:
+        """Whether each caller polled lately (or polls now). Right after a restart, when no
+        caller has had time to poll again, everyone counts as alive."""
+        now = time.monotonic()
+        with self._cond:
+            if now - self._started < self._caller_timeout_s:
+                return [True] * len(callers)
+            return [
+                c in self._callers_polling or now - self._callers_seen.get(c, -1e9) < self._caller_timeout_s
+                for c in callers
+            ]
+
+    def holders(self, key: str) -> dict[str, str]:
+        with self._cond:
+            return self.placement.holders(key)
+
+    def members(self) -> list[str]:
+        """The nodes whose caches have reported, sorted."""
+        with self._cond:
+            return self.placement.nodes()
+
+    def sync(self) -> list[str]:
+        """Checks membership now (creating caches for new nodes); returns the alive nodes."""
+        return self._check_membership()
+
+    # -- membership and copies -----------------------------------------------------------------
+
+    def _watch_forever(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._check_membership()
+                self._scale_copies()
+            except Exception:  # keep watching: one bad round must not end membership checks
+                log.exception("trims_ray: placement check failed")
+
+    def _check_membership(self) -> list[str]:
+        alive = _alive_nodes()
+        with self._cond:
+            known = set(self.placement.nodes())
+        for node in alive - known:
+            start_node_actor(node, *self._node_args)  # it reports once it is up
+        dead = known - alive
+        if dead:
+            with self._cond:
+                for node in dead:
+                    self.placement.node_left(node)
+                self._cond.notify_all()
+            for node in dead:
+                _kill_quietly(node_actor_name(node))
+        return sorted(alive)
+
+    def _scale_copies(self) -> None:
+        asks, drops = [], []
+        with self._cond:
+            for key in self.placement.keys():
+                model = self.placement.model_of(key)
+                if model is None:
+                    continue
+                for node in self.placement.copies_wanted(key, model[2]):
+                    self.placement.copy_made(key, node)
+                    asks.append((node, model))
+                for node in self.placement.copies_unwanted(key):
+                    drops.append((node, model))
+        for node, (tenant, name, _) in asks:
+            log.info("trims_ray: %s/%s is hot: loading a copy on node %s", tenant, name, node)
+            _actor(node).prefetch.remote(name, tenant, "host")
+        for node, (tenant, name, _) in drops:
+            log.info("trims_ray: demand for %s/%s fell: dropping its copy on node %s", tenant, name, node)
+            _actor(node).evict.remote(name, tenant, "host")
+
+
+def _alive_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+def _actor(node: str) -> ray.actor.ActorHandle:
+    return ray.get_actor(node_actor_name(node), namespace=NAMESPACE)
+
+
+def _kill_quietly(name: str) -> None:
+    """Frees a dead node's actor name (its actor can never run again: it is pinned there)."""
+    try:
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+    except Exception:
+        pass
