@@ -78,7 +78,7 @@ class CacheConfig:
         disk_bytes: byte budget of the disk tier.
         disk_dir: directory of the disk tier; None means ``~/.cache/trims_ray/disk``. Each node
             uses a subdirectory named by its node id.
-        policy: eviction policy name (see ``trims_ray.policy.available_policies()``).
+        policy: eviction policy name (see ``trims_ray.policy.online_policies()``).
         manifest_ttl_s: how long a node trusts a manifest it resolved before asking the store
             again (a re-registered model is seen after at most this long).
         lease_check_s: how often leases of dead processes are reclaimed.
@@ -113,10 +113,11 @@ class CacheConfig:
             raise TypeError(f"disk_dir must be a str or None, got {type(self.disk_dir).__name__}")
         if not isinstance(self.policy, str):
             raise TypeError(f"policy must be a policy name, got {type(self.policy).__name__}")
-        from .policy import available_policies
+        from .policy import available_policies, online_policies
 
-        if self.policy not in available_policies():
-            raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(available_policies())}")
+        if self.policy not in online_policies():
+            why = "is offline (it must be told the future): simulation only" if self.policy in available_policies() else "is unknown"
+            raise ValueError(f"policy {self.policy!r} {why}; a node cache can use: {', '.join(online_policies())}")
         if self.manifest_ttl_s < 0 or self.lease_check_s <= 0:
             raise ValueError("manifest_ttl_s must be >= 0 and lease_check_s > 0")
         if not isinstance(self.peer_fetch, bool):

@@ -10,7 +10,7 @@ import abc
 import math
 import numbers
 import time
-from collections.abc import Callable, Hashable, Iterator, KeysView, Mapping
+from collections.abc import Callable, Hashable, Iterator, KeysView, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -38,15 +38,19 @@ class EvictionPolicy(abc.ABC):
 
     Subclasses implement four hooks, each called only after the base class has checked the
     call (so a hook never sees a duplicate insert, an unknown key or a bad size):
-    ``_insert``, ``_access``, ``_remove`` and ``_order``. ``self._entries`` maps every tracked
-    key to its :class:`Entry`; it is updated after ``_insert`` and after ``_remove`` return,
-    so ``_remove`` can still read the entry it is dropping.
+    ``_insert``, ``_access``, ``_remove`` and ``_order``; an admission rule overrides
+    ``_admit`` too. ``self._entries`` maps every tracked key to its :class:`Entry`; it is
+    updated after ``_insert`` and after ``_remove`` return, so ``_remove`` can still read the
+    entry it is dropping.
 
     Attributes:
         name: The name this policy is registered under (see ``trims_ray.policy.POLICIES``).
+        offline: True for a policy that must be told the future (Belady): simulation only,
+            never a node cache's policy.
     """
 
     name: ClassVar[str]
+    offline: ClassVar[bool] = False
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         """Creates an empty policy.
@@ -106,6 +110,40 @@ class EvictionPolicy(abc.ABC):
         self._remove(key)
         del self._entries[key]
 
+    def admit(self, key: Key, nbytes: int, cost: float, victims: Sequence[Key]) -> bool:
+        """Decides whether a key that missed is worth keeping at the price of its victims.
+
+        The cache calls this for every load it would keep, after :func:`choose_victims` picked
+        the victims and before it evicts any, also when victims is ``[]`` (so that the policy
+        sees every miss). On True it evicts the victims (``on_remove`` each) and calls
+        ``on_insert(key, ...)``; on False it serves the load once, keeps nothing and evicts
+        nothing. This is how a one-off request for a huge model is kept from flushing a hot
+        working set. The default admits every key; it never changes the eviction order.
+
+        Args:
+            key: The key that missed; not tracked.
+            nbytes: Its size in bytes, as for on_insert.
+            cost: Its miss cost in seconds, as for on_insert.
+            victims: The tracked keys that keeping it would evict, as choose_victims returned.
+
+        Returns:
+            True to keep the key, False to serve it without keeping it.
+
+        Raises:
+            ValueError: If key is already tracked, or nbytes or cost is out of range.
+            TypeError: If nbytes is not an int or cost is not a real number.
+            KeyError: If a victim is not tracked.
+        """
+        if key in self._entries:
+            raise ValueError(
+                f"{type(self).__name__}.admit({key!r}): key is already tracked (resident), so "
+                "there is nothing to admit; call admit only for a miss"
+            )
+        nbytes, cost = _check_nbytes(nbytes), _check_cost(cost)
+        for victim in victims:
+            self._require(victim, "admit")
+        return bool(self._admit(key, nbytes, cost, victims))
+
     def victims(self, evictable: Evictable) -> Iterator[Key]:
         """Yields tracked keys in eviction order (first = evict first), lazily.
 
@@ -153,6 +191,10 @@ class EvictionPolicy(abc.ABC):
     @abc.abstractmethod
     def _order(self) -> Iterator[Key]:
         """Yields every tracked key once, evict-first first, without changing any state."""
+
+    def _admit(self, key: Key, nbytes: int, cost: float, victims: Sequence[Key]) -> bool:
+        """Admission rule (validated call: key untracked, victims tracked); default: admit."""
+        return True
 
     def _require(self, key: Key, call: str) -> None:
         if key not in self._entries:
@@ -210,8 +252,11 @@ def choose_victims(
 
 
 def _check_nbytes(nbytes: int) -> int:
-    # bool is an int subclass; True as a size is a caller bug, not one byte.
-    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
+    # bool is an int subclass; True as a size is a caller bug, not one byte. The exact-type
+    # test first spares the common case the slow ABC check (the simulator's hot path).
+    if type(nbytes) is not int and (
+        isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral)
+    ):
         raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__} {nbytes!r}")
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
@@ -219,7 +264,7 @@ def _check_nbytes(nbytes: int) -> int:
 
 
 def _check_cost(cost: float) -> float:
-    if isinstance(cost, bool) or not isinstance(cost, numbers.Real):
+    if type(cost) is not float and (isinstance(cost, bool) or not isinstance(cost, numbers.Real)):
         raise TypeError(f"cost must be a number of seconds, got {type(cost).__name__} {cost!r}")
     # NaN or inf would poison cost-weighted priorities (GDSF's running minimum) for good.
     if not math.isfinite(cost) or cost < 0:

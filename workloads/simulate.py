@@ -1,0 +1,399 @@
+"""Trace-driven cache simulator: one byte budget, one eviction policy, no Ray.
+
+It replays a trace (workloads.traces) through a policy exactly as a node cache tier uses it
+(choose_victims, then admit, then evict and insert), so hit-ratio-vs-size curves for every
+policy, Belady included, take seconds. ``python -m workloads.simulate curves|speed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from trims_ray.policy import available_policies, choose_victims, make_policy, policy_class
+from workloads import traces
+
+__all__ = ["Requests", "SimResult", "main", "simulate"]
+
+
+@dataclass(frozen=True, eq=False)
+class Requests:
+    """A trace in the simulator's form: per-request lists, keys interned.
+
+    Attributes:
+        keys: Each request's key (its model).
+        sizes: Each request's bytes; one size per key.
+        costs: Each request's miss cost in seconds.
+        times: Each request's time in seconds, non-decreasing (time-aware policies' clock).
+    """
+
+    keys: list[Hashable]
+    sizes: list[int]
+    costs: list[float]
+    times: list[float]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> Requests:
+        """Takes a trace table (TRACE_SCHEMA; validated); keys are model names as int codes.
+
+        Raises:
+            ValueError: If the table is not a valid trace, or a model has two sizes.
+        """
+        table = traces.validate_trace(table)
+        codes = table["model"].combine_chunks().dictionary_encode().indices.to_numpy()
+        sizes = table["size"].to_numpy()
+        first = np.zeros(int(codes.max()) + 1 if len(codes) else 0, dtype=np.int64)
+        first[codes] = sizes
+        if (first[codes] != sizes).any():
+            raise ValueError("a model appears with two different sizes in the trace")
+        return cls(
+            codes.tolist(),
+            sizes.tolist(),
+            table["cost"].to_numpy().tolist(),
+            table["time"].to_numpy().tolist(),
+        )
+
+    @classmethod
+    def from_keys(
+        cls,
+        keys: Sequence[Hashable],
+        sizes: Mapping[Hashable, int],
+        costs: Mapping[Hashable, float] | None = None,
+        times: Sequence[float] | None = None,
+    ) -> Requests:
+        """A hand-made trace: keys in request order, size (and cost) per key.
+
+        Args:
+            keys: The requests.
+            sizes: Bytes of each key.
+            costs: Miss cost of each key in seconds (1.0 each when None).
+            times: Request times (the request index when None).
+
+        Raises:
+            KeyError: If a key has no size (or no cost when costs is given).
+            ValueError: If times has the wrong length.
+        """
+        keys = list(keys)
+        if times is not None and len(times) != len(keys):
+            raise ValueError(f"times has {len(times)} entries for {len(keys)} requests")
+        return cls(
+            keys,
+            [sizes[k] for k in keys],
+            [1.0 if costs is None else costs[k] for k in keys],
+            [float(i) for i in range(len(keys))] if times is None else [float(t) for t in times],
+        )
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """What one replay of a trace through one policy and budget measured.
+
+    Attributes:
+        policy: The policy's name.
+        budget: The byte budget.
+        requests: Requests replayed.
+        hits: Requests whose key was resident.
+        bytes_requested: Sum of every request's size.
+        bytes_hit: Sum of the sizes of the hits.
+        load_seconds: Sum of the misses' costs: the time spent loading (every miss loads,
+            whether it is kept or not).
+        evictions: Keys evicted.
+        refused: Misses the policy's admission rule served without keeping.
+        oversize: Misses larger than the whole budget, served without keeping (the node
+            cache would raise CapacityError).
+        peak_bytes: The most bytes ever resident.
+    """
+
+    policy: str
+    budget: int
+    requests: int
+    hits: int
+    bytes_requested: int
+    bytes_hit: int
+    load_seconds: float
+    evictions: int
+    refused: int
+    oversize: int
+    peak_bytes: int
+
+    @property
+    def object_hit_ratio(self) -> float:
+        """Hits over requests (0 for an empty trace)."""
+        return self.hits / self.requests if self.requests else 0.0
+
+    @property
+    def byte_hit_ratio(self) -> float:
+        """Bytes served by hits over bytes requested (0 when nothing was requested)."""
+        return self.bytes_hit / self.bytes_requested if self.bytes_requested else 0.0
+
+
+class _Cursor:
+    """The simulator's position: the clock of time-aware policies and Belady's oracle."""
+
+    __slots__ = ("index", "now")
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _next_use_oracle(keys: list[Hashable], cursor: _Cursor) -> Callable[[Hashable], float]:
+    """Belady's oracle: the index of the current key's next request (math.inf if none)."""
+    following: list[float] = [math.inf] * len(keys)
+    last: dict[Hashable, int] = {}
+    for i in range(len(keys) - 1, -1, -1):
+        following[i] = last.get(keys[i], math.inf)
+        last[keys[i]] = i
+
+    def next_use(key: Hashable) -> float:
+        i = cursor.index
+        if keys[i] != key:
+            raise ValueError(f"Belady asked about {key!r} while the simulator serves {keys[i]!r}")
+        return following[i]
+
+    return next_use
+
+
+def _always(_key: Hashable) -> bool:
+    return True
+
+
+def simulate(trace: Requests | pa.Table, budget: int, policy: str, **policy_kwargs) -> SimResult:
+    """Replays trace through a cache of budget bytes run by the named policy.
+
+    Each request is a hit if its key is resident; otherwise it loads (its cost counts as
+    load time) and, unless larger than the budget, the cache asks choose_victims for room and
+    the policy's admit whether to keep it, then evicts the victims and inserts the key, as
+    the node cache does. Leases are not modelled (nothing is in use between requests). The
+    policy's clock is the trace's time; Belady is given the trace's future.
+
+    Args:
+        trace: Requests, or a trace table (TRACE_SCHEMA).
+        budget: Cache size in bytes, >= 0.
+        policy: A registered policy name (see trims_ray.policy.available_policies()).
+        **policy_kwargs: Passed to the policy (e.g. admission=False); not clock or next_use.
+
+    Returns:
+        The SimResult.
+
+    Raises:
+        ValueError: On a negative budget, an unknown policy or a bad trace.
+        TypeError: If budget is not an int.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise TypeError(f"budget must be an int of bytes, got {budget!r}")
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0 bytes, got {budget}")
+    requests = trace if isinstance(trace, Requests) else Requests.from_table(trace)
+    keys, sizes, costs, times = requests.keys, requests.sizes, requests.costs, requests.times
+    cursor = _Cursor()
+    if policy_class(policy).offline:
+        policy_kwargs["next_use"] = _next_use_oracle(keys, cursor)
+    cache = make_policy(policy, clock=cursor, **policy_kwargs)
+    on_access, on_insert, on_remove, admit = (
+        cache.on_access,
+        cache.on_insert,
+        cache.on_remove,
+        cache.admit,
+    )
+
+    resident: dict[Hashable, int] = {}
+    used = peak = hits = bytes_hit = evictions = refused = oversize = 0
+    load_seconds = 0.0
+    for i, key in enumerate(keys):
+        cursor.index = i
+        cursor.now = times[i]
+        size = sizes[i]
+        if key in resident:
+            hits += 1
+            bytes_hit += size
+            on_access(key)
+            continue
+        cost = costs[i]
+        load_seconds += cost
+        if size > budget:
+            oversize += 1
+            continue
+        victims = choose_victims(cache, size, budget - used, resident, _always)
+        if victims is None:  # impossible without leases: every key is evictable
+            raise RuntimeError(
+                f"no room for {size} bytes in a budget of {budget} with nothing leased"
+            )
+        if not admit(key, size, cost, victims):
+            refused += 1
+            continue
+        for victim in victims:
+            on_remove(victim)
+            used -= resident.pop(victim)
+        evictions += len(victims)
+        on_insert(key, size, cost)
+        resident[key] = size
+        used += size
+        peak = max(peak, used)
+    return SimResult(
+        policy=policy,
+        budget=budget,
+        requests=len(keys),
+        hits=hits,
+        bytes_requested=sum(sizes),
+        bytes_hit=bytes_hit,
+        load_seconds=load_seconds,
+        evictions=evictions,
+        refused=refused,
+        oversize=oversize,
+        peak_bytes=peak,
+    )
+
+
+# -- command line ------------------------------------------------------------------------------
+
+CACHE_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # of the catalog's bytes
+
+
+def _workloads(
+    n_requests: int, seed: int, trace_dir: str | None
+) -> list[tuple[str, str, pa.Table, int]]:
+    """The three workloads of the curves: (name, description, trace, catalog bytes)."""
+    zoo = traces.zoo_catalog(200, seed=seed)
+    heavy = traces.pareto_catalog(200, seed=seed)
+    out = [
+        (
+            "zipf",
+            (
+                f"Zipf 0.9 popularity over 200 zoo-size models ({zoo.total_bytes / 1e9:.1f} GB), "
+                f"Poisson arrivals, {n_requests} requests"
+            ),
+            traces.synthetic_trace(n_requests, zoo, seed=seed, exponent=0.9),
+            zoo.total_bytes,
+        ),
+        (
+            "pareto",
+            (
+                f"Pareto popularity and Pareto sizes (200 models, {heavy.total_bytes / 1e9:.1f} "
+                f"GB), bursty on/off arrivals, {n_requests} requests"
+            ),
+            traces.synthetic_trace(
+                n_requests, heavy, seed=seed, popularity_kind="pareto", arrivals="onoff"
+            ),
+            heavy.total_bytes,
+        ),
+    ]
+    try:
+        azure = traces.azure_trace(zoo, seed=seed, trace_dir=trace_dir)
+    except FileNotFoundError as exc:
+        print(f"azure workload skipped: {exc}")
+    else:
+        out.append(
+            (
+                "azure",
+                (
+                    f"real Azure LLM arrivals (conv + code, {azure.num_rows} requests, "
+                    f"{azure['time'][-1].as_py() / 60:.0f} min), each service a tenant with its "
+                    f"own seeded Zipf 0.9 over the 200 zoo-size models. "
+                    f"Data: {traces.AZURE_ATTRIBUTION}"
+                ),
+                azure,
+                zoo.total_bytes,
+            )
+        )
+    return out
+
+
+def _curves(args: argparse.Namespace) -> int:
+    # Every policy, plus GDSF and cost-aware with admission off, to show what admission does.
+    variants = [(name, name, {}) for name in available_policies()]
+    for name in ("cost", "gdsf"):
+        at = next(i for i, v in enumerate(variants) if v[0] == name)
+        variants.insert(at + 1, (f"{name}-na", name, {"admission": False}))
+    started = time.perf_counter()
+    print(
+        "hit ratio vs cache size (cache: share of the catalog's bytes). belady is offline; "
+        "-na: admission off"
+    )
+    for name, description, table, catalog_bytes in _workloads(
+        args.requests, args.seed, args.trace_dir
+    ):
+        requests = Requests.from_table(table)
+        no_cache = sum(requests.costs)
+        rows = []
+        for fraction in CACHE_FRACTIONS:
+            budget = int(fraction * catalog_bytes)
+            results = {
+                label: simulate(requests, budget, policy, **kw) for label, policy, kw in variants
+            }
+            rows.append((fraction, budget, results))
+        print(f"\n== {name}: {description}")
+        for title, metric in (
+            ("object hit ratio", lambda r: f"{r.object_hit_ratio:.3f}"),
+            ("byte hit ratio", lambda r: f"{r.byte_hit_ratio:.3f}"),
+            (
+                "load time, share of no cache's",
+                lambda r, base=no_cache: f"{r.load_seconds / base:.3f}",
+            ),
+            ("admissions refused", lambda r: f"{r.refused}"),
+        ):
+            print(f"{title}:")
+            print(f"{'cache':>6} {'GB':>6} " + " ".join(f"{label:>7}" for label, _, _ in variants))
+            for fraction, budget, results in rows:
+                cells = " ".join(f"{metric(results[label]):>7}" for label, _, _ in variants)
+                print(f"{fraction:>6.0%} {budget / 1e9:>6.1f} {cells}")
+    print(f"\n{len(variants)} variants, seed {args.seed}, in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _speed(args: argparse.Namespace) -> int:
+    catalog = traces.zoo_catalog(200, seed=args.seed)
+    table = traces.synthetic_trace(args.requests, catalog, seed=args.seed, exponent=0.9)
+    budget = int(0.1 * catalog.total_bytes)
+    start = time.perf_counter()
+    requests = Requests.from_table(table)
+    prepare = time.perf_counter() - start
+    print(
+        f"{args.requests} requests (Zipf 0.9 over 200 zoo-size models), cache 10% of "
+        f"{catalog.total_bytes / 1e9:.1f} GB, one core; trace to lists once: {prepare:.2f} s"
+    )
+    print(f"{'policy':<8} {'seconds':>8} {'requests/s':>11} {'obj hit':>8} {'goal < 60 s':>12}")
+    for policy in available_policies():
+        start = time.perf_counter()
+        result = simulate(requests, budget, policy)
+        seconds = time.perf_counter() - start
+        verdict = "met" if seconds < 60 else "NOT met"
+        print(
+            f"{policy:<8} {seconds:>8.3f} {args.requests / seconds:>11,.0f} "
+            f"{result.object_hit_ratio:>8.3f} {verdict:>12}"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: ``curves`` (hit ratio vs cache size) or ``speed`` (1M requests)."""
+    parser = argparse.ArgumentParser(prog="python -m workloads.simulate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    curves = sub.add_parser("curves", help="hit ratio vs cache size, every policy, three workloads")
+    curves.add_argument("--requests", type=int, default=100_000, help="per synthetic workload")
+    curves.add_argument("--seed", type=int, default=0)
+    curves.add_argument(
+        "--trace-dir", default=None, help="Azure trace directory (default: shared data)"
+    )
+    speed = sub.add_parser("speed", help="time 1M requests through every policy")
+    speed.add_argument("--requests", type=int, default=1_000_000)
+    speed.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    return _curves(args) if args.command == "curves" else _speed(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
