@@ -22,7 +22,7 @@ __all__ = ["register", "current_store", "caller_tenant", "tenant_for_write"]
 
 _lock = threading.Lock()
 _session: dict[str, object] = {"store": None, "tenant": None}
-_default_stores: dict[str, ModelStore] = {}
+_stores: dict[tuple[str, str], ModelStore] = {}
 
 
 def current_store() -> ModelStore:
@@ -30,11 +30,17 @@ def current_store() -> ModelStore:
     store = _session["store"]
     if isinstance(store, ModelStore):
         return store
-    uri = default_store_uri()
-    with _lock:  # one ModelStore per default URI, so its reachability check runs once
-        if uri not in _default_stores:
-            _default_stores[uri] = ModelStore(uri)
-        return _default_stores[uri]
+    return store_for(default_store_uri(), None)
+
+
+def store_for(uri: str, storage_options: dict | None) -> ModelStore:
+    """The store at ``uri``, one instance per URI and options in this process (so that its
+    reachability check runs once)."""
+    key = (uri, repr(sorted((storage_options or {}).items())))
+    with _lock:
+        if key not in _stores:
+            _stores[key] = ModelStore(uri, storage_options=storage_options)
+        return _stores[key]
 
 
 def caller_tenant() -> str:

@@ -24,7 +24,7 @@ from ._errors import TrimsError
 from ._names import check_name
 from ._protect import protect_array, release
 from ._store import materialize
-from .actors.node_cache import Caller, Holder
+from .actors.node_cache import BYPASS, Caller, Holder
 
 __all__ = ["open", "function", "ModelFunction"]
 
@@ -49,7 +49,8 @@ def open(name: str, *, tenant: str | None = None) -> Iterator[Any]:  # noqa: A00
 
     Yields:
         The model as an ``nn.Module`` when it has a factory, else a state dict, whose tensors are
-        read-only views of the node's shared copy. Do not keep them past the block.
+        read-only views of the node's shared copy. Do not keep them past the block. (When the
+        cache's policy did not admit a miss, the model is this process's own verified copy.)
 
     Raises:
         ModelNotFoundError: no such model for the caller's tenant.
@@ -67,6 +68,9 @@ def open(name: str, *, tenant: str | None = None) -> Iterator[Any]:  # noqa: A00
         forget_node_actor()
         actor = node_actor()
         grant = call(actor.acquire.remote(name, tenant, _this_holder()))
+    if grant["tier"] == BYPASS:
+        yield _own_copy(grant)
+        return
     try:
         with _read_only_model(grant, ray.get(grant["refs"][0])) as model:
             yield model
@@ -74,6 +78,15 @@ def open(name: str, *, tenant: str | None = None) -> Iterator[Any]:  # noqa: A00
         # Fire and forget: if this message is lost or the process dies first, the node's reaper
         # ends the lease when it sees the process gone.
         actor.release.remote(grant["lease_id"])
+
+
+def _own_copy(grant: dict) -> Any:
+    """The model of a miss the node's cache did not keep: read (verified) by this process from
+    the node's store."""
+    manifest = grant["manifest"]
+    uri, storage_options = grant["store"]
+    buffer, _ = _api.store_for(uri, storage_options).read(manifest)
+    return materialize(manifest, buffer)
 
 
 @contextlib.contextmanager
@@ -175,6 +188,8 @@ def _granted(boxed: list | None) -> tuple[dict, Any] | None:
         return None
     if grant["node"] != ray.get_runtime_context().get_node_id():
         return None
+    if grant["tier"] == BYPASS:
+        return grant, None
     try:
         return grant, ray.get(grant["refs"][0])
     except ray.exceptions.RayError:
@@ -188,7 +203,10 @@ def _make_remote(fn: Callable, model: str, options: dict):
         if granted is None:
             with open(model, tenant=tenant) as leased:
                 return fn(leased, *args, **kwargs)
-        with _read_only_model(*granted) as leased:
+        grant, obj = granted
+        if obj is None:  # the node did not keep this miss: the task loads its own copy
+            return fn(_own_copy(grant), *args, **kwargs)
+        with _read_only_model(grant, obj) as leased:
             return fn(leased, *args, **kwargs)
 
     run_with_model.__name__ = getattr(fn, "__name__", "run_with_model")

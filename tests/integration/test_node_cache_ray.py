@@ -281,6 +281,30 @@ def test_leases_of_a_caller_that_dies_are_reclaimed(cache, ray_node, tmp_path):
     assert trims_ray.evict("m", tier="host")[ray_node]["host"] == "evicted"
 
 
+def test_a_miss_the_policy_does_not_admit_is_served_from_the_tasks_own_copy(ray_node, tmp_path):
+    # GDSF with admission: two hot models fill most of the host tier; a model asked for once
+    # that would evict them is served (by the task loading it itself) and nothing is evicted.
+    config = trims_ray.CacheConfig(host_bytes=10 * 1024 * 1024, policy="gdsf", disk_dir=str(tmp_path / "disk"))
+    trims_ray.init(store=str(tmp_path / "store"), config=config)
+    try:
+        for i in range(2):
+            trims_ray.register(f"hot{i}", weights(3, seed=i))
+        big = weights(6, seed=9)
+        trims_ray.register("once", big)
+        total = trims_ray.function(lambda m: float(m["w"].double().sum()))
+        for _ in range(4):
+            for i in range(2):
+                ray.get(total.options(model=f"hot{i}").remote())
+        assert ray.get(total.options(model="once").remote()) == float(big["w"].double().sum())
+        host = node_stats(ray_node).tiers["host"]
+        assert (host.models, host.bypasses, host.evictions, host.loads) == (2, 1, 0, 2)
+        with trims_ray.open("once") as model:  # open() takes the same way
+            assert torch.equal(model["w"], big["w"])
+        assert node_stats(ray_node).tiers["host"].bypasses == 2
+    finally:
+        trims_ray.shutdown()
+
+
 # -- bad input -----------------------------------------------------------------------------
 
 

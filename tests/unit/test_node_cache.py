@@ -938,3 +938,25 @@ def test_an_evict_cancels_the_disk_copy_still_queued(make_cache, file_store, dis
     assert cache.stats()["disk"].models == 0 and not (disk_dir / f"{info.sha256}.safetensors").exists()
     assert use(cache, "m") == "store"  # and a later load writes its copy as usual
     assert cache.stats()["disk"].models == 1
+
+
+def test_a_one_off_huge_model_does_not_flush_a_hot_set(make_cache, file_store, memory):
+    # GDSF admits a miss only if it saves more per byte than its victims: a model asked for once
+    # that would take the room of two hot ones is served without being kept, and they stay.
+    hot = [file_store.register(f"hot{i}", weights(80 + i), tenant=TENANT) for i in range(2)]
+    huge = file_store.register("huge", weights(90, rows=64), tenant=TENANT)
+    cache = make_cache(host_budget=cost(hot[0]) + cost(hot[1]) + cost(huge) // 2, policy="gdsf")
+    for _ in range(5):
+        for i in range(2):
+            use(cache, f"hot{i}")
+    grant = cache.acquire("huge", TENANT, ME)
+    assert grant.tier == "bypass" and grant.handle is None and cache.leases() == 0
+    stats = cache.stats()["host"]
+    assert (stats.models, stats.bypasses, stats.evictions) == (2, 1, 0)
+    assert all(use(cache, f"hot{i}") == "host" for i in range(2))
+    assert cache.prefetch("huge", TENANT) == "store"  # asked for by name: kept, whatever it costs
+    assert cache.stats()["host"].models == 2 and cache.stats()["host"].evictions == 1
+    lru = make_cache(host_budget=cost(hot[0]) + cost(hot[1]) + cost(huge) // 2, disk_dir=file_store.root + "-lru")
+    for i in range(2):
+        use(lru, f"hot{i}")
+    assert use(lru, "huge") == "store" and lru.stats()["host"].evictions == 1  # LRU admits all

@@ -21,7 +21,7 @@ from .._config import CacheConfig
 from .._manifest import Manifest
 from .._reader import copy_verified
 from .._store import ModelStore
-from .node_cache import PEER, STORE, Caller, Grant, Holder, NodeCache, holder_alive
+from .node_cache import BYPASS, PEER, STORE, Caller, Grant, Holder, NodeCache, holder_alive
 
 __all__ = [
     "NAMESPACE",
@@ -109,6 +109,7 @@ class NodeCacheServer:
         host_budget = config.host_bytes
         if host_budget is None:
             host_budget = int(self._node["Resources"].get("object_store_memory", 0) * config.host_fraction)
+        self._store_spec = (store_uri, storage_options)
         self._changed = threading.Event()
         self._placement: ray.actor.ActorHandle | None = None
         # One report at a time, each built just before it is sent: reports arrive in order.
@@ -165,7 +166,12 @@ class NodeCacheServer:
         return self.cache.claim(lease_id, holder)
 
     def acquire(self, name: str, tenant: str, holder: Holder | Caller | None, lease_id: str | None = None) -> dict:
-        return grant_dict(self.cache.acquire(name, tenant, holder, lease_id), self.node_id)
+        grant = grant_dict(self.cache.acquire(name, tenant, holder, lease_id), self.node_id)
+        if grant["tier"] == BYPASS:
+            # The task reads the model itself: tell it from where (its own process may not know
+            # the store, when Ray was started before trims_ray.init).
+            grant["store"] = self._store_spec
+        return grant
 
     def release(self, lease_id: int | str) -> bool:
         return self.cache.release(lease_id)

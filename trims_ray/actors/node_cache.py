@@ -36,6 +36,11 @@ __all__ = ["HostMemory", "Holder", "Caller", "Grant", "TierStats", "NodeCache", 
 log = logging.getLogger("trims_ray")
 
 HOST, DISK, PEER, STORE = "host", "disk", "peer", "store"
+# The grant of a miss the host tier's policy did not admit: the task loads the model itself,
+# and nothing is kept or evicted for it.
+BYPASS = "bypass"
+# Load rates assumed before any load from a source was measured (bytes/s), to price misses.
+_ASSUMED_RATES = {DISK: 0.5e9, PEER: 1e9, STORE: 0.1e9}
 
 
 class HostMemory(Protocol):
@@ -95,7 +100,7 @@ class Grant:
     handle: object
     manifest: Manifest
     offset: int
-    tier: str  # where the model was found: "host" (hit), "disk", "peer" or "store" (loaded)
+    tier: str  # where it was found: "host" (hit), "disk", "peer" or "store" (loaded), or "bypass"
 
 
 @dataclass
@@ -109,6 +114,7 @@ class TierStats:
     misses: int = 0
     loads: int = 0
     evictions: int = 0
+    bypasses: int = 0  # misses served without keeping the model (its policy's admission said no)
 
 
 @dataclass
@@ -182,10 +188,11 @@ class DiskTier:
             self.stats.evictions += evicted
             self._refresh()
 
-    def reserve(self, key: str, nbytes: int) -> bool:
-        """Claims room for a write about to start (evicting if needed); False if it can't fit or
-        the blob is already here or on its way."""
-        if key in self.sizes or key in self.reserved or not self.make_room(nbytes):
+    def reserve(self, key: str, nbytes: int, cost: float | None) -> bool:
+        """Claims room for a write about to start (evicting if needed); False if it can't fit,
+        the blob is already here or on its way, or the policy does not admit it at the price of
+        its victims (``cost``: what a disk hit saves, seconds; None: admit in any case)."""
+        if key in self.sizes or key in self.reserved or not self.make_room(nbytes, key, cost):
             return False
         self.reserved[key] = nbytes
         self._refresh()
@@ -195,12 +202,15 @@ class DiskTier:
         del self.reserved[key]
         self._refresh()
 
-    def make_room(self, nbytes: int) -> bool:
-        """Evicts least valuable blobs until ``nbytes`` fit; False (nothing evicted) if they can't."""
+    def make_room(self, nbytes: int, key: str, cost: float | None) -> bool:
+        """Evicts least valuable blobs until ``nbytes`` fit; False (nothing evicted) if they
+        can't, or if the policy would rather keep them than ``key``."""
         if nbytes > self.budget:
             return False
         victims = choose_victims(self.policy, nbytes, self.budget - self.used, self.sizes, lambda k: True)
-        if victims is None:
+        if victims is None or (victims and cost is not None and not self.policy.admit(key, nbytes, cost, victims)):
+            if victims:
+                self.stats.bypasses += 1
             return False
         for key in victims:
             self.forget(key, evicted=True)
@@ -296,7 +306,13 @@ class NodeCache:
     # -- leases --------------------------------------------------------------------------------
 
     def acquire(
-        self, name: str, tenant: str, holder: Holder | Caller | None, lease_id: str | None = None
+        self,
+        name: str,
+        tenant: str,
+        holder: Holder | Caller | None,
+        lease_id: str | None = None,
+        *,
+        force: bool = False,
     ) -> Grant:
         """Leases the model for ``holder``, loading it into the host tier first on a miss.
 
@@ -308,6 +324,10 @@ class NodeCache:
         Concurrent misses for the same blob cause one load; the others wait for it and share its
         result or its error. The lease counts from the moment the request is admitted, so a
         model being loaded for someone cannot be evicted.
+
+        A miss that would evict others is kept only if the host tier's policy admits it (unless
+        ``force``, as for prefetch); otherwise the grant's tier is "bypass", it holds no lease
+        and no object, and the task loads the model itself.
 
         Raises:
             ModelNotFoundError: no such model for this tenant.
@@ -325,7 +345,9 @@ class NodeCache:
             entry = self._host.get(key)
             leader = entry is None
             if leader:
-                entry = self._admit(manifest)
+                entry = self._admit(manifest, force)
+                if entry is None:
+                    return Grant(lease_id or 0, None, manifest, 0, BYPASS)
             elif entry.ready.is_set():  # failed loads leave the table, so this one succeeded
                 self._host_stats.hits += 1
                 self.host_policy.on_access(key)
@@ -415,17 +437,25 @@ class NodeCache:
 
     # -- loading -------------------------------------------------------------------------------
 
-    def _admit(self, manifest: Manifest) -> _HostEntry:
-        """Reserves host bytes for a load (evicting idle models if needed); call under the lock."""
+    def _admit(self, manifest: Manifest, force: bool) -> _HostEntry | None:
+        """Reserves host bytes for a load (evicting idle models if needed), or None when the
+        policy does not admit it; call under the lock."""
         need = manifest.nbytes + 2 * GUARD_BYTES
-        self._make_host_room(need, f"{manifest.tenant}/{manifest.name}")
+        self._host_stats.misses += 1
+        if not self._make_host_room(need, manifest, force):
+            self._host_stats.bypasses += 1
+            return None
         entry = _HostEntry(manifest, need)
         self._host[manifest.sha256] = entry
-        self._host_stats.misses += 1
         self._update_host_usage()
         return entry
 
-    def _make_host_room(self, need: int, what: str) -> None:
+    def expected_load_s(self, nbytes: int, source: str) -> float:
+        """What loading ``nbytes`` from ``source`` is expected to take, by measured rates."""
+        return nbytes / self.rates.get(source, _ASSUMED_RATES[source])
+
+    def _make_host_room(self, need: int, manifest: Manifest, force: bool) -> bool:
+        what = f"{manifest.tenant}/{manifest.name}"
         if need > self.host_budget:
             raise CapacityError(
                 f"model {what} needs {need} bytes in the host tier, whose budget is "
@@ -444,8 +474,14 @@ class NodeCache:
                 f"{self.host_budget} bytes are leased or loading: retry when they are released, "
                 "or raise the host budget"
             )
+        if victims and not force:
+            source = DISK if manifest.sha256 in self.disk.sizes else STORE
+            cost = self.expected_load_s(manifest.nbytes, source)
+            if not self.host_policy.admit(manifest.sha256, need, cost, victims):
+                return False
         for key in victims:
             self._drop_host(key, evicted=True)
+        return True
 
     def _load_into(self, entry: _HostEntry) -> None:
         """Reads the blob (disk tier, else store), publishes it, and wakes the waiters."""
@@ -546,10 +582,12 @@ class NodeCache:
                     del self._disk_queued[key]
                     self._disk_cancelled.discard(key)
 
-    def _write_through(self, key: str, data: np.ndarray) -> None:
-        """Keeps a disk copy of verified bytes, if the disk budget allows; never fails a load."""
+    def _write_through(self, key: str, data: np.ndarray, force: bool = False) -> None:
+        """Keeps a disk copy of verified bytes, if the disk budget (and, unless ``force``, the
+        disk policy's admission) allows; never fails a load."""
         with self._lock:
-            if key in self._disk_cancelled or not self.disk.reserve(key, len(data)):
+            saves = None if force else self.expected_load_s(len(data), STORE)
+            if key in self._disk_cancelled or not self.disk.reserve(key, len(data), saves):
                 return
         try:
             write_atomically(_LOCAL_FS, str(self.disk.path(key)), [memoryview(data)])
@@ -605,7 +643,7 @@ class NodeCache:
         "store"). Raises as ``acquire``."""
         (tier,) = _check_tier(tier, (HOST, DISK))
         if tier == HOST:
-            grant = self.acquire(name, tenant, None)
+            grant = self.acquire(name, tenant, None, force=True)  # asked for by name: kept
             self.release(grant.lease_id)
             return grant.tier
         manifest = self.resolve(name, tenant)
@@ -613,7 +651,7 @@ class NodeCache:
             if manifest.sha256 in self.disk.sizes:
                 return DISK
         buffer, _ = self.store.read(manifest)
-        self._write_through(manifest.sha256, buffer)
+        self._write_through(manifest.sha256, buffer, force=True)
         return STORE
 
     def _drop_host(self, key: str, *, evicted: bool) -> None:
