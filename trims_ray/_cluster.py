@@ -92,6 +92,7 @@ def init(
     Raises:
         ValueError / TypeError: a bad store URI, tenant or config.
         StoreUnavailableError: the store cannot be reached.
+        TrimsError: trims_ray already runs on this cluster with another store.
     """
     if tenant is not None:
         check_tenant(tenant)
@@ -103,9 +104,16 @@ def init(
         if tenant is not None:
             env["TRIMS_RAY_TENANT"] = tenant
         ray.init(address=address, runtime_env={"env_vars": env})
+    placement = start_placement_actor(model_store.uri, storage_options, config)
+    running_uri, _ = call(placement.store_spec.remote())
+    if running_uri != model_store.uri:
+        raise TrimsError(
+            f"trims_ray already runs on this cluster with store {running_uri}, not {model_store.uri}: "
+            f"call trims_ray.init(store={running_uri!r}), or trims_ray.shutdown() first to restart "
+            "it with another store (its caches are emptied)"
+        )
     _api._session["store"] = model_store
     _api._session["tenant"] = tenant
-    placement = start_placement_actor(model_store.uri, storage_options, config)
     handles = {
         node: start_node_actor(node, model_store.uri, storage_options, config)
         for node in ray.get(placement.sync.remote())

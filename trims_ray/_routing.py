@@ -93,6 +93,9 @@ class Router:
         self._mine: dict[tuple[str, str], int] = {}
         self._outstanding: dict[int, ray.ObjectRef] = {}
         self._closed = threading.Event()
+        # Names resolve in the cluster's store, the one the node caches load from (this process
+        # may not know it: a worker whose Ray was started before trims_ray.init).
+        self._store = _api.store_for(*ray.get(self._actor.store_spec.remote()))
         self._placement = self._adopt(ray.get(self._actor.snapshot.remote(-1, 0.0)))
         threading.Thread(target=self._poll_forever, name="trims-routing", daemon=True).start()
         threading.Thread(target=self._release_forever, name="trims-release", daemon=True).start()
@@ -176,7 +179,7 @@ class Router:
         cached = self._manifests.get((tenant, name))
         if cached is not None and now - cached[0] < _MANIFEST_TTL_S:
             return cached[1]
-        manifest = _api.current_store().manifest(name, tenant=tenant)
+        manifest = self._store.manifest(name, tenant=tenant)
         self._manifests[(tenant, name)] = (now, manifest)
         return manifest
 

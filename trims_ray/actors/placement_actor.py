@@ -126,6 +126,10 @@ class PlacementServer:
                 for c in callers
             ]
 
+    def store_spec(self) -> tuple[str, dict | None]:
+        """The cluster's store: (URI, storage options) every node cache reads from."""
+        return self._node_args[0], self._node_args[1]
+
     def holders(self, key: str) -> dict[str, str]:
         with self._cond:
             return self.placement.holders(key)
