@@ -111,6 +111,11 @@ class CacheConfig:
             raise ValueError(f"disk_bytes must be a non-negative int, got {self.disk_bytes!r}")
         if self.disk_dir is not None and not isinstance(self.disk_dir, str):
             raise TypeError(f"disk_dir must be a str or None, got {type(self.disk_dir).__name__}")
+        if self.disk_dir:
+            try:  # "~nobody/x" would otherwise fail later, in disk_path, with RuntimeError
+                Path(self.disk_dir).expanduser()
+            except RuntimeError as exc:
+                raise ValueError(f"disk_dir {self.disk_dir!r}: {exc}; give an absolute path") from None
         if not isinstance(self.policy, str):
             raise TypeError(f"policy must be a policy name, got {type(self.policy).__name__}")
         from .policy import available_policies, online_policies

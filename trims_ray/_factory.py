@@ -19,7 +19,14 @@ from torch import nn
 
 from ._errors import ModelFormatError
 
-__all__ = ["factory_ref", "resolve_factory", "build_on_meta", "assemble_module", "check_factory_fits"]
+__all__ = [
+    "factory_ref",
+    "check_factory_ref",
+    "resolve_factory",
+    "build_on_meta",
+    "assemble_module",
+    "check_factory_fits",
+]
 
 _REF_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
@@ -34,9 +41,7 @@ def factory_ref(factory: str | Callable[[], nn.Module] | None) -> dict[str, str]
     if factory is None:
         return None
     if isinstance(factory, str):
-        if not _REF_RE.fullmatch(factory):
-            raise ValueError(f"factory {factory!r} must look like 'package.module:attribute'")
-        resolve_factory({"import": factory})  # fail now, not on every worker later
+        resolve_factory({"import": check_factory_ref(factory)})  # fail now, not on every worker
         return {"import": factory}
     if not callable(factory):
         raise TypeError(f"factory must be a callable or 'module:attr', got {type(factory).__name__}")
@@ -46,6 +51,20 @@ def factory_ref(factory: str | Callable[[], nn.Module] | None) -> dict[str, str]
     from ray import cloudpickle  # imported late: only by-value factories need Ray at register
 
     return {"pickle": base64.b64encode(cloudpickle.dumps(factory)).decode("ascii")}
+
+
+def check_factory_ref(ref: object) -> str:
+    """Returns ``ref`` if it is a "package.module:attribute" reference (nothing is imported).
+
+    Raises:
+        TypeError: ``ref`` is not a str.
+        ValueError: it does not have that form (relative, empty or non-identifier parts).
+    """
+    if not isinstance(ref, str):
+        raise TypeError(f"factory reference must be a str, got {type(ref).__name__}")
+    if not _REF_RE.fullmatch(ref):
+        raise ValueError(f"factory {ref!r} must look like 'package.module:attribute'")
+    return ref
 
 
 def _import_ref(factory: Callable) -> str | None:
@@ -73,10 +92,13 @@ def resolve_factory(entry: Mapping[str, str]) -> Callable[[], nn.Module]:
     """The callable a manifest's factory entry names.
 
     Raises:
-        ValueError: the reference does not import, or the pickle cannot be loaded.
+        ValueError: the reference is malformed or does not import, or the pickle cannot be loaded.
         TypeError: what it names is not callable.
     """
     if "import" in entry:
+        # Entries come from manifests in the store: a malformed one ("..pkg:f", "noattr") would
+        # otherwise reach importlib and fail with its own TypeError or an unpacking message.
+        check_factory_ref(entry["import"])
         try:
             obj = _resolve_import(entry["import"])
         except (ImportError, AttributeError) as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,6 +23,12 @@ from ._errors import StoreUnavailableError
 
 __all__ = ["open_fs", "is_local", "write_atomically", "translate_store_errors", "describe_s3"]
 
+# The bucket names botocore accepts (it checks them client-side, before any request).
+_BUCKET_RE = re.compile(r"[A-Za-z0-9.\-_]{1,255}")
+# A URI's scheme (RFC 3986, or fsspec's chain "simplecache::s3") and its "://"; anything else
+# is a local path.
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*(::[A-Za-z][A-Za-z0-9+.\-]*)*://")
+
 
 def open_fs(uri: str | os.PathLike, storage_options: dict | None = None):
     """Returns ``(fs, root)`` for a store URI or a local path.
@@ -32,7 +39,8 @@ def open_fs(uri: str | os.PathLike, storage_options: dict | None = None):
 
     Raises:
         TypeError: ``uri`` is not a str or path.
-        ValueError: the URI is empty or names a protocol fsspec does not know.
+        ValueError: the URI is empty, has a NUL byte, names a protocol fsspec does not know, or
+            fsspec cannot build a filesystem from it (the message gives fsspec's reason).
         ImportError: the protocol's package is missing (fsspec's message names it).
     """
     if isinstance(uri, os.PathLike):
@@ -41,17 +49,53 @@ def open_fs(uri: str | os.PathLike, storage_options: dict | None = None):
         raise TypeError(f"store must be a URI string or a path, got {type(uri).__name__}")
     if not uri.strip():
         raise ValueError("store URI is empty")
+    if "\x00" in uri:  # no backend can name such a file; os calls would fail later, obscurely
+        raise ValueError(f"store {uri!r}: contains a NUL byte")
     options = dict(storage_options or {})
-    if "://" not in uri:
-        uri = Path(uri).expanduser().resolve().as_uri()
-    protocol = uri.split("://", 1)[0]
+    if not _SCHEME_RE.match(uri):  # "/data/a://b" is a local path, not a protocol "/data/a:"
+        try:
+            path = str(Path(uri).expanduser().resolve())
+        except RuntimeError as exc:  # "~nobody/x"
+            raise ValueError(f"store {uri!r}: not a usable local path ({exc})") from None
+        # Not Path.as_uri(): it percent-encodes, and fsspec takes file:// paths literally, so
+        # "/data/my models" would have become a directory named "my%20models".
+        uri = f"file://{path}"
+    protocol, rest = uri.split("://", 1)
+    if protocol in ("file", "local", "memory", "s3", "s3a") and "::" in rest:
+        # fsspec reads "a::b" as filesystem b inside a; these hold no inner filesystem, so it
+        # would silently cut the path at "::" (file:///a::b is the directory /a).
+        raise ValueError(f"store {uri!r}: a path with '::' cannot be a store; rename it")
     if protocol in ("s3", "s3a"):
         options = _s3_options(options)
     try:
         fs, root = fsspec.core.url_to_fs(uri, **options)
-    except ValueError as exc:
-        raise ValueError(f"store {uri!r}: {exc}") from None
+    except ImportError:
+        raise
+    except Exception as exc:
+        # Filesystem constructors fail in their own ways on URIs they cannot use (a zip:// of a
+        # directory raises IsADirectoryError, reference:// a TypeError, dir:// an AttributeError).
+        raise ValueError(
+            f"store {uri!r}: fsspec cannot open it ({type(exc).__name__}: {exc}); use "
+            "file:///path, memory://name or s3://bucket/prefix, with storage_options for "
+            "backends that need them"
+        ) from exc
+    if protocol in ("s3", "s3a"):
+        _check_s3_root(uri, root)
     return fs, root.rstrip("/") or root
+
+
+def _check_s3_root(uri: str, root: str) -> None:
+    """Rejects what botocore would refuse only at the first request, with its own error types."""
+    bucket = root.split("/", 1)[0]
+    if not _BUCKET_RE.fullmatch(bucket):
+        raise ValueError(
+            f"store {uri!r}: {bucket!r} is not an S3 bucket name; use "
+            "s3://bucket/prefix with a bucket of letters, digits, '.', '-' and '_'"
+        )
+    try:
+        root.encode("utf-8")  # S3 keys are UTF-8 text
+    except UnicodeEncodeError:
+        raise ValueError(f"store {uri!r}: the prefix has a lone surrogate, not valid text") from None
 
 
 def _s3_options(options: dict) -> dict:

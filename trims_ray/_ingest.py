@@ -19,7 +19,7 @@ from torch import nn
 from ._errors import ModelFormatError
 from ._fsio import open_fs
 from ._reader import read_blob
-from ._safetensors import parse_header, tensors_from_buffer
+from ._safetensors import brief_repr, parse_header, tensors_from_buffer
 
 __all__ = ["Weights", "collect_weights"]
 
@@ -110,18 +110,28 @@ def _from_files(location: str | os.PathLike, storage_options: dict | None) -> We
 def _shard_files(fs, directory: str, shown: str) -> tuple[list[str], dict[str, str] | None]:
     """The shard files of a directory, and its index's weight map when it has one."""
     index_path = f"{directory}/{HF_INDEX}"
-    if fs.exists(index_path):
+    if fs.isfile(index_path):
         weight_map = _read_index(fs, index_path, shown)
         names = sorted(set(weight_map.values()))
         for name in names:
             if "/" in name or "\\" in name or name in ("", ".", ".."):
-                raise ModelFormatError(f"{shown}/{HF_INDEX}: shard name {name!r} is not a plain file name")
+                raise ModelFormatError(
+                    f"{shown}/{HF_INDEX}: shard name {brief_repr(name)} is not a plain file name"
+                )
         files = [f"{directory}/{name}" for name in names]
         missing = [name for name, f in zip(names, files) if not fs.isfile(f)]
         if missing:
-            raise ModelFormatError(f"{shown}/{HF_INDEX}: lists shards that are missing: {missing}")
+            raise ModelFormatError(
+                f"{shown}/{HF_INDEX}: lists shards that are missing: {brief_repr(missing)}"
+            )
         return files, weight_map
-    files = sorted(f for f in fs.ls(directory, detail=False) if f.endswith(".safetensors"))
+    # Only files: a subdirectory named "x.safetensors" is not a shard (reading it would raise
+    # IsADirectoryError).
+    files = sorted(
+        e["name"]
+        for e in fs.ls(directory, detail=True)
+        if e["name"].endswith(".safetensors") and e["type"] == "file"
+    )
     if not files:
         raise ModelFormatError(f"{shown}: directory holds no .safetensors files")
     return files, None

@@ -15,14 +15,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ._errors import ModelFormatError
+from ._factory import check_factory_ref
 from ._hashing import ChunkDigests
 from ._names import check_name, check_tenant
-from ._safetensors import BlobLayout, TensorSpec, parse_header
+from ._safetensors import BlobLayout, TensorSpec, brief_repr, parse_header
 
 __all__ = ["FORMAT_VERSION", "ModelInfo", "Manifest"]
 
 FORMAT_VERSION = 1
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+# Every field to_json writes. All are required and no other is allowed: a damaged key (a flipped
+# bit in "aliases") must be an error, not a field silently dropped from the model.
+_FIELDS = frozenset(
+    {"format_version", "name", "tenant", "sha256", "nbytes", "data_start", "tensors",
+     "chunk_bytes", "chunk_sha256", "aliases", "factory", "created"}
+)
+_TENSOR_FIELDS = frozenset({"dtype", "shape", "offsets"})
 
 
 @dataclass(frozen=True)
@@ -115,30 +123,39 @@ class Manifest:
         if not isinstance(doc, dict):
             raise ModelFormatError(f"{source}: manifest must be a JSON object")
         version = doc.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:
             raise ModelFormatError(
-                f"{source}: manifest format_version {version!r}; this trims_ray reads "
+                f"{source}: manifest format_version {brief_repr(version)}; this trims_ray reads "
                 f"{FORMAT_VERSION}: upgrade trims_ray or re-register the model"
             )
         try:
             return cls._from_doc(doc, source)
-        except (KeyError, TypeError, ValueError) as exc:
+        # RecursionError: re-encoding an absurdly nested tensor index for the header check.
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
             raise ModelFormatError(f"{source}: invalid manifest: {exc!s}") from None
 
     @classmethod
     def _from_doc(cls, doc: dict, source: str) -> Manifest:
+        if doc.keys() != _FIELDS:
+            missing, unknown = sorted(_FIELDS - doc.keys()), sorted(doc.keys() - _FIELDS)
+            raise ValueError(f"fields missing: {missing}, unknown: {brief_repr(unknown)}")
         name, tenant = check_name(doc["name"]), check_tenant(doc["tenant"])
         sha256 = doc["sha256"]
         if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256):
-            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
+            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {brief_repr(sha256)}")
         nbytes, data_start = doc["nbytes"], doc["data_start"]
         if type(nbytes) is not int or type(data_start) is not int or not 8 <= data_start <= nbytes:
-            raise ValueError(f"bad sizes: nbytes={nbytes!r}, data_start={data_start!r}")
+            raise ValueError(
+                f"bad sizes: nbytes={brief_repr(nbytes)}, data_start={brief_repr(data_start)}"
+            )
         # Re-validate the index with the safetensors parser's own rules (exact coverage, sizes
         # consistent with dtype and shape) by feeding it as a header.
         index = doc["tensors"]
         if not isinstance(index, dict):
             raise ValueError("tensors must be an object")
+        for tname, spec in index.items():
+            if not isinstance(spec, dict) or spec.keys() != _TENSOR_FIELDS:
+                raise ValueError(f"tensor {brief_repr(tname)} must have exactly dtype, shape, offsets")
         header = {
             tname: {
                 "dtype": spec["dtype"],
@@ -160,7 +177,7 @@ class Manifest:
         )
         chunk_bytes, chunk_sha256 = doc["chunk_bytes"], doc["chunk_sha256"]
         if type(chunk_bytes) is not int or chunk_bytes < 4096:
-            raise ValueError(f"chunk_bytes must be an int >= 4096, got {chunk_bytes!r}")
+            raise ValueError(f"chunk_bytes must be an int >= 4096, got {brief_repr(chunk_bytes)}")
         if not (
             isinstance(chunk_sha256, list)
             and len(chunk_sha256) == -(-nbytes // chunk_bytes)
@@ -169,13 +186,13 @@ class Manifest:
             raise ValueError(
                 "chunk_sha256 must list one sha256 hex digest per chunk_bytes of the blob"
             )
-        aliases = doc.get("aliases") or {}
+        aliases = doc["aliases"]
         if not isinstance(aliases, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and v in index and k not in index
             for k, v in aliases.items()
         ):
             raise ValueError("aliases must map new tensor names to stored tensor names")
-        factory = doc.get("factory")
+        factory = doc["factory"]
         if factory is not None and not (
             isinstance(factory, dict)
             and len(factory) == 1
@@ -183,7 +200,9 @@ class Manifest:
             and isinstance(next(iter(factory.values())), str)
         ):
             raise ValueError("factory must be null, {'import': 'module:attr'} or {'pickle': ...}")
-        created = doc.get("created", "")
+        if factory is not None and "import" in factory:
+            check_factory_ref(factory["import"])  # checked here, imported only when used
+        created = doc["created"]
         if not isinstance(created, str):
             raise ValueError("created must be a string")
         return cls(

@@ -11,7 +11,7 @@ anything else raises ModelFormatError naming the source.
 from __future__ import annotations
 
 import json
-import math
+import reprlib
 import struct
 import warnings
 from collections.abc import Iterator, Mapping
@@ -32,6 +32,7 @@ __all__ = [
     "iter_blob_chunks",
     "tensors_from_buffer",
     "dtype_code",
+    "brief_repr",
 ]
 
 # safetensors dtype code -> torch dtype. Element sizes come from torch.
@@ -57,6 +58,18 @@ _CODES = {dtype: code for code, dtype in DTYPES.items()}
 # The same ceiling the safetensors library applies: a header is metadata, never weights.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _LEN = struct.Struct("<Q")
+# torch sizes and strides are int64. The product of a shape's dimensions (zeros counted as 1, as
+# torch's strides count them) must stay below this: next to a 0 dimension a tensor holds no bytes,
+# so absurd dimensions would otherwise pass every size check and then fail in torch.
+_MAX_EXTENT = 2**63 - 1
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxother = 3, 8, 4, 60, 60
+
+
+def brief_repr(value: object) -> str:
+    """``repr`` bounded in depth and length, for quoting untrusted values in error messages
+    (a hostile document must not make the message itself huge)."""
+    return _BRIEF.repr(value)
 
 
 @dataclass(frozen=True)
@@ -166,7 +179,8 @@ def parse_header(
 
     data_start = 8 + n
     specs = [_parse_entry(name, entry, data_start, source) for name, entry in header.items()]
-    specs.sort(key=lambda t: (t.start, t.end))
+    # Names break ties (empty tensors at one offset), so the order never depends on the JSON's.
+    specs.sort(key=lambda t: (t.start, t.end, t.name))
     # The data section must be covered exactly, as the safetensors spec requires: no overlap
     # (two tensors aliasing bytes) and no hole (bytes no tensor accounts for).
     cursor = data_start
@@ -195,21 +209,35 @@ def _parse_entry(name: str, entry: object, data_start: int, source: str) -> Tens
         )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise ModelFormatError(f"{source}: tensor {name!r} has unknown dtype {dtype!r}")
-    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
         raise ModelFormatError(
-            f"{source}: tensor {name!r} shape must be a list of non-negative ints, got {shape!r}"
+            f"{source}: tensor {name!r} has unknown dtype {brief_repr(dtype)}"
         )
+    if not (isinstance(shape, list) and all(map(_is_count, shape))):
+        raise ModelFormatError(
+            f"{source}: tensor {name!r} shape must be a list of non-negative ints, got "
+            f"{brief_repr(shape)}"
+        )
+    # Multiplied with a bound, not math.prod: the product of a hostile shape of a million
+    # dimensions is a million-digit integer that takes minutes to compute.
+    extent = 1
+    for d in shape:
+        extent *= max(d, 1)
+        if extent > _MAX_EXTENT:
+            raise ModelFormatError(
+                f"{source}: tensor {name!r} shape {brief_repr(shape)} is too large: its "
+                "dimensions multiply past 2**63 - 1, torch's limit"
+            )
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
         raise ModelFormatError(
-            f"{source}: tensor {name!r} data_offsets must be [begin, end], got {offsets!r}"
+            f"{source}: tensor {name!r} data_offsets must be [begin, end], got "
+            f"{brief_repr(offsets)}"
         )
     begin, end = offsets
-    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    expected = (0 if 0 in shape else extent) * DTYPES[dtype].itemsize
     if end - begin != expected:
         raise ModelFormatError(
-            f"{source}: tensor {name!r} spans {end - begin} bytes but {dtype} {shape} "
-            f"needs {expected}"
+            f"{source}: tensor {name!r} spans {end - begin} bytes but {dtype} "
+            f"{brief_repr(shape)} needs {expected}"
         )
     return TensorSpec(name, dtype, tuple(shape), data_start + begin, data_start + end)
 

@@ -11,7 +11,8 @@ a manifest always finds its whole blob. Every read is verified against the manif
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 
 import numpy as np
@@ -21,7 +22,7 @@ from torch import nn
 from ._config import ReadOptions, default_store_uri
 from ._errors import IntegrityError, ModelFormatError, ModelNotFoundError, StoreUnavailableError
 from ._factory import assemble_module, build_on_meta, check_factory_fits, factory_ref, resolve_factory
-from ._hashing import digest_blob
+from ._hashing import CHUNK_BYTES, digest_blob
 from ._fsio import describe_s3, is_local, open_fs, translate_store_errors, write_atomically
 from ._ingest import collect_weights
 from ._manifest import Manifest, ModelInfo
@@ -30,6 +31,8 @@ from ._reader import ReadStats, read_blob
 from ._safetensors import iter_blob_chunks, plan_layout, tensors_from_buffer
 
 __all__ = ["ModelStore"]
+
+log = logging.getLogger("trims_ray")
 
 
 class ModelStore:
@@ -76,6 +79,7 @@ class ModelStore:
         tenant: str,
         factory: str | Callable[[], nn.Module] | None = None,
         storage_options: dict | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> ModelInfo:
         """Stores ``weights`` under ``tenant``/``name``; replaces an earlier model of that name.
 
@@ -86,6 +90,9 @@ class ModelStore:
             tenant: the tenant that will own the model.
             factory: a zero-argument callable or "module:attr" that builds the architecture.
             storage_options: fsspec options for reading ``weights`` from a URI.
+            progress: called as ``progress(bytes_written, blob_bytes)`` when the blob's upload
+                starts and after each piece of at most 16 MiB (the hashing pass before it is
+                not reported).
 
         Returns:
             The registered model's ModelInfo.
@@ -127,7 +134,10 @@ class ModelStore:
             blob_existed = self.fs.exists(blob)
             # The blob is rewritten even when it exists: that repairs a damaged copy, and the
             # time register takes does not tell whether some tenant already stored these bytes.
-            write_atomically(self.fs, blob, iter_blob_chunks(layout, header, weights_in.tensors))
+            pieces = iter_blob_chunks(layout, header, weights_in.tensors)
+            if progress is not None:
+                pieces = _reporting(pieces, layout.nbytes, progress)
+            write_atomically(self.fs, blob, pieces)
             try:
                 write_atomically(self.fs, self.manifest_path(tenant, name), [manifest.to_json()])
             except BaseException:
@@ -153,7 +163,7 @@ class ModelStore:
                 path = self.manifest_path(owner, name)
                 try:
                     data = self.fs.cat_file(path)
-                except FileNotFoundError:
+                except (FileNotFoundError, IsADirectoryError):  # a directory is no manifest
                     continue
                 source = self.fs.unstrip_protocol(path)
                 manifest = Manifest.from_json(data, source=source)
@@ -178,13 +188,17 @@ class ModelStore:
                 directory = f"{self.root}/manifests/{owner}"
                 self.fs.invalidate_cache(directory)  # listings are cached by object-store backends
                 try:
-                    paths = self.fs.ls(directory, detail=False)
+                    entries = self.fs.ls(directory, detail=True)
                 except FileNotFoundError:
                     continue
-                for path in sorted(paths):
+                for path in sorted(e["name"] for e in entries if e["type"] == "file"):
                     stem = path.rsplit("/", 1)[-1].removesuffix(".json")
-                    if path.endswith(".json") and not stem.startswith("."):
+                    if not path.endswith(".json") or stem.startswith("."):
+                        continue  # not a manifest (temporary files of writes start with ".")
+                    if _is_name(stem):
                         infos.append(self.manifest(stem, tenant=owner).info)
+                    else:  # register never writes such a file: someone edited the store
+                        log.warning("store %s: ignoring %s: not a valid model name", self.uri, path)
         return infos
 
     def read(
@@ -257,6 +271,31 @@ def materialize(manifest: Manifest, buffer: np.ndarray) -> nn.Module | dict[str,
     if manifest.factory is None:
         return tensors
     return assemble_module(resolve_factory(manifest.factory), tensors)
+
+
+def _reporting(
+    pieces: Iterable[memoryview], total: int, progress: Callable[[int, int], None]
+) -> Iterator[memoryview]:
+    """Yields ``pieces`` in slices of at most CHUNK_BYTES (views, no copy), calling
+    ``progress(done, total)`` first and after the consumer has taken each slice."""
+    done = 0
+    progress(done, total)
+    for piece in pieces:
+        piece = memoryview(piece).cast("B")
+        # One tensor can be most of a model: slicing keeps the bar moving through it.
+        for start in range(0, len(piece), CHUNK_BYTES):
+            part = piece[start : start + CHUNK_BYTES]
+            yield part
+            done += len(part)
+            progress(done, total)
+
+
+def _is_name(stem: str) -> bool:
+    try:
+        check_name(stem)
+    except ValueError:
+        return False
+    return True
 
 
 def _protocols(fs) -> tuple[str, ...]:
