@@ -18,6 +18,7 @@ import ray
 from . import _api, _routing
 from ._config import CacheConfig
 from ._errors import TrimsError
+from ._fsio import translate_store_errors
 from ._names import check_name, check_tenant
 from ._store import ModelStore
 from .actors.node_actor import NAMESPACE, PLACEMENT_NAME, node_actor_name, start_node_actor
@@ -54,11 +55,14 @@ class Cluster:
 
 @dataclass
 class NodeStats:
-    """One node: its tiers, the leases held now, and its whole object store's bytes in use."""
+    """One node: its tiers, the leases held now, its whole object store's bytes in use, and its
+    GPU tier's state: {"enabled": bool, "reason": why it is off, "gpus": {Ray's GPU id: that
+    GPU's stats}} (tiers["gpu"] sums the GPUs)."""
 
     tiers: dict[str, TierStats]
     leases: int = 0
     object_store_bytes_used: int = 0
+    gpu: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -97,7 +101,8 @@ def init(
     if tenant is not None:
         check_tenant(tenant)
     model_store = ModelStore(store, storage_options=storage_options) if store is not None else _api.current_store()
-    model_store._check_reachable()
+    with translate_store_errors(model_store.fs, model_store.uri):  # botocore's errors -> ours
+        model_store._check_reachable()
     config = config if config is not None else CacheConfig.from_env()
     if not ray.is_initialized():
         env = {"TRIMS_RAY_STORE": model_store.uri}
@@ -232,12 +237,14 @@ def _on_each_node(nodes: list[str] | None, method: str, *args) -> dict[str, obje
 
 
 def prefetch(name: str, tier: str = "host", nodes: list[str] | None = None) -> dict[str, str]:
-    """Warms ``tier`` ("host" or "disk") with a model on ``nodes`` (default: every node).
+    """Warms ``tier`` ("gpu", "host" or "disk") with a model on ``nodes`` (default: every node).
+    "gpu" swaps it onto the node's GPU with the most room (through its host tier).
 
-    Returns, per node, where the model was found: "host", "disk" or "store".
+    Returns, per node, where the model was found: "gpu", "host", "disk" or "store".
 
     Raises:
         ModelNotFoundError, CapacityError, IntegrityError, ValueError: as for an invocation.
+        TrimsError: tier="gpu" on a node whose GPU tier is off (the message says why).
     """
     check_name(name)
     result = _on_each_node(nodes, "prefetch", name, _api.caller_tenant(), tier)
@@ -262,6 +269,9 @@ def stats() -> ClusterStats:
     out = ClusterStats()
     for n, raw in _on_each_node(None, "stats").items():
         out.nodes[n] = NodeStats(
-            {t: TierStats(**s) for t, s in raw["tiers"].items()}, raw["leases"], raw["object_store_bytes_used"]
+            {t: TierStats(**s) for t, s in raw["tiers"].items()},
+            raw["leases"],
+            raw["object_store_bytes_used"],
+            raw["gpu"],
         )
     return out

@@ -37,6 +37,14 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"${name} must be an integer, got {raw!r}") from None
 
 
+def _env_float(name: str) -> float:
+    raw = os.environ[name].strip()
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"${name} must be a number, got {raw!r}") from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class ReadOptions:
     """How the store reader splits a blob into parallel ranged reads.
@@ -89,6 +97,10 @@ class CacheConfig:
         caller_timeout_s: a process that submitted tasks (and holds their leases until their
             results exist) is taken for dead when placement has not heard from it for this long;
             its leases are then reclaimed. Callers poll every 2 s.
+        gpu_bytes: byte budget of the GPU tier on each GPU; None means ``gpu_fraction`` of the
+            GPU's total memory (NVML). The GPU tier is on only on nodes where Ray manages GPUs.
+        gpu_fraction: share of each GPU's memory for cached models when ``gpu_bytes`` is None;
+            the rest stays for the tasks' activations and workspaces.
     """
 
     host_bytes: int | None = None
@@ -101,6 +113,8 @@ class CacheConfig:
     peer_fetch: bool = True
     report_s: float = 0.5
     caller_timeout_s: float = 15.0
+    gpu_bytes: int | None = None
+    gpu_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.host_bytes is not None and (type(self.host_bytes) is not int or self.host_bytes < 0):
@@ -131,11 +145,28 @@ class CacheConfig:
             raise ValueError(f"report_s must be in (0, 60] seconds, got {self.report_s!r}")
         if not self.caller_timeout_s >= 3:
             raise ValueError(f"caller_timeout_s must be >= 3 s (callers poll every 2 s), got {self.caller_timeout_s!r}")
+        self.gpu_tier_config()  # checks gpu_bytes and gpu_fraction, with the GPU tier's messages
+
+    def gpu_tier_config(self):
+        """The settings each GPU holder of a node gets (same policy and lease checks as the host)."""
+        from .actors.gpu_tier import GpuTierConfig
+
+        try:
+            return GpuTierConfig(
+                budget_bytes=self.gpu_bytes,
+                budget_fraction=self.gpu_fraction,
+                policy=self.policy,
+                lease_check_s=self.lease_check_s,
+            )
+        except ValueError as exc:  # name the fields as the caller knows them
+            message = str(exc).replace("budget_bytes", "gpu_bytes").replace("budget_fraction", "gpu_fraction")
+            raise ValueError(message) from None
 
     @classmethod
     def from_env(cls, **overrides) -> CacheConfig:
         """Defaults, then ``$TRIMS_RAY_HOST_BYTES``, ``$TRIMS_RAY_DISK_BYTES``,
-        ``$TRIMS_RAY_DISK_DIR`` and ``$TRIMS_RAY_POLICY``, then ``overrides``."""
+        ``$TRIMS_RAY_DISK_DIR``, ``$TRIMS_RAY_POLICY``, ``$TRIMS_RAY_GPU_BYTES`` and
+        ``$TRIMS_RAY_GPU_FRACTION``, then ``overrides``."""
         env: dict[str, object] = {}
         if os.environ.get("TRIMS_RAY_HOST_BYTES", "").strip():
             env["host_bytes"] = _env_int("TRIMS_RAY_HOST_BYTES", 0)
@@ -145,6 +176,10 @@ class CacheConfig:
             env["disk_dir"] = os.environ["TRIMS_RAY_DISK_DIR"].strip()
         if os.environ.get("TRIMS_RAY_POLICY", "").strip():
             env["policy"] = os.environ["TRIMS_RAY_POLICY"].strip()
+        if os.environ.get("TRIMS_RAY_GPU_BYTES", "").strip():
+            env["gpu_bytes"] = _env_int("TRIMS_RAY_GPU_BYTES", 0)
+        if os.environ.get("TRIMS_RAY_GPU_FRACTION", "").strip():
+            env["gpu_fraction"] = _env_float("TRIMS_RAY_GPU_FRACTION")
         return cls(**{**env, **overrides})
 
     def disk_path(self, node_id: str) -> Path:

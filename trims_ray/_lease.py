@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from . import _api, _routing
 from ._cluster import call, forget_node_actor, node_actor
 from ._errors import TrimsError
+from ._gpu_lease import acquire_gpu
 from ._names import check_name
 from ._protect import protect_array, release
 from ._store import materialize
@@ -60,6 +61,11 @@ def open(name: str, *, tenant: str | None = None) -> Iterator[Any]:  # noqa: A00
     """
     check_name(name)
     tenant = tenant or _api.caller_tenant()
+    gpu_lease = acquire_gpu(name, tenant)  # None unless this task has a GPU with a holder
+    if gpu_lease is not None:
+        with gpu_lease as model:
+            yield model
+        return
     actor = node_actor()
     try:
         grant = call(actor.acquire.remote(name, tenant, _this_holder()))
@@ -152,6 +158,11 @@ class ModelFunction:
         if "scheduling_strategy" in self._options:
             # The caller placed the task itself: it leases from whatever node it runs on.
             return self._remote.remote(tenant, None, *args, **kwargs)
+        if _wants_gpu(self._options):
+            # The GPU holder of the task's own GPU serves it (known only once the task runs); a
+            # host lease taken here would be wasted on a GPU hit.
+            strategy = NodeAffinitySchedulingStrategy(route.node, soft=True)
+            return self._remote.options(scheduling_strategy=strategy).remote(tenant, None, *args, **kwargs)
         actor = node_actor(route.node)
         # The caller holds the lease until the task's result exists, then ends it (the task
         # sends nothing: each message from a worker costs it most of a millisecond).
@@ -164,6 +175,11 @@ class ModelFunction:
         ref = remote.remote(tenant, [grant], *args, **kwargs)
         router.track(ref, manifest.sha256, route.node, functools.partial(actor.release.remote, lease_id))
         return ref
+
+
+def _wants_gpu(options: dict) -> bool:
+    num_gpus = options.get("num_gpus") or 0
+    return num_gpus > 0
 
 
 def _mark_task_start() -> None:

@@ -811,7 +811,7 @@ def bench_routing(models: int, nodes: int, calls: int, seed: int = 0) -> dict[st
     sizes = {f"model{i:04d}": rng.randint(10, 2000) * MiB for i in range(models)}
     cold = set(rng.sample(list(sizes), models // 5))
     for key in sizes.keys() - cold:
-        for node in rng.sample(names, rng.randint(1, 3)):
+        for node in rng.sample(names, rng.randint(1, min(3, len(names)))):
             residency[node][key] = rng.choice(TIERS)
     for node in names:
         busy = {key: rng.randint(0, 2) for key in rng.sample(list(sizes), 4)}

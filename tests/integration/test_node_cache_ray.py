@@ -365,3 +365,17 @@ def test_api_after_shutdown_says_to_init(ray_node, tmp_path):
     with pytest.raises(TrimsError, match="init"):
         with trims_ray.open("m"):
             pass
+
+
+def test_without_a_gpu_the_gpu_tier_is_off_and_says_why(cache):
+    trims_ray.register("tiny", {"w": torch.ones(8)})
+    node = trims_ray.stats().nodes[ray.get_runtime_context().get_node_id()]
+    assert node.gpu["enabled"] is False
+    assert "no GPU" in node.gpu["reason"]
+    assert node.tiers["gpu"].capacity == 0 and node.tiers["gpu"].models == 0
+    assert trims_ray.stats().to_dict()["nodes"][ray.get_runtime_context().get_node_id()]["gpu"]["enabled"] is False
+    with pytest.raises(trims_ray.TrimsError, match="no GPU"):
+        trims_ray.prefetch("tiny", tier="gpu")
+    node_id = ray.get_runtime_context().get_node_id()
+    assert trims_ray.evict("tiny", tier="gpu") == {node_id: {"gpu": "absent"}}
+    assert trims_ray.evict("tiny")[node_id]["gpu"] == "absent"

@@ -9,6 +9,7 @@ detached so that cached models outlive the job that loaded them. It owns every h
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import asdict
@@ -18,9 +19,11 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .._config import CacheConfig
+from .._errors import TrimsError
 from .._manifest import Manifest
 from .._reader import copy_verified
 from .._store import ModelStore
+from .gpu_tier import GPU
 from .node_cache import BYPASS, PEER, STORE, Caller, Grant, Holder, NodeCache, holder_alive
 
 __all__ = [
@@ -130,6 +133,7 @@ class NodeCacheServer:
         self._dead_callers: set[str] = set()
         self._peer_mode = "auto" if config.peer_fetch else "never"
         self._stop = threading.Event()
+        self._gpu_holders, self._gpu_off_reason = self._start_gpu_tier(store_uri, storage_options)
         threading.Thread(target=self._reap_forever, name="trims-lease-reaper", daemon=True).start()
         threading.Thread(target=self._report_forever, name="trims-report", daemon=True).start()
 
@@ -187,19 +191,29 @@ class NodeCacheServer:
 
     def prefetch(self, name: str, tenant: str, tier: str) -> str:
         try:
+            if tier == GPU:
+                return self._prefetch_gpu(name, tenant)
             return self.cache.prefetch(name, tenant, tier)
         finally:
             self._send_report()  # placement knows before the caller's prefetch() returns
 
     def evict(self, name: str, tenant: str, tier: str | None) -> dict[str, str]:
         try:
-            return self.cache.evict(name, tenant, tier)
+            result = {}
+            if tier in (None, GPU):
+                result[GPU] = self._evict_gpu(name, tenant)
+            if tier != GPU:
+                result.update(self.cache.evict(name, tenant, tier))
+            return result
         finally:
             self._send_report()
 
     def stats(self) -> dict:
+        gpu = self._gpu_stats()
         return {
-            "tiers": {t: asdict(s) for t, s in self.cache.stats().items()},
+            "tiers": {GPU: gpu["tier"], **{t: asdict(s) for t, s in self.cache.stats().items()}},
+            # Whether the GPU tier is on here, why not, and each GPU's own counters and memory.
+            "gpu": {"enabled": gpu["enabled"], "reason": gpu["reason"], "gpus": gpu["gpus"]},
             "leases": self.cache.leases(),
             "object_store_bytes_used": object_store_bytes_used(self._node),
             "load_rates": dict(self.cache.rates),
@@ -222,7 +236,61 @@ class NodeCacheServer:
 
     def report(self) -> dict:
         """This node's residency snapshot for placement (it also pushes them on every change)."""
-        return {**self.cache.report(), "slots": self._slots}
+        report = {**self.cache.report(), "slots": self._slots}
+        if self._gpu_holders:  # GPU residency outranks host residency for routing
+            from .gpu_holder import node_gpu_residency  # gpu_holder imports this module
+
+            report["residency"] = {**report["residency"], **node_gpu_residency(self._gpu_holders)}
+        return report
+
+    # -- the GPU tier --------------------------------------------------------------------------
+
+    def _start_gpu_tier(self, store_uri: str, storage_options: dict | None) -> tuple[dict, str]:
+        """A GPU holder per GPU Ray manages on this node, or none and the reason the tier is off."""
+        from .gpu_holder import start_gpu_holders  # imports this module
+
+        ray_gpus = int(self._node["Resources"].get("GPU", 0))
+        if ray_gpus == 0:
+            return {}, "no GPU on this node (Ray manages none)"
+        try:
+            return start_gpu_holders(
+                self.node_id,
+                store_uri,
+                storage_options,
+                self.config.gpu_tier_config(),
+                visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                ray_gpus=ray_gpus,
+            )
+        except Exception as exc:  # the host tier works without it: say why in stats()
+            log.warning("trims_ray: GPU tier off on node %s: %s", self.node_id, exc)
+            return {}, f"GPU holders failed to start: {exc}"
+
+    def _gpu_stats(self) -> dict:
+        from .gpu_holder import node_gpu_stats  # gpu_holder imports this module
+
+        return node_gpu_stats(self._gpu_holders, self._gpu_off_reason)
+
+    def _prefetch_gpu(self, name: str, tenant: str) -> str:
+        """Swaps the model onto this node's GPU with the most free budget."""
+        if not self._gpu_holders:
+            raise TrimsError(f"cannot prefetch {name!r} to the GPU tier of node {self.node_id}: {self._gpu_off_reason}")
+        per_gpu = self._gpu_stats()["gpus"]
+
+        def room(label: str) -> int:
+            tier = per_gpu[label]["tiers"][GPU]
+            return tier["capacity"] - tier["bytes_used"] if per_gpu[label]["enabled"] else -1
+        label = max(self._gpu_holders, key=room)
+        return ray.get(self._gpu_holders[label].prefetch.remote(name, tenant))
+
+    def _evict_gpu(self, name: str, tenant: str) -> str:
+        """"evicted" if any GPU held it, "deferred" if one still leases it, else "absent"."""
+        if not self._gpu_holders:
+            return "absent"
+        outcomes = ray.get([h.evict.remote(name, tenant) for h in self._gpu_holders.values()])
+        for outcome in ("deferred", "evicted"):
+            if outcome in outcomes:
+                return outcome
+        return "absent"
 
     # -- placement -----------------------------------------------------------------------------
 

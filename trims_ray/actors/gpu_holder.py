@@ -1,0 +1,331 @@
+"""The GPU holder actor: a thin Ray wrapper that gives a GpuTier its CUDA device, host bytes
+leased from the node cache actor, a lease reaper, and the calls tasks make.
+
+One per GPU per node, named ``trims_ray:gpu:<node id>:<Ray's GPU id>`` in namespace
+"trims_ray", pinned to its node, detached. It reserves no GPU (``num_gpus=0``: the GPU stays
+the tasks'); its environment names its GPU by UUID (``_gpu_ipc.holder_env``) so that it sees
+exactly that GPU as ``cuda:0``. Without a usable GPU it still starts, and says why in ``stats``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .._errors import TrimsError
+from .._gpu_ipc import DeviceIdentity, holder_env, node_gpus
+from .._manifest import Manifest
+from .._nvml import GpuInfo, inventory, uuid_matches
+from .._store import ModelStore
+from .gpu_tier import GpuTier, GpuTierConfig, gpu_grant_dict, off_stats
+from .node_actor import NAMESPACE, node_actor_name
+from .node_cache import BYPASS, STORE, Caller, Holder
+
+__all__ = [
+    "gpu_holder_name",
+    "start_gpu_holder",
+    "start_gpu_holders",
+    "combine_gpu_stats",
+    "node_gpu_stats",
+    "node_gpu_residency",
+    "GpuHolderServer",
+]
+
+log = logging.getLogger("trims_ray")
+
+# Enough threads that tasks waiting on a swap-in do not block hits on other models.
+_ACTOR_CONCURRENCY = 64
+
+
+def gpu_holder_name(node_id: str, label: str) -> str:
+    """The holder of Ray's GPU ``label`` (what ``ray.get_gpu_ids()`` says in a task) on a node."""
+    return f"trims_ray:gpu:{node_id}:{label}"
+
+
+def start_gpu_holder(
+    node_id: str,
+    label: str,
+    uuid: str,
+    store_uri: str,
+    storage_options: dict | None,
+    config: GpuTierConfig,
+) -> ray.actor.ActorHandle:
+    """Gets or creates the holder of one GPU (returns at once; it starts on its node)."""
+    return (
+        ray.remote(GpuHolderServer)
+        .options(
+            name=gpu_holder_name(node_id, label),
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            num_gpus=0,  # the GPU's memory is shared with, not taken from, the tasks
+            max_concurrency=_ACTOR_CONCURRENCY,
+            max_restarts=-1,
+            max_task_retries=2,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            runtime_env={"env_vars": holder_env(uuid)},
+        )
+        .remote(node_id, label, uuid, store_uri, storage_options, config)
+    )
+
+
+def start_gpu_holders(
+    node_id: str,
+    store_uri: str,
+    storage_options: dict | None,
+    config: GpuTierConfig,
+    *,
+    visible: str | None,
+    ray_gpus: int | None,
+) -> tuple[dict[str, ray.actor.ActorHandle], str]:
+    """Starts a holder for every GPU Ray manages on this node; call it ON that node (the node
+    cache actor does), since NVML answers for the node it runs on.
+
+    Args:
+        visible: ``CUDA_VISIBLE_DEVICES`` as the raylet has it (``os.environ.get`` in a
+            ``num_gpus=0`` actor).
+        ray_gpus: the node's "GPU" resource from ``ray.nodes()``.
+
+    Returns:
+        ({Ray's GPU id: holder}, "") or ({}, why the GPU tier is off on this node).
+    """
+    gpus, reason = node_gpus(visible, inventory(), ray_gpus)
+    handles = {
+        label: start_gpu_holder(node_id, label, gpu.uuid, store_uri, storage_options, config) for label, gpu in gpus
+    }
+    return handles, reason
+
+
+def combine_gpu_stats(per_gpu: dict[str, dict], reason: str = "") -> dict:
+    """A node's GPU tier from its holders' ``stats()``: the counters summed into one "gpu"
+    TierStats (as a dict), each GPU's own stats, and whether the tier is on (and why not).
+
+    Args:
+        per_gpu: Ray's GPU id -> that holder's ``stats()``.
+        reason: why the node has no holders ("" when it has some).
+    """
+    total = asdict(off_stats())
+    for stats in per_gpu.values():
+        for counter, value in stats["tiers"]["gpu"].items():
+            total[counter] += value
+    enabled = any(s["enabled"] for s in per_gpu.values())
+    why = reason or "; ".join(s["reason"] for s in per_gpu.values() if s["reason"])
+    return {"enabled": enabled, "reason": "" if enabled else why, "tier": total, "gpus": per_gpu}
+
+
+def node_gpu_stats(holders: dict[str, ray.actor.ActorHandle], reason: str, timeout_s: float = 5.0) -> dict:
+    """``combine_gpu_stats`` of the holders of one node (a holder that does not answer within
+    ``timeout_s`` is reported off, with the error as its reason)."""
+    refs = {label: holder.stats.remote() for label, holder in holders.items()}
+    per_gpu = {}
+    for label, ref in refs.items():
+        try:
+            per_gpu[label] = ray.get(ref, timeout=timeout_s)
+        except Exception as exc:  # a dead or busy holder must not break the node's stats
+            per_gpu[label] = {"enabled": False, "reason": f"GPU {label}: holder unreachable ({exc})",
+                              "tiers": {"gpu": asdict(off_stats())}, "device": {}, "leases": 0}
+    return combine_gpu_stats(per_gpu, reason)
+
+
+def node_gpu_residency(holders: dict[str, ray.actor.ActorHandle], timeout_s: float = 5.0) -> dict[str, str]:
+    """Blob sha256 -> "gpu" for every model ready on one of the node's GPUs, to merge into the
+    node's residency report (placement ranks "gpu" first)."""
+    refs = [holder.report.remote() for holder in holders.values()]
+    residency: dict[str, str] = {}
+    for ref in refs:
+        try:
+            report = ray.get(ref, timeout=timeout_s)
+        except Exception:  # an unreachable holder serves nothing: report nothing for it
+            continue
+        residency.update({k: t for k, t in report.get("residency", {}).items() if t == "gpu"})
+    return residency
+
+
+class _NodeHostSource:
+    """HostSource on the node cache actor: a swap-in holds a host lease on the model's plasma
+    object for as long as it copies, under this process's own Holder."""
+
+    def __init__(self, node_id: str, store: ModelStore) -> None:
+        self.node_id = node_id
+        self.store = store
+        self._actor: ray.actor.ActorHandle | None = None
+
+    def _node(self) -> ray.actor.ActorHandle:
+        if self._actor is None:
+            self._actor = ray.get_actor(node_actor_name(self.node_id), namespace=NAMESPACE)
+        return self._actor
+
+    @contextlib.contextmanager
+    def open(self, manifest: Manifest) -> Iterator[tuple[np.ndarray, str]]:
+        from .._cluster import call  # imported late: _cluster may come to import this module
+
+        try:
+            grant = call(self._node().acquire.remote(manifest.name, manifest.tenant, Holder.this_process()))
+        except ray.exceptions.RayActorError:
+            self._actor = None  # replaced since: look it up again next time
+            raise
+        if grant["tier"] == BYPASS:
+            # The host tier's policy did not keep it: read it here, verified, for this copy only.
+            buffer, _ = self.store.read(manifest)
+            yield buffer, STORE
+            return
+        try:
+            if grant["manifest"].sha256 != manifest.sha256:
+                raise TrimsError(
+                    f"{manifest.tenant}/{manifest.name} was re-registered while being swapped in "
+                    "(its blob changed): retry"
+                )
+            obj = ray.get(grant["refs"][0])
+            offset = grant["offset"]
+            yield obj[offset : offset + manifest.nbytes], grant["tier"]
+        finally:
+            obj = None  # the plasma mapping must be gone before the object can be freed
+            self._node().release.remote(grant["lease_id"])
+
+
+class GpuHolderServer:
+    """Ray actor body around GpuTier for one GPU (made remote with ``start_gpu_holder``).
+
+    Args:
+        node_id: the node (hex).
+        label: Ray's id of the GPU on the node ("0", ...).
+        uuid: the GPU's UUID; the actor's ``cuda:0`` must be this GPU.
+        store_uri, storage_options: the model store (names are resolved here, per tenant).
+        config: budget and policy.
+        manifest_ttl_s: how long a resolved manifest is trusted.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        label: str,
+        uuid: str,
+        store_uri: str,
+        storage_options: dict | None,
+        config: GpuTierConfig,
+        manifest_ttl_s: float = 2.0,
+    ) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.store = ModelStore(store_uri, storage_options=storage_options)
+        self.manifest_ttl_s = manifest_ttl_s
+        self._manifests: dict[tuple[str, str], tuple[float, Manifest]] = {}
+        gpu = inventory().by_uuid(uuid)
+        index = gpu.index if gpu is not None else (int(label) if label.isdigit() else 0)
+        self.identity = DeviceIdentity(uuid, index, label, node_id)
+        self.gpu: GpuInfo | None = gpu
+        self.tier: GpuTier | None = None
+        self.reason = ""
+        try:
+            from .._cuda import CudaDevice  # CUDA only where a holder runs
+
+            device = CudaDevice(0)
+            seen = device.uuid()
+            if seen is not None and not uuid_matches(uuid, seen):
+                raise TrimsError(f"the holder's cuda:0 is {seen}, not {uuid}: CUDA_VISIBLE_DEVICES was overridden")
+            self.tier = GpuTier(
+                device=device,
+                identity=self.identity,
+                host=_NodeHostSource(node_id, self.store),
+                config=config,
+            )
+        except TrimsError as exc:
+            self.reason = f"GPU {label}: {exc}"
+            log.warning("trims_ray: GPU tier off on node %s: %s", node_id, self.reason)
+        self._stop = threading.Event()
+        if self.tier is not None:
+            threading.Thread(target=self._reap_forever, name="trims-gpu-reaper", daemon=True).start()
+
+    def _reap_forever(self) -> None:
+        while not self._stop.wait(self.config.lease_check_s):
+            self.tier.reap()
+
+    def _resolve(self, name: str, tenant: str) -> Manifest:
+        now = time.monotonic()
+        cached = self._manifests.get((tenant, name))
+        if cached is None or now - cached[0] >= self.manifest_ttl_s:
+            cached = (now, self.store.manifest(name, tenant=tenant))
+            self._manifests[(tenant, name)] = cached
+        return cached[1]
+
+    # -- the calls tasks make ------------------------------------------------------------------
+
+    def ping(self) -> str:
+        return self.identity.uuid
+
+    def acquire(
+        self, name: str, tenant: str, holder: Holder | None, lease_id: str | None = None, pipelined: bool = False
+    ) -> dict | None:
+        """Leases a model on this GPU for ``holder`` (a task's process on this node), swapping it
+        in on a miss. None when the GPU tier is off here (the task uses the host tier).
+
+        Raises:
+            TypeError: a Caller as holder (a GPU lease is held by the task that maps it).
+            ModelNotFoundError, CapacityError, IntegrityError: as GpuTier.acquire.
+        """
+        if isinstance(holder, Caller):
+            raise TypeError("a GPU lease is held by the task's own process (Holder), not by its caller")
+        if self.tier is None:
+            return None
+        return gpu_grant_dict(self.tier.acquire(self._resolve(name, tenant), holder, lease_id, pipelined=pipelined))
+
+    def claim(self, lease_id: int | str, holder: Holder) -> bool:
+        return self.tier is not None and self.tier.claim(lease_id, holder)
+
+    def release(self, lease_id: int | str) -> bool:
+        return self.tier is not None and self.tier.release(lease_id)
+
+    def evict(self, name: str, tenant: str) -> str:
+        """"evicted", "deferred" (leased: goes on release), "absent" (or the tier is off)."""
+        if self.tier is None:
+            return "absent"
+        return self.tier.evict(self._resolve(name, tenant).sha256)
+
+    def prefetch(self, name: str, tenant: str) -> str:
+        """Swaps a model in ahead of traffic; returns where it was found ("gpu", "host", ...).
+
+        Raises:
+            TrimsError: the GPU tier is off here.
+        """
+        if self.tier is None:
+            raise TrimsError(f"cannot prefetch onto GPU {self.identity.label} of node {self.node_id}: {self.reason}")
+        return self.tier.prefetch(self._resolve(name, tenant))
+
+    def stats(self) -> dict:
+        """This GPU's tier counters, device identity and memory, and whether the tier is on."""
+        device = {"uuid": self.identity.uuid, "label": self.identity.label, "index": self.identity.index}
+        if self.tier is None:
+            return {"enabled": False, "reason": self.reason, "tiers": {"gpu": asdict(off_stats())},
+                    "device": device, "leases": 0}
+        memory = self.tier.device.memory()
+        return {
+            "enabled": True,
+            "reason": "",
+            "tiers": {"gpu": asdict(self.tier.stats())},
+            "device": {**device, "name": self.gpu.name if self.gpu else "", "total": memory.total, "free": memory.free},
+            "leases": self.tier.leases(),
+            "swap_rate": self.tier.swap_rate,
+        }
+
+    def report(self) -> dict:
+        """This GPU's residency snapshot for the node's report to placement ({} when off)."""
+        if self.tier is None:
+            return {}
+        report = self.tier.report()
+        report["device"] = asdict(report["device"])
+        return report
+
+    def shutdown(self) -> None:
+        """Stops the reaper and frees every model not leased."""
+        self._stop.set()
+        if self.tier is not None:
+            self.tier.close()

@@ -1,0 +1,764 @@
+"""The GPU tier's logic for ONE GPU, as a plain class: models resident in device memory (one
+allocation each, keyed by blob sha256) and handed to tasks as IPC handles under leases.
+
+A miss swaps the model in from the host tier (late binding, FaaSwap): one flight per model
+however many ask, bytes counted against the budget from the moment it is admitted, copied
+layer by layer so that a pipelined grant can be handed out before the last layer arrives. The
+lease rules are the host tier's (``node_cache.NodeCache``): a leased model is never freed, an
+evict of one is deferred until its last release, a reaper ends the leases of dead processes and
+unclaimed ones, and a model that cannot fit raises CapacityError without evicting anything.
+Ray and CUDA are not imported here: the device comes in as a ``GpuDevice`` (``CudaDevice`` in
+``trims_ray._cuda``, ``FakeDevice`` below for tests) and host bytes as a ``HostSource``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import ContextManager, Protocol
+
+import numpy as np
+
+from .._errors import CapacityError, ModelNotFoundError
+from .._gpu_ipc import DeviceIdentity, LayerGroup, module_order, plan_layers
+from .._manifest import Manifest
+from ..policy import EvictionPolicy, choose_victims, make_policy
+from ._leases import LeaseTable
+from .node_cache import BYPASS, Caller, Holder, TierStats, holder_alive
+
+__all__ = [
+    "GPU",
+    "DeviceMemory",
+    "CopyJob",
+    "GpuDevice",
+    "HostSource",
+    "GpuTierConfig",
+    "GpuGrant",
+    "gpu_grant_dict",
+    "GpuTier",
+    "FakeDevice",
+    "ArraySource",
+    "off_stats",
+]
+
+log = logging.getLogger("trims_ray")
+
+GPU = "gpu"
+MiB = 1024 * 1024
+# Host-to-GPU rate assumed before a swap-in was measured (bytes/s): about PCIe 4 x16.
+_ASSUMED_SWAP_RATE = 20e9
+
+
+# -- what the tier needs of a device and of the host tier ----------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """Device memory in bytes: ``free`` counts every process's use of the GPU."""
+
+    total: int
+    free: int
+
+
+class CopyJob(Protocol):
+    """Copies enqueued by ``GpuDevice.copy_in``.
+
+    Attributes:
+        events: one exportable event per layer group (CUDA: the IPC handle bytes of an
+            interprocess event recorded after the group's copies), for pipelined grants; empty
+            when the device has none.
+    """
+
+    events: tuple
+
+    def wait(self) -> None:
+        """Blocks until every copy is done, calling the job's ``on_layer(i)`` as each group
+        completes, in order; then releases the host memory's registration. Raises what the
+        copies raised; releases the registration in any case."""
+
+
+class GpuDevice(Protocol):
+    """One GPU, as the tier uses it. Implementations: ``trims_ray._cuda.CudaDevice``,
+    ``FakeDevice``."""
+
+    def memory(self) -> DeviceMemory:
+        """Total and free device memory now."""
+
+    def footprint(self, nbytes: int) -> int:
+        """Bytes an allocation for ``nbytes`` really takes (what the tier accounts)."""
+
+    def allocate(self, nbytes: int) -> object:
+        """One buffer of at least ``nbytes`` bytes, the only one in its device allocation.
+
+        Raises:
+            MemoryError: the device has no room for it.
+        """
+
+    def copy_in(
+        self,
+        buffer: object,
+        host: np.ndarray,
+        groups: Sequence[LayerGroup],
+        on_layer: Callable[[int], None] | None = None,
+    ) -> CopyJob:
+        """Starts copying ``host`` (1-D uint8, the blob) into ``buffer`` at the same offsets,
+        group by group in order; returns at once where the device copies asynchronously."""
+
+    def export(self, buffer: object) -> object:
+        """A picklable handle through which another process on this GPU maps the whole
+        allocation (CUDA IPC); the same handle serves every task."""
+
+    def free(self, buffer: object) -> None:
+        """Frees the allocation, so that the device's free memory grows by its footprint."""
+
+
+class HostSource(Protocol):
+    """Where a swap-in reads a model's bytes: the node's host tier (a lease on its shared
+    object, held while the copy runs)."""
+
+    def open(self, manifest: Manifest) -> ContextManager[tuple[np.ndarray, str]]:
+        """Leases the blob: yields (read-only 1-D uint8 view of exactly ``manifest.nbytes``,
+        the tier it came from: "host" for a host hit, "disk"/"peer"/"store" when the host tier
+        loaded it) and ends the host lease on exit.
+
+        Raises:
+            ModelNotFoundError, CapacityError, IntegrityError: as the host tier's acquire.
+        """
+
+
+# -- configuration and grants --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuTierConfig:
+    """How a GPU tier sizes and manages one GPU.
+
+    Args:
+        budget_bytes: bytes of device memory the tier may hold; None means ``budget_fraction``
+            of the GPU's total memory (from NVML or the device).
+        budget_fraction: share of the GPU's memory for cached models when ``budget_bytes`` is
+            None; the rest stays for the tasks' activations and workspaces.
+        policy: eviction policy name (see ``trims_ray.policy.online_policies()``).
+        unclaimed_ttl_s: a lease nobody claimed is ended after this long.
+        lease_check_s: how often the holder reaps leases of dead processes.
+        min_layer_bytes: swap-in copies are grouped into layers of at least this many bytes,
+            each followed by an event that a pipelined task waits on.
+        swap_workers: swap-ins that may run at once (they share one host-to-device link).
+    """
+
+    budget_bytes: int | None = None
+    budget_fraction: float = 0.5
+    policy: str = "lru"
+    unclaimed_ttl_s: float = 600.0
+    lease_check_s: float = 1.0
+    min_layer_bytes: int = 4 * MiB
+    swap_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.budget_bytes is not None and (type(self.budget_bytes) is not int or self.budget_bytes < 0):
+            raise ValueError(f"budget_bytes must be a non-negative int or None, got {self.budget_bytes!r}")
+        if not 0 < self.budget_fraction <= 1:
+            raise ValueError(f"budget_fraction must be in (0, 1], got {self.budget_fraction!r}")
+        if not isinstance(self.policy, str):
+            raise TypeError(f"policy must be a policy name, got {type(self.policy).__name__}")
+        if self.unclaimed_ttl_s <= 0 or self.lease_check_s <= 0:
+            raise ValueError("unclaimed_ttl_s and lease_check_s must be > 0")
+        if type(self.min_layer_bytes) is not int or self.min_layer_bytes < 0:
+            raise ValueError(f"min_layer_bytes must be an int >= 0, got {self.min_layer_bytes!r}")
+        if type(self.swap_workers) is not int or not 1 <= self.swap_workers <= 16:
+            raise ValueError(f"swap_workers must be an int in 1..16, got {self.swap_workers!r}")
+
+
+@dataclass(frozen=True)
+class GpuGrant:
+    """What ``GpuTier.acquire`` hands a task.
+
+    Attributes:
+        lease_id: release it with ``GpuTier.release``.
+        handle: the device's handle of the model's allocation (None for "bypass").
+        manifest: the model's manifest: dtype, shape and offset of every tensor.
+        offset: where the blob starts in the allocation.
+        device: the GPU, for mapping to the task's own device index.
+        tier: "gpu" (resident: a hit, or joined a swap-in), or for the swap-in's leader where
+            its bytes came from ("host", "disk", "peer", "store"); "bypass" when the policy did
+            not admit the model (no lease: the task loads it onto its GPU itself).
+        groups: for a pipelined grant of a swap-in still in flight, the layer groups; else ().
+        events: one event handle per group (a task waits on event i before using group i's
+            layers); () when every byte is already on the device.
+    """
+
+    lease_id: int | str
+    handle: object
+    manifest: Manifest
+    offset: int
+    device: DeviceIdentity
+    tier: str
+    groups: tuple[LayerGroup, ...] = ()
+    events: tuple = ()
+
+
+def gpu_grant_dict(grant: GpuGrant) -> dict:
+    """A grant as the task receives it (plain data; the handle and events are bytes)."""
+    return {
+        "lease_id": grant.lease_id,
+        "handle": grant.handle,
+        "manifest": grant.manifest,
+        "offset": grant.offset,
+        "device": grant.device,
+        "tier": grant.tier,
+        "groups": grant.groups,
+        "events": grant.events,
+        "node": grant.device.node_id,
+    }
+
+
+@dataclass(eq=False)  # entries are compared by identity
+class _Resident:
+    manifest: Manifest
+    nbytes: int  # accounted: the allocation's footprint
+    buffer: object | None = None
+    handle: object | None = None
+    groups: tuple[LayerGroup, ...] = ()
+    events: tuple = ()
+    started: threading.Event = field(default_factory=threading.Event)  # copies enqueued
+    ready: threading.Event = field(default_factory=threading.Event)  # every byte on the device
+    error: BaseException | None = None
+    leases: int = 0  # leases held and acquires waiting on this entry
+    evict_when_idle: bool = False
+    source: str = ""
+    layers_done: int = 0
+
+
+def off_stats() -> TierStats:
+    """The GPU tier's stats on a node without a usable GPU (capacity 0); the reason travels
+    beside it (see ``gpu_holder.gpu_status``)."""
+    return TierStats()
+
+
+class GpuTier:
+    """The GPU tier of one GPU.
+
+    Args:
+        device: the GPU.
+        identity: which GPU it is (goes into every grant).
+        host: where swap-ins read models from.
+        config: budget, policy, lease timing.
+        policy: an eviction policy instance, instead of ``config.policy`` by name.
+        clock: monotonic time source.
+        holder_alive: tells whether a lease holder still runs (injected for tests).
+        layer_order: tensor names in module order for a manifest (pipelining order); default
+            builds the model on meta (``module_order``), once per blob.
+        on_change: called (under the tier's lock, so it must only signal) when residency,
+            usage or leases change.
+
+    Raises:
+        ValueError: an explicit budget above the device's memory.
+    """
+
+    def __init__(
+        self,
+        *,
+        device: GpuDevice,
+        identity: DeviceIdentity,
+        host: HostSource,
+        config: GpuTierConfig | None = None,
+        policy: EvictionPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        holder_alive: Callable[[Holder | Caller], bool] = holder_alive,
+        layer_order: Callable[[Manifest], Sequence[str] | None] = module_order,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.config = config if config is not None else GpuTierConfig()
+        self.device = device
+        self.identity = identity
+        self.host = host
+        total = device.memory().total
+        budget = self.config.budget_bytes
+        if budget is None:
+            budget = int(total * self.config.budget_fraction)
+        elif budget > total:
+            raise ValueError(
+                f"GPU budget of {budget} bytes exceeds the {total} bytes of GPU {identity.uuid}: "
+                "lower budget_bytes or use budget_fraction"
+            )
+        self.budget = budget
+        self.policy = policy if policy is not None else make_policy(self.config.policy, clock=clock)
+        self.layer_order = layer_order
+        self.on_change = on_change
+        self.swap_rate: float | None = None  # measured host-to-GPU bytes/s (moving average)
+        self._orders: dict[str, Sequence[str] | None] = {}
+        self._lock = threading.Lock()
+        self._resident: dict[str, _Resident] = {}
+        # Entries out of the table whose memory is still held: failed swap-ins whose pipelined
+        # grantees still hold leases; freed when the last lease ends.
+        self._orphans: list[_Resident] = []
+        self._freeing = 0  # bytes of dropped entries whose memory is being freed now
+        self._stats = TierStats(capacity=budget)
+        self._leases: LeaseTable[_Resident] = LeaseTable(
+            clock=clock, holder_alive=holder_alive, unclaimed_ttl_s=self.config.unclaimed_ttl_s
+        )
+        self._swaps = ThreadPoolExecutor(self.config.swap_workers, thread_name_prefix="trims-gpu-swap")
+
+    # -- leases --------------------------------------------------------------------------------
+
+    def acquire(
+        self,
+        manifest: Manifest,
+        holder: Holder | Caller | None,
+        lease_id: str | None = None,
+        *,
+        pipelined: bool = False,
+        force: bool = False,
+    ) -> GpuGrant:
+        """Leases the model on this GPU for ``holder``, swapping it in from the host tier first
+        on a miss.
+
+        Concurrent misses for one blob cause one swap-in; the others wait for it and share its
+        result or its error. The lease counts from the moment the request is admitted, so a model
+        on its way in cannot be evicted. ``pipelined``: return as soon as the copies are
+        enqueued, with one event per layer group to wait on (see GpuGrant), instead of when the
+        last byte has arrived. A miss that would evict others is kept only if the policy admits
+        it (unless ``force``); otherwise the grant's tier is "bypass", with no lease and no
+        handle. ``holder`` None: a task claims the lease later (``claim``).
+
+        Raises:
+            CapacityError: the model cannot fit the GPU budget even after evicting what is idle,
+                or the GPU has not that much memory free (other processes use it).
+            ModelNotFoundError, IntegrityError, StoreUnavailableError: from the host tier.
+            ValueError / TypeError: a lease id in use, or not a str.
+        """
+        key = manifest.sha256
+        victims: list[_Resident] = []
+        with self._lock:
+            self._leases.check_new(lease_id)
+            entry = self._resident.get(key)
+            leader = entry is None
+            if leader:
+                entry = self._admit(manifest, force, victims)
+                if entry is None:
+                    return GpuGrant(lease_id or 0, None, manifest, 0, self.identity, BYPASS)
+            elif entry.ready.is_set():
+                self._stats.hits += 1
+                self.policy.on_access(key)
+            else:
+                self._stats.misses += 1  # joins the swap-in in flight
+            entry.leases += 1
+        try:
+            self._free(victims)  # before the swap-in allocates: the GPU must have the room
+        finally:
+            if leader:  # its waiters must hear from the swap-in whatever happened above
+                self._swaps.submit(self._swap_in, entry)
+        (entry.started if pipelined else entry.ready).wait()
+        dropped: list[_Resident] = []
+        with self._lock:
+            if entry.error is not None:
+                self._unlease(entry, dropped)
+                error = entry.error
+            else:
+                error = None
+                lease_id, over = self._leases.add(entry, holder, lease_id)
+                if over:
+                    self._unlease(entry, dropped)
+                in_flight = not entry.ready.is_set()
+                grant = GpuGrant(
+                    lease_id,
+                    entry.handle,
+                    manifest,
+                    0,
+                    self.identity,
+                    entry.source if leader else GPU,
+                    entry.groups if in_flight else (),
+                    entry.events if in_flight else (),
+                )
+                self.on_change()
+        self._free(dropped)
+        if error is not None:
+            raise error
+        return grant
+
+    def claim(self, lease_id: int | str, holder: Holder) -> bool:
+        """Names the process that uses a lease taken on its behalf; False if the lease is gone."""
+        with self._lock:
+            return self._leases.claim(lease_id, holder)
+
+    def release(self, lease_id: int | str) -> bool:
+        """Ends a lease; True if it was held. Releasing twice is harmless. A caller's lease id
+        (a str) not granted yet is ended as soon as its acquire grants it."""
+        dropped: list[_Resident] = []
+        with self._lock:
+            entry = self._leases.pop(lease_id)
+            if entry is not None:
+                self._unlease(entry, dropped)
+        self._free(dropped)
+        return entry is not None
+
+    def reap(self) -> int:
+        """Ends the leases of processes that died, and those never claimed; returns how many."""
+        dropped: list[_Resident] = []
+        with self._lock:
+            dead = self._leases.expired()
+            for entry in dead:
+                self._unlease(entry, dropped)
+        self._free(dropped)
+        if dead:
+            log.info("trims_ray: GPU %s reclaimed %d lease(s) of dead processes", self.identity.label, len(dead))
+        return len(dead)
+
+    def _unlease(self, entry: _Resident, dropped: list[_Resident]) -> None:
+        """One lease (or waiting acquire) of ``entry`` ends; frees it when it was the last and
+        the entry is to go. Call under the lock; free ``dropped`` after releasing it."""
+        entry.leases -= 1
+        if entry.leases == 0:
+            if entry in self._orphans:
+                self._orphans.remove(entry)
+                self._drop(entry, dropped, evicted=False)
+            elif entry.evict_when_idle and self._resident.get(entry.manifest.sha256) is entry:
+                self._drop(entry, dropped, evicted=True)
+        self.on_change()
+
+    # -- admission and eviction ----------------------------------------------------------------
+
+    def _used(self) -> int:
+        return sum(e.nbytes for e in self._resident.values()) + sum(e.nbytes for e in self._orphans) + self._freeing
+
+    def _admit(self, manifest: Manifest, force: bool, victims_out: list[_Resident]) -> _Resident | None:
+        """Reserves room for a swap-in, choosing and dropping idle victims (appended to
+        ``victims_out`` for the caller to free after the lock), or None when the policy does
+        not admit it. Call under the lock.
+
+        Raises:
+            CapacityError: it cannot fit, or the GPU lacks the memory; nothing is evicted.
+        """
+        key, what = manifest.sha256, f"{manifest.tenant}/{manifest.name}"
+        need = self.device.footprint(manifest.nbytes)
+        self._stats.misses += 1
+        if need > self.budget:
+            raise CapacityError(
+                f"model {what} needs {need} bytes on GPU {self.identity.label}, whose budget is "
+                f"{self.budget}: raise the GPU budget (budget_bytes or budget_fraction) or run it "
+                "from the host tier"
+            )
+        sizes = {k: e.nbytes for k, e in self._resident.items() if e.ready.is_set()}
+        victims = choose_victims(
+            self.policy, need, self.budget - self._used(), sizes, lambda k: self._resident[k].leases == 0
+        )
+        if victims is None:
+            busy = self._used() - sum(s for k, s in sizes.items() if self._resident[k].leases == 0)
+            raise CapacityError(
+                f"model {what} needs {need} bytes on GPU {self.identity.label}, but {busy} of its "
+                f"{self.budget} budget bytes are leased or being swapped in: retry when they are "
+                "released, or raise the GPU budget"
+            )
+        # Other processes (the tasks' own tensors) share the GPU: the budget alone does not
+        # promise the memory, so check what the device has, counting what evicting will free
+        # and what admitted swap-ins have not allocated yet.
+        pending = sum(e.nbytes for e in self._resident.values() if e.buffer is None)
+        room = self.device.memory().free + self._freeing + sum(sizes[k] for k in victims) - pending
+        if room < need:
+            raise CapacityError(
+                f"model {what} needs {need} bytes on GPU {self.identity.label}, which has {room} "
+                "free for it now (other processes use the rest): retry later, or lower the GPU "
+                "budget so that tasks keep their memory"
+            )
+        if victims and not force:
+            if not self.policy.admit(key, need, self.expected_swap_s(manifest.nbytes), victims):
+                self._stats.bypasses += 1
+                return None
+        for victim in victims:
+            self._drop(self._resident[victim], victims_out, evicted=True)
+        entry = _Resident(manifest, need)
+        self._resident[key] = entry
+        self._update_usage()
+        return entry
+
+    def expected_swap_s(self, nbytes: int) -> float:
+        """What swapping ``nbytes`` in is expected to take, by the measured rate: the miss
+        cost the policy weighs."""
+        return nbytes / (self.swap_rate or _ASSUMED_SWAP_RATE)
+
+    def _drop(self, entry: _Resident, dropped: list[_Resident], *, evicted: bool) -> None:
+        """Takes an entry out of the tier; its memory stays counted until ``_free`` frees it.
+        Call under the lock."""
+        key = entry.manifest.sha256
+        if self._resident.get(key) is entry:
+            del self._resident[key]
+            if key in self.policy:
+                self.policy.on_remove(key)
+        self._stats.evictions += evicted
+        self._freeing += entry.nbytes
+        dropped.append(entry)
+        self._update_usage()
+
+    def _free(self, dropped: list[_Resident]) -> None:
+        """Frees the memory of dropped entries; outside the lock (freeing waits for the GPU)."""
+        for entry in dropped:
+            try:
+                if entry.buffer is not None:
+                    self.device.free(entry.buffer)
+            finally:
+                with self._lock:
+                    entry.buffer = entry.handle = None
+                    self._freeing -= entry.nbytes
+                    self._update_usage()
+
+    def evict(self, key: str) -> str:
+        """Evicts a blob from this GPU: "evicted", "deferred" (leased or on its way in: it goes
+        when its last lease ends) or "absent"."""
+        dropped: list[_Resident] = []
+        with self._lock:
+            entry = self._resident.get(key)
+            if entry is None:
+                return "absent"
+            if entry.leases or not entry.ready.is_set():
+                entry.evict_when_idle = True
+                return "deferred"
+            self._drop(entry, dropped, evicted=True)
+        self._free(dropped)
+        return "evicted"
+
+    def prefetch(self, manifest: Manifest) -> str:
+        """Swaps a model in ahead of traffic (kept whatever the policy's admission says);
+        returns where it was found: "gpu", or the tier its bytes came from. Raises as acquire."""
+        grant = self.acquire(manifest, None, force=True)
+        self.release(grant.lease_id)
+        return grant.tier
+
+    # -- swap-in -------------------------------------------------------------------------------
+
+    def _order(self, manifest: Manifest) -> Sequence[str] | None:
+        key = manifest.sha256
+        if key not in self._orders:
+            self._orders[key] = self.layer_order(manifest)
+        return self._orders[key]
+
+    def _swap_in(self, entry: _Resident) -> None:
+        """Allocates, copies the blob from the host tier layer by layer, and wakes the waiters:
+        pipelined ones when the copies are enqueued, the others when they are done. Runs in a
+        swap worker; never raises (errors go to the waiters)."""
+        manifest = entry.manifest
+        started = time.perf_counter()
+        try:
+            groups = plan_layers(manifest, self._order(manifest), min_bytes=self.config.min_layer_bytes)
+            with self.host.open(manifest) as (host, source):
+                if host.dtype != np.uint8 or host.ndim != 1 or len(host) != manifest.nbytes:
+                    raise TypeError(f"host source gave {host.dtype} {host.shape} for a blob of {manifest.nbytes} bytes")
+                try:
+                    buffer = self.device.allocate(manifest.nbytes)
+                except MemoryError as exc:
+                    raise CapacityError(
+                        f"GPU {self.identity.label} could not allocate {entry.nbytes} bytes for "
+                        f"{manifest.tenant}/{manifest.name}: {exc}; retry later or lower the GPU budget"
+                    ) from None
+                with self._lock:
+                    entry.buffer = buffer
+                handle = self.device.export(buffer)
+                job = self.device.copy_in(buffer, host, groups, lambda i: setattr(entry, "layers_done", i + 1))
+                with self._lock:
+                    entry.handle, entry.groups, entry.events, entry.source = handle, groups, tuple(job.events), source
+                entry.started.set()
+                job.wait()
+        except BaseException as exc:
+            self._fail(entry, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        seconds = time.perf_counter() - started
+        with self._lock:
+            if manifest.nbytes >= MiB and seconds > 0:
+                rate = manifest.nbytes / seconds
+                self.swap_rate = rate if self.swap_rate is None else 0.7 * self.swap_rate + 0.3 * rate
+            self.policy.on_insert(manifest.sha256, entry.nbytes, seconds)
+            self._stats.loads += 1
+            entry.ready.set()
+            self._update_usage()
+
+    def _fail(self, entry: _Resident, exc: BaseException) -> None:
+        log.warning("trims_ray: swap-in of %s/%s onto GPU %s failed: %s", entry.manifest.tenant,
+                    entry.manifest.name, self.identity.label, exc)
+        with self._lock:
+            entry.error = exc
+            if self._resident.get(entry.manifest.sha256) is entry:
+                del self._resident[entry.manifest.sha256]
+            # Its waiters (at least the leader's acquire) still count as leases; the last of
+            # them to let go frees whatever was allocated.
+            self._orphans.append(entry)
+            self._update_usage()
+            entry.started.set()
+            entry.ready.set()
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    def _update_usage(self) -> None:
+        self._stats.bytes_used = self._used()
+        self._stats.models = sum(1 for e in self._resident.values() if e.ready.is_set())
+        self.on_change()
+
+    def stats(self) -> TierStats:
+        """A snapshot of the tier's counters; bytes include swap-ins in flight."""
+        with self._lock:
+            return TierStats(**vars(self._stats))
+
+    def leases(self) -> int:
+        with self._lock:
+            return len(self._leases)
+
+    def resident(self) -> dict[str, str]:
+        """Blob sha256 -> "gpu" (ready) or "loading" (being swapped in)."""
+        with self._lock:
+            return {k: GPU if e.ready.is_set() else "loading" for k, e in self._resident.items()}
+
+    def report(self) -> dict:
+        """What placement needs of this GPU, in one snapshot: residency per blob, budget, use,
+        leases and waiters per blob, and (tenant, name, nbytes) per blob."""
+        with self._lock:
+            return {
+                "device": self.identity,
+                "residency": {k: GPU if e.ready.is_set() else "loading" for k, e in self._resident.items()},
+                "gpu_capacity": self.budget,
+                "gpu_used": self._used(),
+                "in_flight": {k: e.leases for k, e in self._resident.items() if e.leases},
+                "models": {
+                    k: (e.manifest.tenant, e.manifest.name, e.manifest.nbytes) for k, e in self._resident.items()
+                },
+            }
+
+    def close(self) -> None:
+        """Waits for swap-ins in flight, then frees every model not leased (leased ones go when
+        released)."""
+        self._swaps.shutdown(wait=True)
+        for key in list(self.resident()):
+            self.evict(key)
+
+
+# -- a device for tests ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _FakeBuffer:
+    id: int
+    data: np.ndarray
+
+
+class _FakeJob:
+    def __init__(self, device: FakeDevice, buffer: _FakeBuffer, host: np.ndarray, groups, on_layer) -> None:
+        self.events = tuple(f"fake-event-{buffer.id}-{i}" for i in range(len(groups)))
+        self._run = (device, buffer, host, groups, on_layer)
+
+    def wait(self) -> None:
+        device, buffer, host, groups, on_layer = self._run
+        for i, group in enumerate(groups):
+            if device.gate is not None and i > 0 and not device.gate.wait(30):
+                raise TimeoutError("FakeDevice: the test never opened the copy gate")
+            if device.fail_copy is not None:
+                raise device.fail_copy
+            for start, end in group.ranges:
+                buffer.data[start:end] = host[start:end]
+            if on_layer is not None:
+                on_layer(i)
+
+
+class FakeDevice:
+    """A GpuDevice in CPU memory, for tests: allocations are numpy arrays, handles are ids this
+    process can ``open``, copies run in ``CopyJob.wait``.
+
+    Args:
+        total: the fake GPU's memory in bytes.
+        granularity: allocations are rounded up to a multiple of this (as CUDA's are).
+        gate: when set, each copy job stops before its second layer until the event is set
+            (so that a test can hold a swap-in in flight after pipelined grants went out).
+
+    Attributes:
+        external: bytes "other processes" use (lowers ``memory().free``).
+        fail_copy: an exception the next copies raise.
+        allocations: live buffers by id; ``freed``: ids freed, in order.
+    """
+
+    def __init__(self, total: int, *, granularity: int = 1, gate: threading.Event | None = None) -> None:
+        self.total = total
+        self.granularity = granularity
+        self.gate = gate
+        self.external = 0
+        self.fail_copy: BaseException | None = None
+        self.allocations: dict[int, _FakeBuffer] = {}
+        self.freed: list[int] = []
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def memory(self) -> DeviceMemory:
+        with self._lock:
+            used = sum(len(b.data) for b in self.allocations.values()) + self.external
+        return DeviceMemory(self.total, max(0, self.total - used))
+
+    def footprint(self, nbytes: int) -> int:
+        return -(-max(nbytes, 1) // self.granularity) * self.granularity
+
+    def allocate(self, nbytes: int) -> _FakeBuffer:
+        size = self.footprint(nbytes)
+        if size > self.memory().free:
+            raise MemoryError(f"fake GPU: {size} bytes asked, {self.memory().free} free")
+        buffer = _FakeBuffer(next(self._ids), np.zeros(size, dtype=np.uint8))
+        with self._lock:
+            self.allocations[buffer.id] = buffer
+        return buffer
+
+    def copy_in(self, buffer, host, groups, on_layer=None) -> _FakeJob:
+        return _FakeJob(self, buffer, host, groups, on_layer)
+
+    def export(self, buffer: _FakeBuffer) -> tuple[str, int]:
+        return ("fake", buffer.id)
+
+    def open(self, handle: tuple[str, int]) -> np.ndarray:
+        """The allocation a handle names (what a task on a real GPU maps through IPC).
+
+        Raises:
+            KeyError: it was freed.
+        """
+        return self.allocations[handle[1]].data
+
+    def free(self, buffer: _FakeBuffer) -> None:
+        with self._lock:
+            del self.allocations[buffer.id]
+            self.freed.append(buffer.id)
+
+
+class ArraySource:
+    """A HostSource over blobs in this process's memory (sha256 -> 1-D uint8 array), for tests
+    and for benchmarks that run without Ray; counts the leases it gave.
+
+    Args:
+        blobs: the blobs, by sha256.
+        tier: what ``open`` says the bytes came from.
+    """
+
+    def __init__(self, blobs: dict[str, np.ndarray] | None = None, tier: str = "host") -> None:
+        self.blobs = dict(blobs or {})
+        self.tier = tier
+        self.opened: Counter[str] = Counter()
+        self.open_now = 0
+        self.gate: threading.Event | None = None  # when set, open waits for it (a slow host load)
+
+    @contextlib.contextmanager
+    def open(self, manifest: Manifest) -> Iterator[tuple[np.ndarray, str]]:
+        """Yields the blob and ``tier``.
+
+        Raises:
+            ModelNotFoundError: no blob of that sha256.
+        """
+        blob = self.blobs.get(manifest.sha256)
+        if blob is None:
+            raise ModelNotFoundError(f"no host copy of {manifest.tenant}/{manifest.name} ({manifest.sha256})")
+        self.opened[manifest.sha256] += 1
+        if self.gate is not None and not self.gate.wait(30):
+            raise TimeoutError("ArraySource: the test never opened the gate")
+        self.open_now += 1
+        try:
+            yield blob, self.tier
+        finally:
+            self.open_now -= 1
