@@ -6,6 +6,7 @@ hold fails before any task starts.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -103,7 +104,7 @@ def test_a_hot_model_gets_a_second_copy_and_traffic_spreads(cache3):
     assert len(spread) >= 2 and max(spread.values()) <= 0.8 * len(late), spread
 
 
-def test_placement_asks_for_a_copy_of_a_model_under_sustained_demand(cache3):
+def test_placement_asks_for_a_copy_of_a_model_under_sustained_demand(cache3, tmp_path):
     # Demand seen only by the nodes (leases held by tasks that a plain Ray task started with
     # trims_ray.open, so no caller's routing spreads them): placement itself adds a copy.
     b = cache3[1]
@@ -112,15 +113,21 @@ def test_placement_asks_for_a_copy_of_a_model_under_sustained_demand(cache3):
     trims_ray.prefetch("busy", nodes=[b])
 
     @ray.remote(num_cpus=0.1, scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(b, soft=False))
-    def hold(seconds: float) -> float:
+    def hold(until_exists: str) -> float:
         with trims_ray.open("busy") as model:
-            time.sleep(seconds)
+            deadline = time.monotonic() + 60
+            while not os.path.exists(until_exists) and time.monotonic() < deadline:
+                time.sleep(0.05)
             return float(model["w"].double().sum())
 
-    refs = [hold.remote(4.0) for _ in range(10)]
+    # The tasks hold their leases until the test has seen the copy (a fixed hold would expire
+    # before all of them start when the machine is busy and fresh workers start slowly).
+    done = tmp_path / "done"
+    refs = [hold.remote(str(done)) for _ in range(10)]
     try:
-        wait_for(lambda: len(host_nodes("busy")) >= 2, timeout=15)
+        wait_for(lambda: len(host_nodes("busy")) >= 2, timeout=30)
     finally:
+        done.touch()
         assert all(total == expected_sum(w) for total in ray.get(refs))
 
 
