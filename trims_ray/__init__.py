@@ -5,8 +5,8 @@ shared memory, local disk and a cloud store. ``__all__`` is the public contract 
 everything in underscore modules may change.
 """
 
-from ._api import register
-from ._cluster import Cluster, ClusterStats, NodeStats, evict, init, prefetch, shutdown, stats
+from ._api import list_models, register
+from ._cluster import Cluster, ClusterStats, NodeStats, evict, init, prefetch, scrub, shutdown, stats
 from ._config import CacheConfig, ReadOptions
 from ._errors import (
     AccessDeniedError,
@@ -21,21 +21,24 @@ from ._lease import function, open
 from ._manifest import ModelInfo
 from ._reader import ReadStats
 from ._store import ModelStore
-from .actors.node_cache import TierStats
+from .actors.node_cache import TenantStats, TierStats
 
 __all__ = [
     "init",
     "register",
+    "list_models",
     "function",
     "open",
     "prefetch",
     "evict",
     "stats",
+    "scrub",
     "shutdown",
     "Cluster",
     "ClusterStats",
     "NodeStats",
     "TierStats",
+    "TenantStats",
     "CacheConfig",
     "ModelInfo",
     "ModelStore",

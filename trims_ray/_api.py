@@ -1,12 +1,15 @@
 """The public functions of trims_ray that work without a Ray cluster: choosing the store and the
-caller's tenant, and ``register``.
+caller's tenant, ``register`` and ``list_models``, and the tenant checks every API path makes.
 
 The caller's store and tenant are process-wide: ``trims_ray.init`` will set them (next to the Ray
-connection); until then they come from ``$TRIMS_RAY_STORE`` and ``$TRIMS_RAY_TENANT``.
+connection); until then they come from ``$TRIMS_RAY_STORE`` and ``$TRIMS_RAY_TENANT``. A caller
+may name its own tenant or "public", never another: that is an AccessDeniedError, counted (with
+not-found names) per tenant by the node cache of the caller's node (``note_refusal``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
@@ -18,7 +21,17 @@ from ._manifest import ModelInfo
 from ._names import DEFAULT_TENANT, PUBLIC_TENANT, check_tenant
 from ._store import ModelStore
 
-__all__ = ["register", "current_store", "caller_tenant", "tenant_for_write"]
+__all__ = [
+    "register",
+    "list_models",
+    "current_store",
+    "caller_tenant",
+    "acting_tenant",
+    "tenant_for_write",
+    "note_refusal",
+]
+
+log = logging.getLogger("trims_ray")
 
 _lock = threading.Lock()
 _session: dict[str, object] = {"store": None, "tenant": None}
@@ -49,6 +62,30 @@ def caller_tenant() -> str:
     return check_tenant(tenant)
 
 
+def acting_tenant(tenant: str | None, action: str) -> str:
+    """The tenant a call acts as: the caller's own (``tenant`` None or its own id) or "public".
+
+    Args:
+        tenant: what the caller asked for.
+        action: what the call does, for the message ("open models", "register models").
+
+    Raises:
+        ValueError / TypeError: ``tenant`` is not a valid tenant id.
+        AccessDeniedError: ``tenant`` names another tenant (counted: ``note_refusal``).
+    """
+    own = caller_tenant()
+    if tenant is None:
+        return own
+    check_tenant(tenant)
+    if tenant not in (own, PUBLIC_TENANT):
+        note_refusal("denied", own)
+        raise AccessDeniedError(
+            f"tenant {own!r} cannot {action} for tenant {tenant!r}: use your own tenant (the "
+            "default) or 'public'"
+        )
+    return tenant
+
+
 def tenant_for_write(tenant: str | None) -> str:
     """The tenant a write goes to: the caller's own, or "public" when asked for.
 
@@ -56,16 +93,27 @@ def tenant_for_write(tenant: str | None) -> str:
         ValueError: ``tenant`` is not a valid tenant id.
         AccessDeniedError: ``tenant`` names another tenant.
     """
-    own = caller_tenant()
-    if tenant is None:
-        return own
-    check_tenant(tenant)
-    if tenant not in (own, PUBLIC_TENANT):
-        raise AccessDeniedError(
-            f"tenant {own!r} cannot register models for tenant {tenant!r}: register for your own "
-            "tenant (tenant=None) or share with tenant='public'"
-        )
-    return tenant
+    return acting_tenant(tenant, "register models")
+
+
+def note_refusal(kind: str, tenant: str) -> None:
+    """Counts a refusal met in this process ("not_found" or "denied") for ``tenant``, in the
+    node cache of this process's node, when trims_ray runs on the cluster Ray is connected to.
+
+    Fire and forget, and never raises: a refusal is already an error path, and without a
+    cluster (``register`` needs none) it is only logged.
+    """
+    log.info("trims_ray: refused (%s) for tenant %s", kind, tenant)
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        from ._cluster import node_actor  # _cluster imports this module
+
+        node_actor().count_refusal.remote(kind, tenant)
+    except Exception as exc:  # no cache on this node, or trims_ray not running here
+        log.debug("trims_ray: refusal not counted: %s", exc)
 
 
 def register(
@@ -95,3 +143,17 @@ def register(
         StoreUnavailableError: the store cannot be reached or written.
     """
     return current_store().register(name, weights, tenant=tenant_for_write(tenant), factory=factory)
+
+
+def list_models(*, tenant: str | None = None) -> list[ModelInfo]:
+    """The models the caller's tenant can see in its store: its own and the public ones.
+
+    Args:
+        tenant: None for the caller's own tenant, or "public" for the public models only.
+
+    Raises:
+        ValueError / TypeError: a bad tenant id.
+        AccessDeniedError: ``tenant`` names another tenant.
+        StoreUnavailableError: the store cannot be reached.
+    """
+    return current_store().list_models(tenant=acting_tenant(tenant, "list models"))

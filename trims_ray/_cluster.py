@@ -4,7 +4,7 @@
 ``init`` connects to Ray if needed and creates the placement actor and one node cache actor per
 alive node (or finds the ones another driver created: they are detached and named, so every job
 on the cluster shares them); from then on placement gives nodes that join a cache of their own.
-Everything else talks to those actors by name.
+Everything else talks to those actors by name, as the caller's tenant (``_api.acting_tenant``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ._fsio import translate_store_errors
 from ._names import check_name, check_tenant
 from ._store import ModelStore
 from .actors.node_actor import NAMESPACE, PLACEMENT_NAME, node_actor_name, start_node_actor
-from .actors.node_cache import TierStats
+from .actors.node_cache import TenantStats, TierStats
 from .actors.placement_actor import start_placement_actor
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "stats",
     "prefetch",
     "evict",
+    "scrub",
     "node_actor",
     "placement_actor",
     "forget_node_actor",
@@ -57,12 +58,16 @@ class Cluster:
 class NodeStats:
     """One node: its tiers, the leases held now, its whole object store's bytes in use, and its
     GPU tier's state: {"enabled": bool, "reason": why it is off, "gpus": {Ray's GPU id: that
-    GPU's stats}} (tiers["gpu"] sums the GPUs)."""
+    GPU's stats}} (tiers["gpu"] sums the GPUs). ``tenants`` holds the caller's own tenant only:
+    its bytes and quotas in the host and disk tiers, and the refusals it met on this node
+    (``not_found``, ``denied``, ``quota_denials``); other tenants are in the tier totals, never
+    by name."""
 
     tiers: dict[str, TierStats]
     leases: int = 0
     object_store_bytes_used: int = 0
     gpu: dict = field(default_factory=dict)
+    tenants: dict[str, TenantStats] = field(default_factory=dict)
 
 
 @dataclass
@@ -236,42 +241,66 @@ def _on_each_node(nodes: list[str] | None, method: str, *args) -> dict[str, obje
     return {n: call(ref) for n, ref in refs.items()}
 
 
-def prefetch(name: str, tier: str = "host", nodes: list[str] | None = None) -> dict[str, str]:
+def prefetch(
+    name: str, tier: str = "host", nodes: list[str] | None = None, *, tenant: str | None = None
+) -> dict[str, str]:
     """Warms ``tier`` ("gpu", "host" or "disk") with a model on ``nodes`` (default: every node).
     "gpu" swaps it onto the node's GPU with the most room (through its host tier).
 
-    Returns, per node, where the model was found: "gpu", "host", "disk" or "store".
+    ``tenant``: None for the caller's own (the name resolves there, then in "public"), or
+    "public". Returns, per node, where the model was found: "gpu", "host", "disk" or "store".
 
     Raises:
         ModelNotFoundError, CapacityError, IntegrityError, ValueError: as for an invocation.
         TrimsError: tier="gpu" on a node whose GPU tier is off (the message says why).
+        AccessDeniedError: ``tenant`` names another tenant.
     """
     check_name(name)
-    result = _on_each_node(nodes, "prefetch", name, _api.caller_tenant(), tier)
+    tenant = _api.acting_tenant(tenant, "prefetch models")
+    result = _on_each_node(nodes, "prefetch", name, tenant, tier)
     _routing.refresh()
     return result
 
 
-def evict(name: str, tier: str | None = None, nodes: list[str] | None = None) -> dict[str, dict[str, str]]:
+def evict(
+    name: str, tier: str | None = None, nodes: list[str] | None = None, *, tenant: str | None = None
+) -> dict[str, dict[str, str]]:
     """Evicts a model from ``tier`` (default: all tiers) on ``nodes`` (default: every node).
 
-    A copy in use is evicted when its last lease ends. Returns, per node and tier, "evicted",
-    "deferred" or "absent".
+    A copy in use is evicted when its last lease ends. ``tenant`` as for ``prefetch``. Returns,
+    per node and tier, "evicted", "deferred" or "absent".
+
+    Raises:
+        ModelNotFoundError: no such model for the caller's tenant.
+        AccessDeniedError: ``tenant`` names another tenant.
     """
     check_name(name)
-    result = _on_each_node(nodes, "evict", name, _api.caller_tenant(), tier)
+    tenant = _api.acting_tenant(tenant, "evict models")
+    result = _on_each_node(nodes, "evict", name, tenant, tier)
     _routing.refresh()
     return result
+
+
+def scrub(nodes: list[str] | None = None) -> dict[str, dict[str, int]]:
+    """Re-hashes the host-tier copies on ``nodes`` (default: every node) against their manifests
+    now, as ``CacheConfig.scrub_s`` does periodically; a corrupt copy is dropped (when its last
+    lease ends, if leased; no new lease gets it) and reloaded from the disk tier or the store.
+
+    Returns, per node, {"scrubbed": copies hashed, "corrupt": copies dropped, "reloaded": ...}.
+    """
+    return _on_each_node(nodes, "scrub")
 
 
 def stats() -> ClusterStats:
-    """Per node and tier: bytes used and capacity, models, hits, misses, loads, evictions."""
+    """Per node and tier: bytes used and capacity, models, hits, misses, loads, evictions; per
+    node, the caller's own tenant's use, quotas and refusals (``NodeStats.tenants``)."""
     out = ClusterStats()
-    for n, raw in _on_each_node(None, "stats").items():
+    for n, raw in _on_each_node(None, "stats", _api.caller_tenant()).items():
         out.nodes[n] = NodeStats(
             {t: TierStats(**s) for t, s in raw["tiers"].items()},
             raw["leases"],
             raw["object_store_bytes_used"],
             raw["gpu"],
+            {t: TenantStats(**s) for t, s in raw.get("tenants", {}).items()},
         )
     return out

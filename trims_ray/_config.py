@@ -7,8 +7,11 @@ of knobs is this file.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from ._names import check_tenant
 
 __all__ = ["default_store_uri", "caller_tenant_from_env", "ReadOptions", "CacheConfig"]
 
@@ -53,24 +56,43 @@ class ReadOptions:
         chunk_bytes: size of one ranged read. Large enough that per-request overhead (an HTTP
             round trip for S3) is small, small enough that several are in flight per blob.
         concurrency: ranged reads in flight at once.
+        retries: how many times a ranged read from an object store is tried again after a
+            failure that may pass (the endpoint refused or dropped the connection, a timeout,
+            throttling, a 5xx answer); 0 never retries. Local files are never retried.
+        retry_backoff_s: the wait before the first retry; it doubles before each next one (with
+            jitter, a random 50-100% of it), so the defaults give up after at most
+            0.5 + 1 + 2 = 3.5 s of waiting.
     """
 
     chunk_bytes: int = 16 * 1024 * 1024
     concurrency: int = 8
+    retries: int = 3
+    retry_backoff_s: float = 0.5
 
     def __post_init__(self) -> None:
         if type(self.chunk_bytes) is not int or self.chunk_bytes < 4096:
             raise ValueError(f"chunk_bytes must be an int >= 4096, got {self.chunk_bytes!r}")
         if type(self.concurrency) is not int or not 1 <= self.concurrency <= 256:
             raise ValueError(f"concurrency must be an int in 1..256, got {self.concurrency!r}")
+        if type(self.retries) is not int or not 0 <= self.retries <= 10:
+            raise ValueError(f"retries must be an int in 0..10, got {self.retries!r}")
+        backoff = self.retry_backoff_s
+        if type(backoff) not in (int, float) or not 0 <= backoff <= 60:
+            raise ValueError(f"retry_backoff_s must be a number of seconds in [0, 60], got {backoff!r}")
 
     @classmethod
     def from_env(cls) -> ReadOptions:
-        """Defaults overridden by ``$TRIMS_RAY_READ_CHUNK_BYTES`` / ``$TRIMS_RAY_READ_CONCURRENCY``."""
+        """Defaults overridden by ``$TRIMS_RAY_READ_CHUNK_BYTES``, ``$TRIMS_RAY_READ_CONCURRENCY``,
+        ``$TRIMS_RAY_READ_RETRIES`` and ``$TRIMS_RAY_READ_BACKOFF_S``."""
         base = cls()
+        backoff = base.retry_backoff_s
+        if os.environ.get("TRIMS_RAY_READ_BACKOFF_S", "").strip():
+            backoff = _env_float("TRIMS_RAY_READ_BACKOFF_S")
         return cls(
             chunk_bytes=_env_int("TRIMS_RAY_READ_CHUNK_BYTES", base.chunk_bytes),
             concurrency=_env_int("TRIMS_RAY_READ_CONCURRENCY", base.concurrency),
+            retries=_env_int("TRIMS_RAY_READ_RETRIES", base.retries),
+            retry_backoff_s=backoff,
         )
 
 
@@ -97,6 +119,16 @@ class CacheConfig:
         caller_timeout_s: a process that submitted tasks (and holds their leases until their
             results exist) is taken for dead when placement has not heard from it for this long;
             its leases are then reclaimed. Callers poll every 2 s.
+        tenant_share: the fraction of each tier's budget (host, disk) that any one tenant may
+            hold on a node; 1.0 means no limit but the budget. Public models count as tenant
+            "public". A load that would put a tenant over its share evicts that tenant's own
+            models, or fails with CapacityError; it never evicts another tenant's.
+        tenant_quotas: per-tenant quotas in bytes that override ``tenant_share``:
+            ``{"alice": {"host": 2 << 30, "disk": 10 << 30}}``; a tier left out falls back to
+            ``tenant_share``.
+        scrub_s: how often each node cache re-hashes its resident host copies against their
+            manifests (dropping and reloading a corrupt one); 0 turns the periodic scrub off
+            (``trims_ray.scrub()`` still runs one on demand).
         gpu_bytes: byte budget of the GPU tier on each GPU; None means ``gpu_fraction`` of the
             GPU's total memory (NVML). The GPU tier is on only on nodes where Ray manages GPUs.
         gpu_fraction: share of each GPU's memory for cached models when ``gpu_bytes`` is None;
@@ -113,6 +145,9 @@ class CacheConfig:
     peer_fetch: bool = True
     report_s: float = 0.5
     caller_timeout_s: float = 15.0
+    tenant_share: float = 1.0
+    tenant_quotas: dict[str, dict[str, int]] = field(default_factory=dict)
+    scrub_s: float = 0.0
     gpu_bytes: int | None = None
     gpu_fraction: float = 0.5
 
@@ -145,7 +180,39 @@ class CacheConfig:
             raise ValueError(f"report_s must be in (0, 60] seconds, got {self.report_s!r}")
         if not self.caller_timeout_s >= 3:
             raise ValueError(f"caller_timeout_s must be >= 3 s (callers poll every 2 s), got {self.caller_timeout_s!r}")
+        self._check_tenant_limits()
         self.gpu_tier_config()  # checks gpu_bytes and gpu_fraction, with the GPU tier's messages
+
+    def _check_tenant_limits(self) -> None:
+        share = self.tenant_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ValueError(f"tenant_share must be a fraction in (0, 1], got {share!r}")
+        if not isinstance(self.tenant_quotas, Mapping):
+            raise TypeError(
+                f"tenant_quotas must be a dict of tenant -> {{tier: bytes}}, got {type(self.tenant_quotas).__name__}"
+            )
+        quotas: dict[str, dict[str, int]] = {}
+        for tenant, tiers in self.tenant_quotas.items():
+            check_tenant(tenant)
+            if not isinstance(tiers, Mapping):
+                raise TypeError(
+                    f"tenant_quotas[{tenant!r}] must be a dict of tier -> bytes, got {type(tiers).__name__}"
+                )
+            for tier, nbytes in tiers.items():
+                if tier not in ("host", "disk"):
+                    raise ValueError(
+                        f"tenant_quotas[{tenant!r}]: tier must be 'host' or 'disk' (the GPU tier has no "
+                        f"per-tenant quota yet), got {tier!r}"
+                    )
+                if type(nbytes) is not int or nbytes < 0:
+                    raise ValueError(
+                        f"tenant_quotas[{tenant!r}][{tier!r}] must be a non-negative int of bytes, got {nbytes!r}"
+                    )
+            quotas[tenant] = dict(tiers)
+        object.__setattr__(self, "tenant_quotas", quotas)  # a private copy: the caller's dict may change
+        scrub = self.scrub_s
+        if isinstance(scrub, bool) or not isinstance(scrub, (int, float)) or not 0 <= scrub < float("inf"):
+            raise ValueError(f"scrub_s must be a number of seconds >= 0 (0: no periodic scrub), got {scrub!r}")
 
     def gpu_tier_config(self):
         """The settings each GPU holder of a node gets (same policy and lease checks as the host)."""
@@ -165,8 +232,9 @@ class CacheConfig:
     @classmethod
     def from_env(cls, **overrides) -> CacheConfig:
         """Defaults, then ``$TRIMS_RAY_HOST_BYTES``, ``$TRIMS_RAY_DISK_BYTES``,
-        ``$TRIMS_RAY_DISK_DIR``, ``$TRIMS_RAY_POLICY``, ``$TRIMS_RAY_GPU_BYTES`` and
-        ``$TRIMS_RAY_GPU_FRACTION``, then ``overrides``."""
+        ``$TRIMS_RAY_DISK_DIR``, ``$TRIMS_RAY_POLICY``, ``$TRIMS_RAY_GPU_BYTES``,
+        ``$TRIMS_RAY_GPU_FRACTION``, ``$TRIMS_RAY_TENANT_SHARE`` and ``$TRIMS_RAY_SCRUB_S``, then
+        ``overrides``."""
         env: dict[str, object] = {}
         if os.environ.get("TRIMS_RAY_HOST_BYTES", "").strip():
             env["host_bytes"] = _env_int("TRIMS_RAY_HOST_BYTES", 0)
@@ -180,6 +248,12 @@ class CacheConfig:
             env["gpu_bytes"] = _env_int("TRIMS_RAY_GPU_BYTES", 0)
         if os.environ.get("TRIMS_RAY_GPU_FRACTION", "").strip():
             env["gpu_fraction"] = _env_float("TRIMS_RAY_GPU_FRACTION")
+        # Per-tenant limits: a share for every tenant and the scrub period (quotas per tenant
+        # are structured: CacheConfig(tenant_quotas=...) only).
+        if os.environ.get("TRIMS_RAY_TENANT_SHARE", "").strip():
+            env["tenant_share"] = _env_float("TRIMS_RAY_TENANT_SHARE")
+        if os.environ.get("TRIMS_RAY_SCRUB_S", "").strip():
+            env["scrub_s"] = _env_float("TRIMS_RAY_SCRUB_S")
         return cls(**{**env, **overrides})
 
     def disk_path(self, node_id: str) -> Path:

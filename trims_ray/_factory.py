@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ._errors import ModelFormatError
+from ._safetensors import brief_repr
 
 __all__ = [
     "factory_ref",
@@ -63,7 +64,7 @@ def check_factory_ref(ref: object) -> str:
     if not isinstance(ref, str):
         raise TypeError(f"factory reference must be a str, got {type(ref).__name__}")
     if not _REF_RE.fullmatch(ref):
-        raise ValueError(f"factory {ref!r} must look like 'package.module:attribute'")
+        raise ValueError(f"factory {brief_repr(ref)} must look like 'package.module:attribute'")
     return ref
 
 

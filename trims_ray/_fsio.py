@@ -9,6 +9,7 @@ mechanism that is atomic for it (rename on a local disk, multipart commit on S3)
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import uuid
@@ -19,9 +20,17 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from ._errors import StoreUnavailableError
+from ._errors import StoreUnavailableError, TrimsError
 
-__all__ = ["open_fs", "is_local", "write_atomically", "translate_store_errors", "describe_s3"]
+__all__ = [
+    "open_fs",
+    "is_local",
+    "write_atomically",
+    "translate_store_errors",
+    "describe_s3",
+    "is_transient",
+    "store_gave_up",
+]
 
 # The bucket names botocore accepts (it checks them client-side, before any request).
 _BUCKET_RE = re.compile(r"[A-Za-z0-9.\-_]{1,255}")
@@ -81,6 +90,9 @@ def open_fs(uri: str | os.PathLike, storage_options: dict | None = None):
         ) from exc
     if protocol in ("s3", "s3a"):
         _check_s3_root(uri, root)
+        # s3fs's own retry loop (a class attribute, not a constructor argument): one try, so
+        # that the reader's bounded backoff is the only one stacked on botocore's (_s3_options).
+        fs.retries = 1
     return fs, root.rstrip("/") or root
 
 
@@ -107,6 +119,17 @@ def _s3_options(options: dict) -> dict:
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint
         options["client_kwargs"] = client_kwargs
+    # trims_ray's reader retries failed ranged reads itself, with a bounded backoff
+    # (ReadOptions.retries): left at their defaults, s3fs (5 tries, see open_fs) and botocore
+    # (5 attempts) would each retry under it, and a dead endpoint took ~10 s per request to be
+    # noticed. botocore keeps one quick retry for a dropped connection (every call, manifests
+    # included); the connect timeout bounds a try against an endpoint that does not answer at
+    # all. What the caller set in config_kwargs wins.
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("retries", {"total_max_attempts": 2, "mode": "standard"})
+    config.setdefault("connect_timeout", 5)
+    config.setdefault("read_timeout", 30)
+    options["config_kwargs"] = config
     return options
 
 
@@ -186,6 +209,71 @@ def translate_store_errors(fs, uri: str) -> Iterator[None]:
         if translated is None:
             raise
         raise translated from exc
+
+
+# Failures of one request that the same request may not meet again: the endpoint refused or
+# dropped the connection, the body was cut short, a timeout (botocore, aiohttp and s3fs names;
+# matched by name so that none of them has to be imported here).
+_TRANSIENT_NAMES = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+        "ResponseStreamingError",
+        "IncompleteReadError",
+        "IncompleteRead",
+        "ClientConnectorError",
+        "ClientOSError",
+        "ClientPayloadError",
+        "ServerDisconnectedError",
+        "ServerTimeoutError",
+        "FSTimeoutError",
+    }
+)
+# What s3fs makes of S3's "try again" answers: SlowDown and 503 (EBUSY), InternalError and 500
+# (EREMOTEIO).
+_TRANSIENT_ERRNOS = frozenset({errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO)})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed object-store request may succeed if it is sent again.
+
+    True for refused, dropped or cut connections, timeouts, throttling and 5xx answers (also
+    when one of them is the cause of what was raised); False for everything else: a missing
+    object, denied access, a bad request, and trims_ray's own errors.
+    """
+    seen = 0
+    while exc is not None and seen < 8:  # a cause chain, not a cycle
+        if isinstance(exc, TrimsError):
+            return False
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return True  # builtin: refused, reset, broken pipe; socket and asyncio timeouts
+        if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(exc).__mro__):
+            return True
+        if isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError)):
+            if exc.errno in _TRANSIENT_ERRNOS:
+                return True
+        exc = exc.__cause__
+        seen += 1
+    return False
+
+
+def store_gave_up(fs, source: str, exc: BaseException, tries: int, seconds: float) -> StoreUnavailableError:
+    """The error of a store read that failed every try: which file, how it failed, what to do."""
+    where = f"the S3 endpoint {describe_s3(fs)}" if "s3" in _protocols(fs) else "the store"
+    return StoreUnavailableError(
+        f"{source}: {tries} tries in {seconds:.1f} s failed, the last with "
+        f"{type(exc).__name__}: {exc}; nothing of it was kept. Check that {where} is up and "
+        "reachable from this node, then ask again (more tries: TRIMS_RAY_READ_RETRIES, "
+        "ReadOptions.retries)",
+        reason="endpoint",
+    )
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
 def _translate(exc: Exception, fs, uri: str) -> StoreUnavailableError | None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,7 +27,7 @@ from ._gpu_lease import acquire_gpu
 from ._names import check_name
 from ._protect import protect_array, release
 from ._store import materialize
-from .actors.node_cache import BYPASS, Caller, Holder
+from .actors.node_cache import BYPASS, Caller, Holder, cache_key
 
 __all__ = ["open", "function", "ModelFunction"]
 
@@ -53,14 +55,24 @@ def open(name: str, *, tenant: str | None = None) -> Iterator[Any]:  # noqa: A00
         read-only views of the node's shared copy. Do not keep them past the block. (When the
         cache's policy did not admit a miss, the model is this process's own verified copy.)
 
+    ``tenant``: None for the caller's own (the name resolves there, then in "public"), or
+    "public".
+
     Raises:
         ModelNotFoundError: no such model for the caller's tenant.
         CapacityError: it cannot fit this node's host tier.
         IntegrityError: its bytes failed verification.
         TrimsError: trims_ray is not initialized on this cluster.
+        AccessDeniedError: ``tenant`` names another tenant.
     """
     check_name(name)
-    tenant = tenant or _api.caller_tenant()
+    with _open_as(name, _api.acting_tenant(tenant, "open models")) as model:
+        yield model
+
+
+@contextlib.contextmanager
+def _open_as(name: str, tenant: str) -> Iterator[Any]:
+    """``open`` for a tenant already checked (a decorated task gets its submitter's tenant)."""
     gpu_lease = acquire_gpu(name, tenant)  # None unless this task has a GPU with a holder
     if gpu_lease is not None:
         with gpu_lease as model:
@@ -68,17 +80,17 @@ def open(name: str, *, tenant: str | None = None) -> Iterator[Any]:  # noqa: A00
         return
     actor = node_actor()
     try:
-        grant = call(actor.acquire.remote(name, tenant, _this_holder()))
+        grant = _wait(call, actor.acquire.remote(name, tenant, _this_holder()))
     except ray.exceptions.RayActorError:
         # This process cached the handle of a cache actor that has since been replaced.
         forget_node_actor()
         actor = node_actor()
-        grant = call(actor.acquire.remote(name, tenant, _this_holder()))
+        grant = _wait(call, actor.acquire.remote(name, tenant, _this_holder()))
     if grant["tier"] == BYPASS:
         yield _own_copy(grant)
         return
     try:
-        with _read_only_model(grant, ray.get(grant["refs"][0])) as model:
+        with _read_only_model(grant, _wait(ray.get, grant["refs"][0])) as model:
             yield model
     finally:
         # Fire and forget: if this message is lost or the process dies first, the node's reaper
@@ -162,7 +174,10 @@ class ModelFunction:
             # The GPU holder of the task's own GPU serves it (known only once the task runs); a
             # host lease taken here would be wasted on a GPU hit.
             strategy = NodeAffinitySchedulingStrategy(route.node, soft=True)
-            return self._remote.options(scheduling_strategy=strategy).remote(tenant, None, *args, **kwargs)
+            ref = self._remote.options(scheduling_strategy=strategy).remote(tenant, None, *args, **kwargs)
+            # Counted in flight on its node and timed like any invocation; no lease to end.
+            router.track(ref, cache_key(manifest), route.node, _no_lease, labels=(tenant, self._model))
+            return ref
         actor = node_actor(route.node)
         # The caller holds the lease until the task's result exists, then ends it (the task
         # sends nothing: each message from a worker costs it most of a millisecond).
@@ -173,8 +188,13 @@ class ModelFunction:
             strategy = NodeAffinitySchedulingStrategy(route.node, soft=True)
             remote = self._placed[route.node] = self._remote.options(scheduling_strategy=strategy)
         ref = remote.remote(tenant, [grant], *args, **kwargs)
-        router.track(ref, manifest.sha256, route.node, functools.partial(actor.release.remote, lease_id))
+        release = functools.partial(actor.release.remote, lease_id)
+        router.track(ref, cache_key(manifest), route.node, release, labels=(tenant, self._model))
         return ref
+
+
+def _no_lease() -> None:
+    pass
 
 
 def _wants_gpu(options: dict) -> bool:
@@ -189,6 +209,31 @@ def _mark_task_start() -> None:
     task_started = time.perf_counter()
 
 
+_waiter: ThreadPoolExecutor | None = None
+_waiter_lock = threading.Lock()
+
+
+def _wait(get: Callable[[ray.ObjectRef], Any], ref: ray.ObjectRef) -> Any:
+    """``get(ref)`` without making the task look blocked to Ray.
+
+    A ``ray.get`` on a task's main thread hands the task's CPUs back while it waits, and Ray
+    starts another worker (a fresh process that imports torch) for the next queued task: a burst
+    of misses then turned every load wait into a new worker, and tasks queued for tens of seconds
+    behind worker start-ups (measured in the replay). Ray does not release resources for a get
+    on another thread, so the wait happens there; the task keeps its CPU slot as a plain task
+    doing its own load would. The grant comes from the node's cache actor (num_cpus=0), so
+    holding the slot cannot deadlock.
+    """
+    global _waiter
+    if ray._private.worker.global_worker.mode != ray.WORKER_MODE:
+        return get(ref)  # a driver holds no resources to release
+    if _waiter is None:
+        with _waiter_lock:
+            if _waiter is None:
+                _waiter = ThreadPoolExecutor(max_workers=4, thread_name_prefix="trims-wait")
+    return _waiter.submit(get, ref).result()
+
+
 def _granted(boxed: list | None) -> tuple[dict, Any] | None:
     """The lease taken for this task at submit time and its object, or None when it cannot be
     used here: the task runs on another node than the lease's (its node died and Ray retried it
@@ -197,7 +242,7 @@ def _granted(boxed: list | None) -> tuple[dict, Any] | None:
     if boxed is None:
         return None
     try:
-        grant = call(boxed[0])
+        grant = _wait(call, boxed[0])
     except TrimsError:
         raise  # the model's own fault (not found, too big, corrupt): the same on every node
     except ray.exceptions.RayError:
@@ -207,7 +252,7 @@ def _granted(boxed: list | None) -> tuple[dict, Any] | None:
     if grant["tier"] == BYPASS:
         return grant, None
     try:
-        return grant, ray.get(grant["refs"][0])
+        return grant, _wait(ray.get, grant["refs"][0])
     except ray.exceptions.RayError:
         return None  # the cache actor died after granting: its objects died with it
 
@@ -217,7 +262,7 @@ def _make_remote(fn: Callable, model: str, options: dict):
         _mark_task_start()
         granted = _granted(boxed)
         if granted is None:
-            with open(model, tenant=tenant) as leased:
+            with _open_as(model, tenant) as leased:
                 return fn(leased, *args, **kwargs)
         grant, obj = granted
         if obj is None:  # the node did not keep this miss: the task loads its own copy

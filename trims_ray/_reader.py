@@ -6,32 +6,46 @@ GETs on an object store). With chunk digests (every manifest has them) each work
 chunk it just read, so verification runs on all cores; with only a whole-blob sha256 the calling
 thread hashes the completed prefix in order, overlapping one hash stream with the I/O. hashlib
 and the reads release the GIL.
+
+Ranged reads from an object store that fail in a way that may pass (see ``_fsio.is_transient``)
+are retried here, and only here, with exponential backoff; when one range runs out of tries the
+whole read gives up with a StoreUnavailableError naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import random
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from ._config import ReadOptions
 from ._errors import IntegrityError
-from ._fsio import is_local
+from ._fsio import is_local, is_transient, store_gave_up
 from ._hashing import ChunkDigests, chunk_ranges
 
 __all__ = ["ReadStats", "read_blob", "copy_verified"]
 
+log = logging.getLogger("trims_ray")
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class ReadStats:
-    """How a read went: bytes, wall seconds, and the rate in bytes per second."""
+    """How a read went: bytes, wall seconds, the rate in bytes per second, and how many
+    requests were sent again after a failure that passed."""
 
     nbytes: int
     seconds: float
+    retries: int = 0
 
     @property
     def bytes_per_second(self) -> float:
@@ -71,6 +85,8 @@ def read_blob(
     Raises:
         IntegrityError: wrong size, short read, or sha256 mismatch. Nothing is returned then, and
             the caller must not use ``out``.
+        StoreUnavailableError: an object store kept failing a request (refused or dropped
+            connections, timeouts, 5xx answers) through ``options.retries`` retries.
         ValueError: ``out`` has the wrong size, type or is read-only.
         FileNotFoundError: no file at ``path``.
     """
@@ -78,9 +94,10 @@ def read_blob(
     source = source or path
     started = time.perf_counter()
     local = is_local(fs)
+    retry = _Retrier(fs, source, options)
     fd = os.open(path, os.O_RDONLY) if local else None
     try:
-        size = os.fstat(fd).st_size if local else fs.size(path)
+        size = os.fstat(fd).st_size if local else retry(lambda: fs.size(path), "its size")
         if nbytes is not None and size != nbytes:
             raise IntegrityError(
                 f"{source}: has {size} bytes, the manifest says {nbytes}; the blob is truncated "
@@ -104,7 +121,7 @@ def read_blob(
             if local:
                 _pread_exactly(fd, memoryview(buffer[start:end]), start, source)
             else:
-                data = fs.cat_file(path, start=start, end=end)
+                data = retry(lambda: fs.cat_file(path, start=start, end=end), f"bytes {start}-{end}")
                 if len(data) != end - start:
                     raise IntegrityError(
                         f"{source}: short read at {start}: {len(data)} of {end - start} bytes"
@@ -121,6 +138,7 @@ def read_blob(
                     if hasher is not None:
                         hasher.update(memoryview(buffer[start:end]))
             except BaseException:
+                retry.stop()  # ranges backing off for a retry give up rather than wait
                 for future in futures:
                     future.cancel()
                 raise
@@ -129,10 +147,62 @@ def read_blob(
                 f"{source}: sha256 mismatch: the manifest says {sha256}, the bytes hash to "
                 f"{hasher.hexdigest()}; nothing was kept: re-register the model or repair the store"
             )
-        return buffer, ReadStats(size, time.perf_counter() - started)
+        return buffer, ReadStats(size, time.perf_counter() - started, retry.retries)
     finally:
         if fd is not None:
             os.close(fd)
+
+
+class _Retrier:
+    """The retries of one blob read, shared by its ranged reads.
+
+    A request that fails in a way that may pass is sent again after a backoff that doubles each
+    time (with jitter, so that many readers do not retry in step). After ``options.retries``
+    retries it gives up with a StoreUnavailableError; giving up, or ``stop``, makes every other
+    range of the read give up at once instead of waiting out its own backoff.
+    """
+
+    def __init__(self, fs, source: str, options: ReadOptions) -> None:
+        self.fs = fs
+        self.source = source
+        self.options = options
+        self.retries = 0
+        self._lock = threading.Lock()
+        self._over = threading.Event()
+        self._started = time.perf_counter()
+
+    def __call__(self, request: Callable[[], T], what: str) -> T:
+        wait = self.options.retry_backoff_s
+        for attempt in range(self.options.retries + 1):
+            try:
+                return request()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                last = exc
+            if attempt == self.options.retries or self._over.is_set():
+                break
+            pause = wait * random.uniform(0.5, 1.0)
+            log.warning(
+                "trims_ray: reading %s of %s failed (%s: %s); retry %d of %d in %.2f s",
+                what,
+                self.source,
+                type(last).__name__,
+                last,
+                attempt + 1,
+                self.options.retries,
+                pause,
+            )
+            with self._lock:
+                self.retries += 1
+            if self._over.wait(pause):
+                break
+            wait *= 2
+        self._over.set()
+        raise store_gave_up(self.fs, self.source, last, attempt + 1, time.perf_counter() - self._started) from last
+
+    def stop(self) -> None:
+        self._over.set()
 
 
 def copy_verified(

@@ -20,11 +20,12 @@ from collections.abc import Callable
 
 import ray
 
-from . import _api
-from ._errors import TrimsError
+from . import _api, _metrics
+from ._errors import ModelNotFoundError, TrimsError
 from ._manifest import Manifest
 from ._protect import GUARD_BYTES
 from .actors.node_actor import NAMESPACE, PLACEMENT_NAME
+from .actors.node_cache import cache_key
 from .actors.placement import Placement, Route, Snapshot
 
 __all__ = ["Router", "router", "refresh", "reset"]
@@ -179,7 +180,11 @@ class Router:
         cached = self._manifests.get((tenant, name))
         if cached is not None and now - cached[0] < _MANIFEST_TTL_S:
             return cached[1]
-        manifest = self._store.manifest(name, tenant=tenant)
+        try:
+            manifest = self._store.manifest(name, tenant=tenant)
+        except ModelNotFoundError:
+            _api.note_refusal("not_found", tenant)  # before any task: no node cache sees it
+            raise
         self._manifests[(tenant, name)] = (now, manifest)
         return manifest
 
@@ -194,19 +199,28 @@ class Router:
         manifest = self.manifest(name, tenant)
         with self._lock:
             try:
-                route = self._placement.route(manifest.sha256, manifest.nbytes + 2 * GUARD_BYTES)
+                route = self._placement.route(cache_key(manifest), manifest.nbytes + 2 * GUARD_BYTES)
             except LookupError:
                 raise TrimsError(
                     "no trims_ray node cache has reported to placement yet: retry in a moment, "
                     "or check that trims_ray.init() succeeded"
                 ) from None
             if route.tier is None:
-                self._placement.loading(manifest.sha256, route.node)
+                self._placement.loading(cache_key(manifest), route.node)
+        _metrics.record_route(route.node, route.tier, tenant, name)
         return manifest, route
 
-    def track(self, ref: ray.ObjectRef, key: str, node: str, release: Callable[[], object]) -> None:
+    def track(
+        self,
+        ref: ray.ObjectRef,
+        key: str,
+        node: str,
+        release: Callable[[], object],
+        labels: tuple[str, str] | None = None,
+    ) -> None:
         """Counts an invocation in flight on ``node`` until its result exists, then calls
-        ``release`` (which ends its lease) from this router's release thread."""
+        ``release`` (which ends its lease) from this router's release thread. ``labels``:
+        (tenant, model) to record its latency under, end to end, in Ray's metrics."""
         submitted = time.monotonic()
         with self._lock:
             queued = self._placement.queued(node)
@@ -227,6 +241,8 @@ class Router:
                 # Only an invocation that did not queue measures the time one occupies a slot.
                 self._placement.finished(key, node, None if queued else seconds)
             self._releases.put(release)
+            if labels is not None:
+                _metrics.record_invocation(node, *labels, seconds)
 
         ref._on_ready(done)
 

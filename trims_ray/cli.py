@@ -132,12 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     prefetch = sub.add_parser("prefetch", help="warm a tier with a model ahead of traffic")
     prefetch.add_argument("name", help="the model's name")
     prefetch.add_argument("--tier", choices=_TIERS, default="host", help="the tier to warm (default: host)")
+    _add_tenant(prefetch)
     _add_nodes(prefetch)
     _add_cluster(prefetch)
 
     evict = sub.add_parser("evict", help="drop a model from a tier (a copy in use goes when released)")
     evict.add_argument("name", help="the model's name")
     evict.add_argument("--tier", choices=_TIERS, default=None, help="the tier (default: every tier)")
+    _add_tenant(evict)
     _add_nodes(evict)
     _add_cluster(evict)
 
@@ -149,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_store(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--store", metavar="URI", help=help_text)
+
+
+def _add_tenant(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tenant",
+        help="act as your own tenant (default; you are $TRIMS_RAY_TENANT or 'default') or as 'public'; "
+        "another tenant is refused",
+    )
 
 
 def _add_nodes(parser: argparse.ArgumentParser) -> None:
@@ -178,6 +188,7 @@ def _add_cluster(parser: argparse.ArgumentParser) -> None:
 
 
 def _push(args: argparse.Namespace) -> int:
+    tenant = _api.tenant_for_write(args.tenant)  # refused before any weights are read or built
     weights, default_name, factory = _resolve_source(args.source)
     name = args.name or default_name
     if args.name is None:  # a name taken from a file name gets a hint on how to choose another
@@ -185,7 +196,6 @@ def _push(args: argparse.Namespace) -> int:
             check_name(name)
         except ValueError as exc:
             raise UsageError(f"{exc}; choose a name with --name") from None
-    tenant = _api.tenant_for_write(args.tenant)
     store = trims_ray.ModelStore(args.store if args.store is not None else default_store_uri())
     bar = ProgressBar(f"push {name}", sys.stderr, enabled=args.progress)
     info = store.register(name, weights, tenant=tenant, factory=args.factory or factory, progress=bar)
@@ -388,7 +398,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _prefetch(args: argparse.Namespace) -> int:
     _attach(args)
-    found = trims_ray.prefetch(args.name, tier=args.tier, nodes=_node_ids(args.node))
+    found = trims_ray.prefetch(args.name, tier=args.tier, nodes=_node_ids(args.node), tenant=args.tenant)
     print(f"prefetched {args.name} into the {args.tier} tier of {len(found)} node(s)")
     print(format_table(["NODE", "FOUND IN"], [[_short(n), where] for n, where in sorted(found.items())], align="ll"))
     return 0
@@ -396,7 +406,7 @@ def _prefetch(args: argparse.Namespace) -> int:
 
 def _evict(args: argparse.Namespace) -> int:
     _attach(args)
-    result = trims_ray.evict(args.name, tier=args.tier, nodes=_node_ids(args.node))
+    result = trims_ray.evict(args.name, tier=args.tier, nodes=_node_ids(args.node), tenant=args.tenant)
     rows = [
         [_short(n) if i == 0 else "", tier, outcome]
         for n, tiers in sorted(result.items())
@@ -444,15 +454,22 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 # --------------------------------------------------------------------------------------------
 
 _PASSTHROUGH = {
-    "bench": ("workloads.bench", "run a benchmark"),
+    "bench": ("workloads.bench", "run a benchmark (replay, soak and gpu: workloads.replay, .soak, .gpu_bench)"),
     "demo": ("workloads.demo", "the demo on an embedded local Ray"),
 }
+
+
+# Benchmarks with a module of their own: `trims-ray bench replay ...` runs workloads.replay.
+_BENCH_MODULES = {"replay": "workloads.replay", "soak": "workloads.soak", "gpu": "workloads.gpu_bench"}
 
 
 def _passthrough(command: str, argv: list[str]) -> int:
     import importlib
 
-    module = importlib.import_module(_PASSTHROUGH[command][0])
+    name = _PASSTHROUGH[command][0]
+    if command == "bench" and argv and argv[0] in _BENCH_MODULES:
+        name, argv = _BENCH_MODULES[argv[0]], argv[1:]
+    module = importlib.import_module(name)
     try:
         return int(module.main(argv) or 0)
     except SystemExit as exc:  # their argparse (--help, bad arguments)

@@ -14,6 +14,8 @@ from ray.cluster_utils import Cluster
 
 import trims_ray
 from trims_ray._cluster import placement_actor
+from trims_ray.actors.node_actor import NAMESPACE, node_actor_name
+from trims_ray.actors.node_cache import cache_key
 
 MiB = 1024 * 1024
 NODE_STORE = 128 * MiB
@@ -71,7 +73,7 @@ def expected_sum(w: dict[str, torch.Tensor]) -> float:
 
 def host_nodes(name: str) -> set[str]:
     """Nodes whose host tier holds ``name`` now (asked of every node's cache)."""
-    key = trims_ray._api.current_store().manifest(name, tenant="default").sha256
+    key = cache_key(trims_ray._api.current_store().manifest(name, tenant="default"))
     return {n for n, tier in ray.get(placement_actor().holders.remote(key)).items() if tier == "host"}
 
 
@@ -91,3 +93,21 @@ def run_stream(fn, w, count: int, during=None, at: int = 0, concurrency: int = 4
         results += [f.result() for f in futures]
     assert all(total == expected_sum(w) for _, total in results)
     return results
+
+
+@ray.remote(num_cpus=0)
+def corrupt_resident_copy(node: str, key: str) -> None:
+    """Flips one byte of a node's host-tier copy in place, as a stray write from a process that
+    holds no lease (so no page protection) would."""
+    import ctypes
+
+    # Looked up afresh: this worker may hold the handle of an earlier test's (killed) cache.
+    actor = ray.get_actor(node_actor_name(node), namespace=NAMESPACE)
+    grant = ray.get(actor.lend.remote(key))
+    try:
+        obj = ray.get(grant["refs"][0])
+        address = obj.ctypes.data + grant["offset"] + grant["manifest"].nbytes - 1
+        old = ctypes.c_uint8.from_address(address).value
+        ctypes.c_uint8.from_address(address).value = old ^ 0xFF
+    finally:
+        actor.release.remote(grant["lease_id"])

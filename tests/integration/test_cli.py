@@ -189,8 +189,13 @@ def test_status_prefetch_evict(cache, ray_node, weights_file, capsys):
     assert lines[1].split() == [
         "NODE", "TIER", "USED", "CAPACITY", "USE", "MODELS", "HITS", "MISSES", "HIT", "RATIO", "LOADS", "EVICTIONS"
     ]
-    host_row = next(line for line in lines[2:] if line.startswith(ray_node[:12]))
-    assert host_row.split()[1:3] == ["host", format_bytes(host["bytes_used"]).split()[0]]
+    # The node's first row carries its id; later rows (one per tier) start blank.
+    rows = [line.split() for line in lines[2:]]
+    start = next(i for i, row in enumerate(rows) if row[0] == ray_node[:12])
+    node_rows = [rows[start][1:]] + [row for row in rows[start + 1 : start + 3]]
+    assert [row[0] for row in node_rows] == ["gpu", "host", "disk"]
+    host_row = lines[2 + start + 1]
+    assert host_row.split()[0:2] == ["host", format_bytes(host["bytes_used"]).split()[0]]
     assert host_row.split()[-6:-3] == ["1", "1", "1"] and "50.0%" in host_row  # models, hits, misses
     widths = {len(line) for line in lines[1:] if line.rstrip().endswith(tuple("0123456789"))}
     assert len(widths) == 1, "right-aligned columns end at the same place"

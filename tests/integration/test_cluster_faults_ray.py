@@ -11,6 +11,7 @@ import ray
 import trims_ray
 from trims_ray._cluster import node_actor, placement_actor
 from trims_ray._routing import router
+from trims_ray.actors.node_cache import cache_key
 
 from .conftest import wait_for
 from .multinode import NODE_STORE, init_trims, run_stream, start_cluster, stop_cluster, weights, where_and_sum
@@ -76,7 +77,7 @@ def test_killing_placement_during_a_stream_loses_nothing_and_it_rebuilds(own_clu
     ray.get(fn.remote())
     results = run_stream(fn, w, 60, during=lambda: ray.kill(placement_actor(), no_restart=False), at=15)
     assert len(results) == 60
-    key = trims_ray._api.current_store().manifest("m", tenant="default").sha256
+    key = cache_key(trims_ray._api.current_store().manifest("m", tenant="default"))
 
     def rebuilt() -> bool:
         holders = ray.get(placement_actor().holders.remote(key), timeout=10)

@@ -14,11 +14,12 @@ import ray
 
 import trims_ray
 from trims_ray import CapacityError
-from trims_ray.actors.node_actor import NAMESPACE, node_actor_name
+from trims_ray.actors.node_cache import cache_key
 
 from .conftest import wait_for
 from .multinode import (
     HOST_BUDGET,
+    corrupt_resident_copy,
     MiB,
     expected_sum,
     host_nodes,
@@ -156,24 +157,6 @@ def test_a_miss_copies_from_a_peer_instead_of_the_store(cache3, tmp_path):
     assert (node, total) == (c, expected_sum(w))
 
 
-@ray.remote(num_cpus=0)
-def corrupt_resident_copy(node: str, key: str) -> None:
-    """Flips one byte of a node's host-tier copy in place, as a stray write from a process that
-    holds no lease (so no page protection) would."""
-    import ctypes
-
-    # Looked up afresh: this worker may hold the handle of an earlier test's (killed) cache.
-    actor = ray.get_actor(node_actor_name(node), namespace=NAMESPACE)
-    grant = ray.get(actor.lend.remote(key))
-    try:
-        obj = ray.get(grant["refs"][0])
-        address = obj.ctypes.data + grant["offset"] + grant["manifest"].nbytes - 1
-        old = ctypes.c_uint8.from_address(address).value
-        ctypes.c_uint8.from_address(address).value = old ^ 0xFF
-    finally:
-        actor.release.remote(grant["lease_id"])
-
-
 def test_peer_bytes_are_verified(cache3):
     # A peer whose copy no longer matches the manifest's chunk digests is not trusted: the load
     # falls back to the store, and serves the right weights.
@@ -182,7 +165,7 @@ def test_peer_bytes_are_verified(cache3):
     info = trims_ray.register("m", w)
     trims_ray.prefetch("m", nodes=[b])
     strategy = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(b, soft=False)
-    ray.get(corrupt_resident_copy.options(scheduling_strategy=strategy).remote(b, info.sha256))
+    ray.get(corrupt_resident_copy.options(scheduling_strategy=strategy).remote(b, cache_key(info)))
     assert trims_ray.prefetch("m", nodes=[c]) == {c: "store"}
     trims_ray.evict("m", nodes=[b])
     wait_for(lambda: host_nodes("m") == {c})

@@ -42,7 +42,7 @@ from trims_ray._nvml import (
     visible_gpus,
 )
 from trims_ray.actors.gpu_tier import ArraySource, FakeDevice, GpuTier, GpuTierConfig
-from trims_ray.actors.node_cache import Caller, Holder
+from trims_ray.actors.node_cache import Caller, Holder, cache_key
 from trims_ray.policy.lru import LRU
 
 from .test_node_cache import wait_for
@@ -139,6 +139,23 @@ def allocation_bytes(device: FakeDevice, grant) -> bytes:
 # -- swap-in, hits, stats ----------------------------------------------------------------------
 
 
+def test_identical_weights_of_two_tenants_are_two_gpu_entries(models):
+    # A GPU hit must not tell tenant B that tenant A holds the same bytes.
+    device = FakeDevice(64 << 20)
+    tier = make_tier(models, device)
+    weights = {"w.weight": torch.full((10_000,), 7.0)}
+    models.store.register("same", weights, tenant="alice")
+    models.store.register("same", weights, tenant="bob")
+    a, b = (models.store.manifest("same", tenant=t) for t in ("alice", "bob"))
+    assert a.sha256 == b.sha256
+    models.source.blobs[a.sha256], _ = models.store.read(a)
+
+    assert tier.acquire(a, ME).tier == "host"
+    assert tier.acquire(b, ME).tier == "host"  # a miss of its own, not alice's copy
+    assert tier.resident() == {cache_key(a): "gpu", cache_key(b): "gpu"}
+    assert len(device.allocations) == 2
+
+
 def test_miss_swaps_in_bit_exact_then_hits(models):
     device = FakeDevice(64 << 20)
     tier = make_tier(models, device)
@@ -157,7 +174,7 @@ def test_miss_swaps_in_bit_exact_then_hits(models):
     assert tier.leases() == 2
     assert tier.release(first.lease_id) and tier.release(second.lease_id)
     assert not tier.release(second.lease_id)  # twice is harmless
-    assert tier.resident() == {m.sha256: "gpu"}
+    assert tier.resident() == {cache_key(m): "gpu"}
 
 
 def test_budget_defaults_to_a_fraction_of_the_device(models):
@@ -185,7 +202,7 @@ def test_accounting_counts_swap_ins_in_flight(models):
     thread, out = in_thread(lambda: tier.acquire(a, ME))
     wait_for(lambda: models.source.opened[a.sha256] == 1)
     assert tier.stats().bytes_used == a.nbytes and tier.stats().models == 0
-    assert tier.resident() == {a.sha256: "loading"}
+    assert tier.resident() == {cache_key(a): "loading"}
     # The bytes on their way in are not evictable: b cannot have them.
     with pytest.raises(CapacityError, match="leased or being swapped in"):
         tier.acquire(b, ME)
@@ -225,8 +242,8 @@ def test_leased_model_is_never_freed(models):
     with pytest.raises(CapacityError):
         tier.acquire(b, ME)
     assert device.freed == [] and allocation_bytes(device, held) == before
-    assert tier.evict(a.sha256) == "deferred"
-    assert device.freed == [] and tier.resident() == {a.sha256: "gpu"}
+    assert tier.evict(cache_key(a)) == "deferred"
+    assert device.freed == [] and tier.resident() == {cache_key(a): "gpu"}
     # Still served while the eviction waits for the lease.
     assert tier.acquire(a, ME).tier == "gpu"
 
@@ -236,14 +253,14 @@ def test_deferred_evict_frees_on_last_release(models):
     tier = make_tier(models, device)
     m = models.add(10_000)
     g1, g2 = tier.acquire(m, ME), tier.acquire(m, ME)
-    assert tier.evict(m.sha256) == "deferred"
+    assert tier.evict(cache_key(m)) == "deferred"
     tier.release(g1.lease_id)
     assert device.freed == []
     tier.release(g2.lease_id)
     assert device.freed == [g1.handle[1]] and device.allocations == {}
     stats = tier.stats()
     assert (stats.bytes_used, stats.models, stats.evictions) == (0, 0, 1)
-    assert tier.evict(m.sha256) == "absent"
+    assert tier.evict(cache_key(m)) == "absent"
 
 
 def test_evict_idle_frees_device_memory(models):
@@ -252,7 +269,7 @@ def test_evict_idle_frees_device_memory(models):
     m = models.add(100_000)
     tier.release(tier.acquire(m, ME).lease_id)
     free_before = device.memory().free
-    assert tier.evict(m.sha256) == "evicted"
+    assert tier.evict(cache_key(m)) == "evicted"
     assert device.memory().free == free_before + device.footprint(m.nbytes)
     assert tier.stats().bytes_used == 0
 
@@ -264,7 +281,7 @@ def test_reaper_ends_leases_of_dead_holders(models):
     m = models.add(10_000)
     gone = tier.acquire(m, dead)
     alive = tier.acquire(m, ME)
-    assert tier.evict(m.sha256) == "deferred"
+    assert tier.evict(cache_key(m)) == "deferred"
     assert tier.reap() == 1
     assert tier.leases() == 1 and device.freed == []
     tier.release(alive.lease_id)
@@ -307,7 +324,7 @@ def test_capacity_error_evicts_nothing(models):
     tier.acquire(b, ME)  # leased
     with pytest.raises(CapacityError, match="leased"):
         tier.acquire(c, ME)  # evicting a is not enough: nothing is evicted
-    assert set(tier.resident()) == {a.sha256, b.sha256} and device.freed == []
+    assert set(tier.resident()) == {cache_key(a), cache_key(b)} and device.freed == []
     with pytest.raises(CapacityError, match="budget is"):
         tier.acquire(models.add(600_000), ME)
     assert tier.stats().evictions == 0
@@ -321,7 +338,7 @@ def test_capacity_error_when_other_processes_hold_the_memory(models):
     device.external = 650_000  # the tasks' own tensors
     with pytest.raises(CapacityError, match="other processes"):
         tier.acquire(b, ME)
-    assert tier.resident() == {a.sha256: "gpu"} and device.freed == []
+    assert tier.resident() == {cache_key(a): "gpu"} and device.freed == []
 
 
 @pytest.mark.parametrize("policy,evicted", [("lru", "b"), ("fifo", "a")])
@@ -334,7 +351,7 @@ def test_eviction_follows_the_policy(models, policy, evicted):
     c = models.add(200_000)
     tier.release(tier.acquire(c, ME).lease_id)
     kept = {"a", "b"} - {evicted}
-    assert set(tier.resident()) == {c.sha256} | {named[k].sha256 for k in kept}
+    assert set(tier.resident()) == {cache_key(c)} | {cache_key(named[k]) for k in kept}
     assert tier.stats().evictions == 1 and len(device.freed) == 1
 
 
@@ -356,11 +373,11 @@ def test_policy_admission_is_asked_after_choosing_victims(models):
 
     grant = tier.acquire(b, ME)
     assert grant.tier == "bypass" and grant.handle is None
-    assert policy.asked == (b.sha256, device.footprint(b.nbytes), [a.sha256])
-    assert tier.resident() == {a.sha256: "gpu"} and tier.stats().bypasses == 1 and tier.leases() == 0
+    assert policy.asked == (cache_key(b), device.footprint(b.nbytes), [cache_key(a)])
+    assert tier.resident() == {cache_key(a): "gpu"} and tier.stats().bypasses == 1 and tier.leases() == 0
     # Asked for by name (prefetch), it is kept whatever admission says.
     assert tier.prefetch(b) == "host"
-    assert tier.resident() == {b.sha256: "gpu"}
+    assert tier.resident() == {cache_key(b): "gpu"}
 
 
 # -- pipelined swap-in and failures ------------------------------------------------------------
@@ -374,7 +391,7 @@ def test_pipelined_grant_comes_before_the_last_layer(models):
 
     early = tier.acquire(m, ME, pipelined=True)
     assert len(early.groups) == len(early.events) > 1
-    entry = tier._resident[m.sha256]
+    entry = tier._resident[cache_key(m)]
     assert entry.layers_done <= 1 and not entry.ready.is_set()
     thread, out = in_thread(lambda: tier.acquire(m, ME))  # not pipelined: waits for every byte
     time.sleep(0.05)

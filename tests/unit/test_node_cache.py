@@ -23,7 +23,7 @@ import torch
 from trims_ray import CapacityError, IntegrityError, ModelNotFoundError, ModelStore
 from trims_ray._protect import GUARD_BYTES
 from trims_ray._reader import copy_verified
-from trims_ray.actors.node_cache import Caller, Grant, Holder, NodeCache, holder_alive, process_start
+from trims_ray.actors.node_cache import BYPASS, Caller, Grant, Holder, NodeCache, cache_key, holder_alive, process_start
 
 # A wedged load must fail the test, not hang the suite.
 pytestmark = pytest.mark.timeout(60)
@@ -195,7 +195,7 @@ def test_miss_loads_from_store_writes_through_then_hits(make_cache, file_store, 
     # The guard regions hold nothing but zeros.
     assert not first.handle[:GUARD_BYTES].any() and not first.handle[-GUARD_BYTES:].any()
     assert len(first.handle) == cost(info)
-    assert (disk_dir / f"{info.sha256}.safetensors").read_bytes() == blob(file_store, info.sha256)
+    assert (disk_dir / TENANT / f"{info.sha256}.safetensors").read_bytes() == blob(file_store, info.sha256)
 
     host, disk = cache.stats()["host"], cache.stats()["disk"]
     assert (host.hits, host.misses, host.loads, host.evictions) == (0, 1, 1, 0)
@@ -334,10 +334,13 @@ def test_loads_in_flight_count_against_the_budget(make_cache, file_store, reads)
         assert host.bytes_used == cost(a) + cost(small)  # A's full size, before a byte arrived
         assert host.models == 1  # only the small one is ready
 
+        # A request is served from its own copy (a bypass) rather than failed ...
+        assert cache.acquire("b", TENANT, ME).tier == BYPASS
+        # ... and a prefetch, which asks for the model to be kept, says why it cannot be.
         with pytest.raises(CapacityError, match="leased or loading"):
-            cache.acquire("b", TENANT, ME)
+            cache.prefetch("b", TENANT)
         host = cache.stats()["host"]
-        assert host.evictions == 0
+        assert host.evictions == 0 and host.bypasses == 1
         assert host.bytes_used == cost(a) + cost(small)
         assert reads.calls[b.sha256] == 0
     finally:
@@ -361,8 +364,9 @@ def test_a_leased_model_is_never_evicted(make_cache, file_store, memory):
     cache = make_cache(host_budget=cost(a))  # room for exactly one
 
     grant_a = cache.acquire("a", TENANT, ME)
+    assert cache.acquire("b", TENANT, ME).tier == BYPASS  # served from its own copy instead
     with pytest.raises(CapacityError, match="leased"):
-        cache.acquire("b", TENANT, ME)
+        cache.prefetch("b", TENANT)
     host = cache.stats()["host"]
     assert (host.models, host.evictions, host.bytes_used) == (1, 0, cost(a))
     assert served(grant_a) == blob(file_store, a.sha256)
@@ -424,7 +428,7 @@ def test_a_model_bigger_than_the_host_budget_fails_without_evicting(
     assert (host.models, host.evictions, host.loads) == (1, 0, 1)
     assert host.bytes_used == cost(small)
     assert reads.calls[big.sha256] == 0
-    assert not (disk_dir / f"{big.sha256}.safetensors").exists()
+    assert not (disk_dir / TENANT / f"{big.sha256}.safetensors").exists()
     assert len(memory.published) == 1
     assert cache.leases() == 0
 
@@ -442,7 +446,7 @@ def test_evict_idle_model_frees_both_tiers(make_cache, file_store, memory, disk_
     host, disk = cache.stats()["host"], cache.stats()["disk"]
     assert (host.bytes_used, host.models, host.evictions) == (0, 0, 1)
     assert (disk.bytes_used, disk.models) == (0, 0)
-    assert not (disk_dir / f"{info.sha256}.safetensors").exists()
+    assert not (disk_dir / TENANT / f"{info.sha256}.safetensors").exists()
     assert memory.live() == 0  # no strong reference left anywhere
     assert cache.evict("m", TENANT) == {"host": "absent", "disk": "absent"}
 
@@ -504,7 +508,7 @@ def test_evict_disk_only_leaves_the_host_copy(make_cache, file_store, disk_dir):
     cache = make_cache()
     use(cache, "m")
     assert cache.evict("m", TENANT, tier="disk") == {"disk": "evicted"}
-    assert not (disk_dir / f"{info.sha256}.safetensors").exists()
+    assert not (disk_dir / TENANT / f"{info.sha256}.safetensors").exists()
     assert cache.stats()["disk"].models == 0
     assert cache.stats()["host"].models == 1
     assert use(cache, "m") == "host"
@@ -538,7 +542,7 @@ def test_prefetch_disk_fills_only_the_disk_tier(make_cache, file_store, disk_dir
     host, disk = cache.stats()["host"], cache.stats()["disk"]
     assert (host.models, host.bytes_used) == (0, 0)
     assert (disk.models, disk.bytes_used) == (1, info.nbytes)
-    assert (disk_dir / f"{info.sha256}.safetensors").read_bytes() == blob(file_store, info.sha256)
+    assert (disk_dir / TENANT / f"{info.sha256}.safetensors").read_bytes() == blob(file_store, info.sha256)
     assert memory.published == []
     assert cache.prefetch("m", TENANT, tier="disk") == "disk"
     assert use(cache, "m") == "disk"
@@ -644,7 +648,8 @@ def test_public_models_resolve_for_everyone(make_cache, file_store):
     assert served(bob) == blob(file_store, info.sha256)
 
 
-def test_identical_weights_of_two_tenants_share_one_host_entry(make_cache, file_store, memory):
+def test_identical_weights_of_two_tenants_are_two_entries(make_cache, file_store, memory):
+    # Keyed per tenant (cache_key): a hit must not tell bob that alice holds the same bytes.
     same = weights(72)
     alice_info = file_store.register("mine", same, tenant="alice")
     bob_info = file_store.register("ours", same, tenant="bob")
@@ -652,12 +657,12 @@ def test_identical_weights_of_two_tenants_share_one_host_entry(make_cache, file_
     cache = make_cache()
     alice = cache.acquire("mine", "alice", ME)
     bob = cache.acquire("ours", "bob", ME)
-    assert (alice.tier, bob.tier) == ("store", "host")
-    assert alice.handle is bob.handle
+    assert (alice.tier, bob.tier) == ("store", "store")
+    assert alice.handle is not bob.handle
     assert (bob.manifest.tenant, bob.manifest.name) == ("bob", "ours")
     host = cache.stats()["host"]
-    assert (host.models, host.bytes_used, host.loads) == (1, cost(alice_info), 1)
-    assert len(memory.published) == 1
+    assert (host.models, host.bytes_used, host.loads) == (2, 2 * cost(alice_info), 2)
+    assert len(memory.published) == 2
 
 
 # -- 12. disk budget --------------------------------------------------------------------------
@@ -681,7 +686,7 @@ def test_a_full_disk_tier_evicts_its_least_recently_used_blob(make_cache, file_s
     cache = make_cache(disk_budget=2 * a.nbytes)
 
     def on_disk() -> set[str]:
-        return {p.name.removesuffix(".safetensors") for p in disk_dir.glob("*.safetensors")}
+        return {p.name.removesuffix(".safetensors") for p in disk_dir.glob("*/*.safetensors")}
 
     use(cache, "a")
     use(cache, "b")
@@ -705,7 +710,7 @@ def test_disk_budget_shrunk_across_a_restart(make_cache, file_store, disk_dir):
     nbytes = file_store.manifest("a", tenant=TENANT).nbytes
     smaller = make_cache(disk_budget=nbytes)
     assert smaller.stats()["disk"].bytes_used <= nbytes
-    assert len(list(disk_dir.glob("*.safetensors"))) == 1
+    assert len(list(disk_dir.glob("*/*.safetensors"))) == 1
 
 
 # -- 13. manifest TTL -------------------------------------------------------------------------
@@ -752,7 +757,7 @@ def test_a_bad_disk_copy_is_dropped_and_reloaded_from_the_store(
     assert use(cache, "m") == "store"
     cache.evict("m", TENANT, tier="host")
 
-    copy = disk_dir / f"{info.sha256}.safetensors"
+    copy = disk_dir / TENANT / f"{info.sha256}.safetensors"
     if damage == "flip":
         copy.write_bytes(flip_byte(good))
     elif damage == "truncate":
@@ -791,11 +796,11 @@ def test_the_first_invocation_does_not_wait_for_the_disk_copy(make_cache, file_s
     monkeypatch.setattr(node_cache_module, "write_atomically", slow_write)
     grant = cache.acquire("m", TENANT, ME)  # returns while the disk write is held
     assert grant.tier == "store" and served(grant) == blob(file_store, info.sha256)
-    assert not (disk_dir / f"{info.sha256}.safetensors").exists()
+    assert not (disk_dir / TENANT / f"{info.sha256}.safetensors").exists()
     assert cache.stats()["disk"].bytes_used == info.nbytes  # the write in flight is counted
     gate.set()
     cache.drain()
-    assert (disk_dir / f"{info.sha256}.safetensors").read_bytes() == blob(file_store, info.sha256)
+    assert (disk_dir / TENANT / f"{info.sha256}.safetensors").read_bytes() == blob(file_store, info.sha256)
     cache.release(grant.lease_id)
 
 
@@ -854,7 +859,7 @@ def test_callers_leases_are_reaped_when_the_actor_finds_the_caller_dead(make_cac
     assert cache.callers(older_than_s=5.0) == {"alive", "gone"}
     dead.add("gone")
     assert cache.reap() == 1 and cache.leases() == 2
-    assert cache.report()["in_flight"] == {file_store.manifest("m", tenant=TENANT).sha256: 2}
+    assert cache.report()["in_flight"] == {cache_key(file_store.manifest("m", tenant=TENANT)): 2}
 
 
 def test_report_gives_placement_residency_usage_and_demand(make_cache, file_store, reads):
@@ -870,29 +875,29 @@ def test_report_gives_placement_residency_usage_and_demand(make_cache, file_stor
     loader.start()
     assert reads.started.wait(10)
     report = cache.report()
-    assert report["residency"] == {a.sha256: "host", b.sha256: "loading"}
-    assert report["in_flight"] == {a.sha256: 1, b.sha256: 1}  # b's loader holds its lease
+    assert report["residency"] == {cache_key(a): "host", cache_key(b): "loading"}
+    assert report["in_flight"] == {cache_key(a): 1, cache_key(b): 1}  # b's loader holds its lease
     assert report["host_used"] == cost(a) + cost(b) and report["host_capacity"] == BIG
-    assert report["models"][a.sha256] == (TENANT, "a", a.nbytes)
+    assert report["models"][cache_key(a)] == (TENANT, "a", a.nbytes)
     reads.gate.set()
     loader.join()
     cache.release(grant.lease_id)
     cache.evict("a", TENANT, "host")
-    assert cache.report()["residency"] == {a.sha256: "disk", b.sha256: "host"}
+    assert cache.report()["residency"] == {cache_key(a): "disk", cache_key(b): "host"}
 
 
 def test_lend_serves_only_a_ready_host_copy_and_holds_it(make_cache, file_store, memory):
     info = file_store.register("m", weights(75), tenant=TENANT)
     cache = make_cache()
-    assert cache.lend(info.sha256) is None  # not here: lending never loads
+    assert cache.lend(cache_key(info)) is None  # not here: lending never loads
     use(cache, "m")
-    grant = cache.lend(info.sha256)
+    grant = cache.lend(cache_key(info))
     assert served(grant) == blob(file_store, info.sha256)
     assert cache.evict("m", TENANT, "host")["host"] == "deferred"  # the peer is still copying
     lease_id = grant.lease_id
     del grant
     assert cache.release(lease_id) and memory.live() == 0
-    assert cache.lend(info.sha256) is None
+    assert cache.lend(cache_key(info)) is None
 
 
 def test_a_miss_copies_from_a_peer_and_falls_back_to_the_store_on_a_bad_copy(make_cache, file_store, reads, tmp_path):
@@ -903,7 +908,7 @@ def test_a_miss_copies_from_a_peer_and_falls_back_to_the_store_on_a_bad_copy(mak
     corrupt = [False]
 
     def from_peer(manifest, out):
-        grant = peer.lend(manifest.sha256)
+        grant = peer.lend(cache_key(manifest))
         try:
             data = np.array(grant.handle[grant.offset : grant.offset + manifest.nbytes])
             if corrupt[0]:
@@ -935,7 +940,7 @@ def test_an_evict_cancels_the_disk_copy_still_queued(make_cache, file_store, dis
     assert cache.evict("m", TENANT) == {"host": "evicted", "disk": "absent"}
     gate.set()
     cache.drain()
-    assert cache.stats()["disk"].models == 0 and not (disk_dir / f"{info.sha256}.safetensors").exists()
+    assert cache.stats()["disk"].models == 0 and not (disk_dir / TENANT / f"{info.sha256}.safetensors").exists()
     assert use(cache, "m") == "store"  # and a later load writes its copy as usual
     assert cache.stats()["disk"].models == 1
 

@@ -23,11 +23,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from .._errors import TrimsError
 from .._gpu_ipc import DeviceIdentity, holder_env, node_gpus
 from .._manifest import Manifest
+from .._metrics import export_gpu_tier
 from .._nvml import GpuInfo, inventory, uuid_matches
 from .._store import ModelStore
 from .gpu_tier import GpuTier, GpuTierConfig, gpu_grant_dict, off_stats
 from .node_actor import NAMESPACE, node_actor_name
-from .node_cache import BYPASS, STORE, Caller, Holder
+from .node_cache import BYPASS, STORE, Caller, Holder, cache_key
 
 __all__ = [
     "gpu_holder_name",
@@ -137,7 +138,7 @@ def node_gpu_stats(holders: dict[str, ray.actor.ActorHandle], reason: str, timeo
 
 
 def node_gpu_residency(holders: dict[str, ray.actor.ActorHandle], timeout_s: float = 5.0) -> dict[str, str]:
-    """Blob sha256 -> "gpu" for every model ready on one of the node's GPUs, to merge into the
+    """``cache_key`` -> "gpu" for every model ready on one of the node's GPUs, to merge into the
     node's residency report (placement ranks "gpu" first)."""
     refs = [holder.report.remote() for holder in holders.values()]
     residency: dict[str, str] = {}
@@ -248,6 +249,7 @@ class GpuHolderServer:
     def _reap_forever(self) -> None:
         while not self._stop.wait(self.config.lease_check_s):
             self.tier.reap()
+            export_gpu_tier(self.node_id, self.tier)  # Ray metrics, tier "gpu"; never raises
 
     def _resolve(self, name: str, tenant: str) -> Manifest:
         now = time.monotonic()
@@ -288,7 +290,7 @@ class GpuHolderServer:
         """"evicted", "deferred" (leased: goes on release), "absent" (or the tier is off)."""
         if self.tier is None:
             return "absent"
-        return self.tier.evict(self._resolve(name, tenant).sha256)
+        return self.tier.evict(cache_key(self._resolve(name, tenant)))
 
     def prefetch(self, name: str, tenant: str) -> str:
         """Swaps a model in ahead of traffic; returns where it was found ("gpu", "host", ...).

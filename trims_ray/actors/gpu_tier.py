@@ -1,5 +1,5 @@
 """The GPU tier's logic for ONE GPU, as a plain class: models resident in device memory (one
-allocation each, keyed by blob sha256) and handed to tasks as IPC handles under leases.
+allocation each, keyed per tenant by ``cache_key``: <tenant>/<sha256>) and handed to tasks as IPC handles under leases.
 
 A miss swaps the model in from the host tier (late binding, FaaSwap): one flight per model
 however many ask, bytes counted against the budget from the moment it is admitted, copied
@@ -31,7 +31,7 @@ from .._gpu_ipc import DeviceIdentity, LayerGroup, module_order, plan_layers
 from .._manifest import Manifest
 from ..policy import EvictionPolicy, choose_victims, make_policy
 from ._leases import LeaseTable
-from .node_cache import BYPASS, Caller, Holder, TierStats, holder_alive
+from .node_cache import BYPASS, Caller, Holder, TierStats, cache_key, holder_alive
 
 __all__ = [
     "GPU",
@@ -334,7 +334,7 @@ class GpuTier:
             ModelNotFoundError, IntegrityError, StoreUnavailableError: from the host tier.
             ValueError / TypeError: a lease id in use, or not a str.
         """
-        key = manifest.sha256
+        key = cache_key(manifest)
         victims: list[_Resident] = []
         with self._lock:
             self._leases.check_new(lease_id)
@@ -419,7 +419,7 @@ class GpuTier:
             if entry in self._orphans:
                 self._orphans.remove(entry)
                 self._drop(entry, dropped, evicted=False)
-            elif entry.evict_when_idle and self._resident.get(entry.manifest.sha256) is entry:
+            elif entry.evict_when_idle and self._resident.get(cache_key(entry.manifest)) is entry:
                 self._drop(entry, dropped, evicted=True)
         self.on_change()
 
@@ -436,7 +436,7 @@ class GpuTier:
         Raises:
             CapacityError: it cannot fit, or the GPU lacks the memory; nothing is evicted.
         """
-        key, what = manifest.sha256, f"{manifest.tenant}/{manifest.name}"
+        key, what = cache_key(manifest), f"{manifest.tenant}/{manifest.name}"
         need = self.device.footprint(manifest.nbytes)
         self._stats.misses += 1
         if need > self.budget:
@@ -486,7 +486,7 @@ class GpuTier:
     def _drop(self, entry: _Resident, dropped: list[_Resident], *, evicted: bool) -> None:
         """Takes an entry out of the tier; its memory stays counted until ``_free`` frees it.
         Call under the lock."""
-        key = entry.manifest.sha256
+        key = cache_key(entry.manifest)
         if self._resident.get(key) is entry:
             del self._resident[key]
             if key in self.policy:
@@ -533,7 +533,7 @@ class GpuTier:
     # -- swap-in -------------------------------------------------------------------------------
 
     def _order(self, manifest: Manifest) -> Sequence[str] | None:
-        key = manifest.sha256
+        key = cache_key(manifest)
         if key not in self._orders:
             self._orders[key] = self.layer_order(manifest)
         return self._orders[key]
@@ -574,7 +574,7 @@ class GpuTier:
             if manifest.nbytes >= MiB and seconds > 0:
                 rate = manifest.nbytes / seconds
                 self.swap_rate = rate if self.swap_rate is None else 0.7 * self.swap_rate + 0.3 * rate
-            self.policy.on_insert(manifest.sha256, entry.nbytes, seconds)
+            self.policy.on_insert(cache_key(manifest), entry.nbytes, seconds)
             self._stats.loads += 1
             entry.ready.set()
             self._update_usage()
@@ -584,8 +584,8 @@ class GpuTier:
                     entry.manifest.name, self.identity.label, exc)
         with self._lock:
             entry.error = exc
-            if self._resident.get(entry.manifest.sha256) is entry:
-                del self._resident[entry.manifest.sha256]
+            if self._resident.get(cache_key(entry.manifest)) is entry:
+                del self._resident[cache_key(entry.manifest)]
             # Its waiters (at least the leader's acquire) still count as leases; the last of
             # them to let go frees whatever was allocated.
             self._orphans.append(entry)
@@ -610,7 +610,7 @@ class GpuTier:
             return len(self._leases)
 
     def resident(self) -> dict[str, str]:
-        """Blob sha256 -> "gpu" (ready) or "loading" (being swapped in)."""
+        """``cache_key`` -> "gpu" (ready) or "loading" (being swapped in)."""
         with self._lock:
             return {k: GPU if e.ready.is_set() else "loading" for k, e in self._resident.items()}
 

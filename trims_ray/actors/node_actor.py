@@ -21,10 +21,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from .._config import CacheConfig
 from .._errors import TrimsError
 from .._manifest import Manifest
+from .._metrics import export_node_cache
 from .._reader import copy_verified
 from .._store import ModelStore
 from .gpu_tier import GPU
-from .node_cache import BYPASS, PEER, STORE, Caller, Grant, Holder, NodeCache, holder_alive
+from .node_cache import BYPASS, PEER, STORE, Caller, Grant, Holder, NodeCache, cache_key, holder_alive
 
 __all__ = [
     "NAMESPACE",
@@ -92,6 +93,9 @@ class _PlasmaMemory:
         # A numpy array comes back from ray.get as a zero-copy, read-only view of plasma.
         return ray.put(buffer)
 
+    def view(self, handle: ray.ObjectRef) -> np.ndarray:
+        return ray.get(handle)  # the object as it is in plasma now (what scrub re-hashes)
+
 
 class NodeCacheServer:
     """Ray actor body around NodeCache (made remote with ``start_node_actor``).
@@ -129,6 +133,8 @@ class NodeCacheServer:
             peer_read=self._peer_read if config.peer_fetch else None,
             on_change=self._changed.set,
             holder_alive=self._holder_alive,
+            tenant_share=config.tenant_share,
+            tenant_quotas=config.tenant_quotas,
         )
         self._dead_callers: set[str] = set()
         self._peer_mode = "auto" if config.peer_fetch else "never"
@@ -138,9 +144,16 @@ class NodeCacheServer:
         threading.Thread(target=self._report_forever, name="trims-report", daemon=True).start()
 
     def _reap_forever(self) -> None:
+        scrubbed_at = time.monotonic()
         while not self._stop.wait(self.config.lease_check_s):
             self._dead_callers = self._find_dead_callers()
             self.cache.reap()
+            if self.config.scrub_s and time.monotonic() - scrubbed_at >= self.config.scrub_s:
+                try:
+                    self.scrub()
+                except Exception as exc:  # the reaper must go on
+                    log.warning("trims_ray: periodic scrub failed: %s", exc)
+                scrubbed_at = time.monotonic()
 
     def _find_dead_callers(self) -> set[str]:
         """Callers holding leases here that placement has not seen polling lately (they died,
@@ -208,9 +221,22 @@ class NodeCacheServer:
         finally:
             self._send_report()
 
-    def stats(self) -> dict:
+    def scrub(self) -> dict[str, int]:
+        """Re-hashes the host tier's copies now (NodeCache.scrub); placement hears of any drop."""
+        try:
+            return self.cache.scrub()
+        finally:
+            self._send_report()
+
+    def count_refusal(self, kind: str, tenant: str) -> None:
+        """Counts a refusal that a caller's process met (NodeCache.count_refusal)."""
+        self.cache.count_refusal(kind, tenant)
+
+    def stats(self, tenant: str | None = None) -> dict:
+        """Tier totals, and per-tenant use and refusals: ``tenant``'s only when given."""
         gpu = self._gpu_stats()
         return {
+            "tenants": {t: asdict(s) for t, s in self.cache.tenant_stats(tenant).items()},
             "tiers": {GPU: gpu["tier"], **{t: asdict(s) for t, s in self.cache.stats().items()}},
             # Whether the GPU tier is on here, why not, and each GPU's own counters and memory.
             "gpu": {"enabled": gpu["enabled"], "reason": gpu["reason"], "gpus": gpu["gpus"]},
@@ -307,6 +333,7 @@ class NodeCacheServer:
             self._changed.clear()
             self._stop.wait(0.02)  # coalesce a burst of changes into one report
             self._send_report(unless_unchanged_for=5 * self.config.report_s)
+            export_node_cache(self.node_id, self.cache)  # Ray metrics; never raises
 
     def _send_report(self, unless_unchanged_for: float = 0.0) -> None:
         with self._report_lock:
@@ -329,7 +356,8 @@ class NodeCacheServer:
         if self._peer_mode == "auto" and rates[PEER] <= rates[STORE]:
             return False
         try:
-            holders = ray.get(self._placement_actor().holders.remote(manifest.sha256), timeout=5)
+            # Per tenant, like every key: another tenant's copy of the same bytes is not lent.
+            holders = ray.get(self._placement_actor().holders.remote(cache_key(manifest)), timeout=5)
         except Exception as exc:
             log.debug("trims_ray: no peer list from placement: %s", exc)
             self._placement = None
@@ -338,7 +366,7 @@ class NodeCacheServer:
         for peer in peers:
             try:
                 lender = ray.get_actor(node_actor_name(peer), namespace=NAMESPACE)
-                grant = ray.get(lender.lend.remote(manifest.sha256), timeout=5)
+                grant = ray.get(lender.lend.remote(cache_key(manifest)), timeout=5)
             except Exception as exc:
                 log.debug("trims_ray: peer %s cannot lend %s: %s", peer, manifest.sha256, exc)
                 continue

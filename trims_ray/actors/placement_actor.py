@@ -17,6 +17,7 @@ import time
 import ray
 
 from .._config import CacheConfig
+from .._metrics import record_decision
 from .node_actor import NAMESPACE, PLACEMENT_NAME, node_actor_name, start_node_actor
 from .placement import NodeReport, Placement, Snapshot
 
@@ -184,9 +185,11 @@ class PlacementServer:
         for node, (tenant, name, _) in asks:
             log.info("trims_ray: %s/%s is hot: loading a copy on node %s", tenant, name, node)
             _actor(node).prefetch.remote(name, tenant, "host")
+            record_decision(node, "copy", "host", tenant, name)
         for node, (tenant, name, _) in drops:
             log.info("trims_ray: demand for %s/%s fell: dropping its copy on node %s", tenant, name, node)
             _actor(node).evict.remote(name, tenant, "host")
+            record_decision(node, "drop", "host", tenant, name)
 
 
 def _alive_nodes() -> set[str]:
