@@ -285,6 +285,9 @@ def test_bench_and_demo_pass_their_arguments_on(capsys):
     assert code == 0 and "python -m workloads.bench" in out
     code, _, err = cli(capsys, "demo", "--models", "nosuch")
     assert code == 2 and "unknown zoo models ['nosuch']" in err
+    for bench, module in (("replay", "workloads.replay"), ("soak", "workloads.soak")):
+        code, out, _ = cli(capsys, "bench", bench, "--help")
+        assert code == 0 and f"python -m {module}" in out
 
 
 # -- output helpers ------------------------------------------------------------------------------
