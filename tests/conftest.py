@@ -27,7 +27,16 @@ def isolated_env(tmp_path, monkeypatch):
     # botocore must never look for credentials on the cloud metadata address: tests stay on
     # loopback.
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for var in ("TRIMS_RAY_READ_CHUNK_BYTES", "TRIMS_RAY_READ_CONCURRENCY"):
+    for var in (
+        "TRIMS_RAY_READ_CHUNK_BYTES",
+        "TRIMS_RAY_READ_CONCURRENCY",
+        "TRIMS_RAY_READ_RETRIES",
+        "TRIMS_RAY_READ_BACKOFF_S",
+        "TRIMS_RAY_TENANT_SHARE",
+        "TRIMS_RAY_SCRUB_S",
+        "TRIMS_RAY_GPU_BYTES",
+        "TRIMS_RAY_GPU_FRACTION",
+    ):
         monkeypatch.delenv(var, raising=False)
 
 
