@@ -107,7 +107,7 @@ class SoakConfig:
     kill_cache_at: float = 0.65
     bucket_s: float = 60.0
     timeout_s: float = 60.0
-    resends: int = 3
+    resends: int = 6
 
     def __post_init__(self) -> None:
         if not self.minutes > 0 or not self.rate > 0:
