@@ -44,13 +44,14 @@ def cache(ray_node, tmp_path):
         trims_ray.shutdown()
 
 
-def wait_for(condition, timeout: float = 15.0, interval: float = 0.1):
-    """Polls ``condition`` until it returns a truthy value; fails the test after ``timeout`` s."""
+def wait_for(condition, timeout: float = 15.0, interval: float = 0.1, what: str = "condition"):
+    """Polls ``condition`` until it returns a truthy value; fails the test after ``timeout`` s,
+    saying ``what`` it waited for."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"{what} not met within {timeout} s")
         time.sleep(interval)

@@ -27,6 +27,8 @@ import yaml
 import trims_ray
 from workloads.s3server import free_port
 
+from .conftest import wait_for
+
 REPO = Path(__file__).resolve().parents[2]
 SCRAPE_CONFIG = REPO / "dashboards" / "prometheus.yml"
 DASHBOARD = REPO / "dashboards" / "grafana" / "trims_ray.json"
@@ -88,17 +90,6 @@ def ray_session():
         ray.shutdown()
 
 
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.5)
-
-
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=10) as reply:
         return json.loads(reply.read())
@@ -110,7 +101,7 @@ def prometheus(ray_session, tmp_path):
     pointed at this session's service-discovery file (the /tmp/ray one follows whichever session
     on this machine started last); yields its base URL."""
     sd_file = ray_session / SD_FILE
-    wait_until(sd_file.exists, 30, f"Ray's service-discovery file {sd_file}")
+    wait_for(sd_file.exists, 30, interval=0.5, what=f"Ray's service-discovery file {sd_file}")
     config = yaml.safe_load(SCRAPE_CONFIG.read_text())
     config["global"] = {"scrape_interval": f"{SCRAPE_S}s", "evaluation_interval": f"{SCRAPE_S}s"}
     (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "ray"]
@@ -141,7 +132,7 @@ def prometheus(ray_session, tmp_path):
             except OSError:
                 return False
 
-        wait_until(ready, 30, "prometheus ready")
+        wait_for(ready, 30, interval=0.5, what="prometheus ready")
         yield url
     finally:
         process.terminate()  # only the process this test started
@@ -178,10 +169,11 @@ def test_every_dashboard_query_returns_data(prometheus, tmp_path):
 
         # Prometheus must see the targets up before the counters move, so that rate() over the
         # dashboard's window sees them grow.
-        wait_until(
+        wait_for(
             lambda: [r for r in query(prometheus, 'up{job="ray"}') if r["value"][1] == "1"],
             30,
-            "Ray's nodes scraped (up == 1)",
+            interval=0.5,
+            what="Ray's nodes scraped (up == 1)",
         )
         queries = dashboard_queries()
         assert len(queries) >= 9
