@@ -173,8 +173,7 @@ class ModelFunction:
         if _wants_gpu(self._options):
             # The GPU holder of the task's own GPU serves it (known only once the task runs); a
             # host lease taken here would be wasted on a GPU hit.
-            strategy = NodeAffinitySchedulingStrategy(route.node, soft=True)
-            ref = self._remote.options(scheduling_strategy=strategy).remote(tenant, None, *args, **kwargs)
+            ref = self._placed_on(route.node).remote(tenant, None, *args, **kwargs)
             # Counted in flight on its node and timed like any invocation; no lease to end.
             router.track(ref, cache_key(manifest), route.node, _no_lease, labels=(tenant, self._model))
             return ref
@@ -183,14 +182,18 @@ class ModelFunction:
         # sends nothing: each message from a worker costs it most of a millisecond).
         lease_id = router.new_lease_id()
         grant = actor.acquire.remote(self._model, tenant, Caller(router.id), lease_id)
-        remote = self._placed.get(route.node)
-        if remote is None:
-            strategy = NodeAffinitySchedulingStrategy(route.node, soft=True)
-            remote = self._placed[route.node] = self._remote.options(scheduling_strategy=strategy)
-        ref = remote.remote(tenant, [grant], *args, **kwargs)
+        ref = self._placed_on(route.node).remote(tenant, [grant], *args, **kwargs)
         release = functools.partial(actor.release.remote, lease_id)
         router.track(ref, cache_key(manifest), route.node, release, labels=(tenant, self._model))
         return ref
+
+    def _placed_on(self, node: str):
+        """The remote function with a soft affinity to ``node``, built once per node."""
+        remote = self._placed.get(node)
+        if remote is None:
+            strategy = NodeAffinitySchedulingStrategy(node, soft=True)
+            remote = self._placed[node] = self._remote.options(scheduling_strategy=strategy)
+        return remote
 
 
 def _no_lease() -> None:

@@ -197,16 +197,17 @@ class Router:
             TrimsError: no node cache has reported yet.
         """
         manifest = self.manifest(name, tenant)
+        key = cache_key(manifest)
         with self._lock:
             try:
-                route = self._placement.route(cache_key(manifest), manifest.nbytes + 2 * GUARD_BYTES)
+                route = self._placement.route(key, manifest.nbytes + 2 * GUARD_BYTES)
             except LookupError:
                 raise TrimsError(
                     "no trims_ray node cache has reported to placement yet: retry in a moment, "
                     "or check that trims_ray.init() succeeded"
                 ) from None
             if route.tier is None:
-                self._placement.loading(cache_key(manifest), route.node)
+                self._placement.loading(key, route.node)
         _metrics.record_route(route.node, route.tier, tenant, name)
         return manifest, route
 

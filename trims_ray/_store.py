@@ -23,7 +23,7 @@ from ._config import ReadOptions, default_store_uri
 from ._errors import IntegrityError, ModelFormatError, ModelNotFoundError, StoreUnavailableError
 from ._factory import assemble_module, build_on_meta, check_factory_fits, factory_ref, resolve_factory
 from ._hashing import CHUNK_BYTES, digest_blob
-from ._fsio import describe_s3, is_local, open_fs, translate_store_errors, write_atomically
+from ._fsio import _protocols, describe_s3, is_local, open_fs, translate_store_errors, write_atomically
 from ._ingest import collect_weights
 from ._manifest import Manifest, ModelInfo
 from ._names import PUBLIC_TENANT, check_name, check_tenant
@@ -296,9 +296,4 @@ def _is_name(stem: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _protocols(fs) -> tuple[str, ...]:
-    protocol = fs.protocol
-    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
