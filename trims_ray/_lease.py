@@ -35,6 +35,20 @@ _HOLDER: Holder | None = None
 # When the last decorated task in this process started (perf_counter), before its lease: lets a
 # benchmark time "task start to usable module" for the decorated path. Not part of the API.
 task_started = 0.0
+# The tier the last lease in this process was served from ("gpu", "host", "disk", "peer",
+# "store", "bypass"): lets the replay record each request's tier. Not part of the API.
+_served_from = ""
+
+
+def served_tier() -> str:
+    """The tier this process's latest lease came from ("" before any); for benchmarks."""
+    return _served_from
+
+
+def _note_served(tier: str) -> None:
+    # A module function for the same reason as _mark_task_start (assigned here, not in a closure).
+    global _served_from
+    _served_from = tier
 
 
 def _this_holder() -> Holder:
@@ -75,6 +89,7 @@ def _open_as(name: str, tenant: str) -> Iterator[Any]:
     """``open`` for a tenant already checked (a decorated task gets its submitter's tenant)."""
     gpu_lease = acquire_gpu(name, tenant)  # None unless this task has a GPU with a holder
     if gpu_lease is not None:
+        _note_served("gpu")
         with gpu_lease as model:
             yield model
         return
@@ -86,6 +101,7 @@ def _open_as(name: str, tenant: str) -> Iterator[Any]:
         forget_node_actor()
         actor = node_actor()
         grant = _wait(call, actor.acquire.remote(name, tenant, _this_holder()))
+    _note_served(grant["tier"])
     if grant["tier"] == BYPASS:
         yield _own_copy(grant)
         return
@@ -149,8 +165,9 @@ class ModelFunction:
 
         The lease is taken here, on that node's cache, and handed to the task inside a list, so
         Ray does not wait for it before scheduling: the lease and the task's start overlap, and
-        a fresh worker does not pay for finding and first calling the cache actor. A task that
-        lands elsewhere (its node died; the lease failed) leases from its own node instead.
+        a fresh worker does not pay for finding and first calling the cache actor. When the
+        node's slots are all busy the task leases when it starts instead. A task that lands
+        elsewhere (its node died; the lease failed) leases from its own node instead.
 
         Raises:
             ModelNotFoundError: no such model for the caller's tenant.
@@ -175,6 +192,14 @@ class ModelFunction:
             # host lease taken here would be wasted on a GPU hit.
             ref = self._placed_on(route.node).remote(tenant, None, *args, **kwargs)
             # Counted in flight on its node and timed like any invocation; no lease to end.
+            router.track(ref, cache_key(manifest), route.node, _no_lease, labels=(tenant, self._model))
+            return ref
+        if router.queued(route.node):
+            # The task will wait behind the node's busy slots. A lease taken now would pin its
+            # model (or hold the budget of its load) for that whole wait; with a burst queued,
+            # every byte of the host tier was leased and misses could only bypass it (measured
+            # in the replay). The task leases when it starts instead.
+            ref = self._placed_on(route.node).remote(tenant, None, *args, **kwargs)
             router.track(ref, cache_key(manifest), route.node, _no_lease, labels=(tenant, self._model))
             return ref
         actor = node_actor(route.node)
@@ -268,6 +293,7 @@ def _make_remote(fn: Callable, model: str, options: dict):
             with _open_as(model, tenant) as leased:
                 return fn(leased, *args, **kwargs)
         grant, obj = granted
+        _note_served(grant["tier"])
         if obj is None:  # the node did not keep this miss: the task loads its own copy
             return fn(_own_copy(grant), *args, **kwargs)
         with _read_only_model(grant, obj) as leased:

@@ -211,6 +211,11 @@ class Router:
         _metrics.record_route(route.node, route.tier, tenant, name)
         return manifest, route
 
+    def queued(self, node: str) -> bool:
+        """Whether an invocation sent to ``node`` now would wait for one of its slots."""
+        with self._lock:
+            return self._placement.queued(node)
+
     def track(
         self,
         ref: ray.ObjectRef,

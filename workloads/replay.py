@@ -45,6 +45,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import trims_ray
+from trims_ray import _lease
 from trims_ray._api import store_for
 from trims_ray._protect import GUARD_BYTES
 from trims_ray.policy import available_policies, online_policies
@@ -68,7 +69,7 @@ __all__ = [
 MiB = 1024 * 1024
 DEFAULT_OUT = "results/replay.parquet"
 NOCACHE, SERVE, TRIMS = "nocache", "serve", "trims_ray"
-TIERS = ("host", "disk", "peer", "store", "bypass", "unknown")
+TIERS = ("gpu", "host", "disk", "peer", "store", "bypass", "unknown")
 BATCH = 4  # rows of the input of every request's forward pass
 CHECK_REL_TOL = 1e-4  # checksums differ in the last bits with the thread count
 CURVE_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75)  # cache sizes, share of catalog bytes
@@ -214,16 +215,8 @@ def _node_id() -> str:
 
 
 def _served_tier() -> str:
-    """The tier the current ``@trims_ray.function`` invocation's lease came from.
-
-    trims_ray does not hand the grant to the function; the wrapper that calls it holds the grant
-    in a local named ``grant``. Reading it there is the only way, without changing trims_ray, to
-    learn where this very invocation's model came from. "unknown" when there is none (the task
-    leased through ``trims_ray.open`` on its own node, or the wrapper changed).
-    """
-    frame = sys._getframe(2)  # the wrapper that called trims_request, which called us
-    grant = frame.f_locals.get("grant")
-    tier = grant.get("tier") if isinstance(grant, dict) else None
+    """The tier the current ``@trims_ray.function`` invocation's model came from."""
+    tier = _lease.served_tier()
     return tier if tier in TIERS else "unknown"
 
 
@@ -787,7 +780,8 @@ def _goal_lines(result: ReplayResult) -> list[str]:
 def print_report(result: ReplayResult) -> None:
     """Prints the one table (every system side by side) and the goal lines."""
     config = result.config
-    tiers = [t for t in TIERS if t != "unknown" or any(s.tiers[t] for s in result.summaries)]
+    rare = ("gpu", "unknown")  # columns shown only when some request had them
+    tiers = [t for t in TIERS if t not in rare or any(s.tiers[t] for s in result.summaries)]
     print(
         f"\nreplay: {result.trace.num_rows} requests per system on {config.nodes} nodes of "
         f"{config.cpus} CPUs ({config.store} store); trims_ray host tier {config.host_mb} MiB per "
