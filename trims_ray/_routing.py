@@ -23,6 +23,7 @@ import ray
 from . import _api, _metrics
 from ._errors import ModelNotFoundError, TrimsError
 from ._manifest import Manifest
+from ._manifest_cache import ManifestCache
 from ._protect import GUARD_BYTES
 from .actors.node_actor import NAMESPACE, PLACEMENT_NAME
 from .actors.node_cache import cache_key
@@ -88,7 +89,8 @@ class Router:
         self.id = uuid.uuid4().hex
         self._lease_ids = itertools.count(1)
         self._releases: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
-        self._manifests: dict[tuple[str, str], tuple[float, Manifest]] = {}
+        # Names resolved in the store; those in use are refreshed in the background.
+        self._manifests = ManifestCache(lambda name, tenant: self._store.manifest(name, tenant=tenant), _MANIFEST_TTL_S)
         # Our invocations in flight: (model key, node) -> count; kept across
         # table refreshes, since the nodes report them only later.
         self._mine: dict[tuple[str, str], int] = {}
@@ -100,6 +102,7 @@ class Router:
         self._placement = self._adopt(ray.get(self._actor.snapshot.remote(-1, 0.0)))
         threading.Thread(target=self._poll_forever, name="trims-routing", daemon=True).start()
         threading.Thread(target=self._release_forever, name="trims-release", daemon=True).start()
+        self._manifests.start_refreshing(self._closed)
 
     @property
     def version(self) -> int:
@@ -171,22 +174,16 @@ class Router:
     # -- routing -------------------------------------------------------------------------------
 
     def manifest(self, name: str, tenant: str) -> Manifest:
-        """The manifest ``name`` resolves to for ``tenant`` (cached ``_MANIFEST_TTL_S``).
+        """The manifest ``name`` resolves to for ``tenant`` (trusted ``_MANIFEST_TTL_S``).
 
         Raises:
             ModelNotFoundError, ModelFormatError, StoreUnavailableError: as ModelStore.manifest.
         """
-        now = time.monotonic()
-        cached = self._manifests.get((tenant, name))
-        if cached is not None and now - cached[0] < _MANIFEST_TTL_S:
-            return cached[1]
         try:
-            manifest = self._store.manifest(name, tenant=tenant)
+            return self._manifests.get(name, tenant)
         except ModelNotFoundError:
             _api.note_refusal("not_found", tenant)  # before any task: no node cache sees it
             raise
-        self._manifests[(tenant, name)] = (now, manifest)
-        return manifest
 
     def route(self, name: str, tenant: str) -> tuple[Manifest, Route]:
         """Where an invocation of ``name`` should run.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import asdict
 
@@ -23,6 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from .._errors import TrimsError
 from .._gpu_ipc import DeviceIdentity, holder_env, node_gpus
 from .._manifest import Manifest
+from .._manifest_cache import ManifestCache
 from .._metrics import export_gpu_tier
 from .._nvml import GpuInfo, inventory, uuid_matches
 from .._store import ModelStore
@@ -218,8 +218,7 @@ class GpuHolderServer:
         self.node_id = node_id
         self.config = config
         self.store = ModelStore(store_uri, storage_options=storage_options)
-        self.manifest_ttl_s = manifest_ttl_s
-        self._manifests: dict[tuple[str, str], tuple[float, Manifest]] = {}
+        self.manifests = ManifestCache(lambda name, tenant: self.store.manifest(name, tenant=tenant), manifest_ttl_s)
         gpu = inventory().by_uuid(uuid)
         index = gpu.index if gpu is not None else (int(label) if label.isdigit() else 0)
         self.identity = DeviceIdentity(uuid, index, label, node_id)
@@ -245,6 +244,7 @@ class GpuHolderServer:
         self._stop = threading.Event()
         if self.tier is not None:
             threading.Thread(target=self._reap_forever, name="trims-gpu-reaper", daemon=True).start()
+            self.manifests.start_refreshing(self._stop)
 
     def _reap_forever(self) -> None:
         while not self._stop.wait(self.config.lease_check_s):
@@ -252,12 +252,7 @@ class GpuHolderServer:
             export_gpu_tier(self.node_id, self.tier)  # Ray metrics, tier "gpu"; never raises
 
     def _resolve(self, name: str, tenant: str) -> Manifest:
-        now = time.monotonic()
-        cached = self._manifests.get((tenant, name))
-        if cached is None or now - cached[0] >= self.manifest_ttl_s:
-            cached = (now, self.store.manifest(name, tenant=tenant))
-            self._manifests[(tenant, name)] = cached
-        return cached[1]
+        return self.manifests.get(name, tenant)
 
     # -- the calls tasks make ------------------------------------------------------------------
 

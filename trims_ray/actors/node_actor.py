@@ -142,6 +142,7 @@ class NodeCacheServer:
         self._gpu_holders, self._gpu_off_reason = self._start_gpu_tier(store_uri, storage_options)
         threading.Thread(target=self._reap_forever, name="trims-lease-reaper", daemon=True).start()
         threading.Thread(target=self._report_forever, name="trims-report", daemon=True).start()
+        self.cache.manifests.start_refreshing(self._stop)
 
     def _reap_forever(self) -> None:
         scrubbed_at = time.monotonic()

@@ -31,6 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from .._errors import CapacityError, IntegrityError, ModelNotFoundError
 from .._fsio import write_atomically
 from .._manifest import Manifest, ModelInfo
+from .._manifest_cache import ManifestCache
 from .._names import check_tenant
 from .._protect import GUARD_BYTES
 from .._reader import read_blob
@@ -488,7 +489,10 @@ class NodeCache:
         # Caller-chosen lease ids released before their acquire finished (the task ran on
         # another node, say): the acquire ends its lease as soon as it is granted.
         self._released_early: dict[str, float] = {}
-        self._manifests: dict[tuple[str, str], tuple[float, Manifest]] = {}
+        # Names resolved for tenants; the actor refreshes those in use in the background.
+        self.manifests = ManifestCache(
+            lambda name, tenant: self.store.manifest(name, tenant=tenant), manifest_ttl_s, clock=lambda: self.clock()
+        )
         # Disk copies are written after the model is served from the host tier, off the path
         # of the invocation that missed; one writer keeps the disk's I/O sequential.
         self._disk_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trims-disk-write")
@@ -498,23 +502,17 @@ class NodeCache:
     # -- resolving names -----------------------------------------------------------------------
 
     def resolve(self, name: str, tenant: str) -> Manifest:
-        """The manifest ``name`` means for ``tenant``, cached for ``manifest_ttl_s``.
+        """The manifest ``name`` means for ``tenant``, trusted for ``manifest_ttl_s``.
 
         Raises:
             ModelNotFoundError, ModelFormatError, ValueError: as ModelStore.manifest.
         """
-        now = self.clock()
-        cached = self._manifests.get((tenant, name))
-        if cached is not None and now - cached[0] < self.manifest_ttl_s:
-            return cached[1]
         try:
-            manifest = self.store.manifest(name, tenant=tenant)
+            return self.manifests.get(name, tenant)
         except ModelNotFoundError:
             # Missing and another tenant's are one case to the store, so one count here.
             self.count_refusal(NOT_FOUND, tenant)
             raise
-        self._manifests[(tenant, name)] = (now, manifest)
-        return manifest
 
     def count_refusal(self, kind: str, tenant: str) -> None:
         """Counts a refusal ``tenant`` met: NOT_FOUND (a name it cannot see) or DENIED (it named
