@@ -36,7 +36,6 @@ log = logging.getLogger("trims_ray")
 # A long poll returns at least this often, with fresh load figures, even when residency is
 # unchanged.
 _POLL_S = 2.0
-_MANIFEST_TTL_S = 2.0
 
 _lock = threading.Lock()
 _router: Router | None = None
@@ -89,8 +88,6 @@ class Router:
         self.id = uuid.uuid4().hex
         self._lease_ids = itertools.count(1)
         self._releases: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
-        # Names resolved in the store; those in use are refreshed in the background.
-        self._manifests = ManifestCache(lambda name, tenant: self._store.manifest(name, tenant=tenant), _MANIFEST_TTL_S)
         # Our invocations in flight: (model key, node) -> count; kept across
         # table refreshes, since the nodes report them only later.
         self._mine: dict[tuple[str, str], int] = {}
@@ -98,7 +95,11 @@ class Router:
         self._closed = threading.Event()
         # Names resolve in the cluster's store, the one the node caches load from (this process
         # may not know it: a worker whose Ray was started before trims_ray.init).
-        self._store = _api.store_for(*ray.get(self._actor.store_spec.remote()))
+        spec, ttl_s = ray.get([self._actor.store_spec.remote(), self._actor.manifest_ttl_s.remote()])
+        self._store = _api.store_for(*spec)
+        # Names resolved in the store, trusted as long as the node caches trust them; those in
+        # use are refreshed in the background.
+        self._manifests = ManifestCache(lambda name, tenant: self._store.manifest(name, tenant=tenant), ttl_s)
         self._placement = self._adopt(ray.get(self._actor.snapshot.remote(-1, 0.0)))
         threading.Thread(target=self._poll_forever, name="trims-routing", daemon=True).start()
         threading.Thread(target=self._release_forever, name="trims-release", daemon=True).start()
@@ -174,7 +175,7 @@ class Router:
     # -- routing -------------------------------------------------------------------------------
 
     def manifest(self, name: str, tenant: str) -> Manifest:
-        """The manifest ``name`` resolves to for ``tenant`` (trusted ``_MANIFEST_TTL_S``).
+        """The manifest ``name`` resolves to for ``tenant`` (trusted the cluster's manifest_ttl_s).
 
         Raises:
             ModelNotFoundError, ModelFormatError, StoreUnavailableError: as ModelStore.manifest.

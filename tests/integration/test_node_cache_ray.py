@@ -304,6 +304,41 @@ def test_a_miss_the_policy_does_not_admit_is_served_from_the_tasks_own_copy(ray_
         trims_ray.shutdown()
 
 
+def test_tasks_queued_behind_busy_slots_take_no_lease_until_they_start(ray_node, tmp_path):
+    # Two tasks hold the node's two CPUs; three more, each for another model, queue behind them.
+    # Leases taken at submit would pin all five models' bytes, more than the host tier holds, so
+    # the last would be served past the cache (a bypass). Queued tasks lease when they start.
+    config = trims_ray.CacheConfig(host_bytes=10 * 1024 * 1024, disk_dir=str(tmp_path / "disk"))
+    trims_ray.init(store=str(tmp_path / "store"), config=config)
+    go = tmp_path / "go"
+    try:
+        models = {name: weights(2.5, seed=i) for i, name in enumerate(["a", "b", "c", "d"])}
+        for name, w in models.items():
+            trims_ray.register(name, w)
+
+        @trims_ray.function(num_cpus=1)
+        def use(m, wait_for_file):
+            while wait_for_file and not os.path.exists(wait_for_file):
+                time.sleep(0.02)
+            from trims_ray._lease import served_tier
+
+            return float(m["w"].double().sum()), served_tier()
+
+        blockers = [use.options(model="a").remote(str(go)) for _ in range(2)]
+        wait_for(lambda: node_stats(ray_node).leases == 2, what="the two blockers' leases")
+        queued = {name: use.options(model=name).remote("") for name in ["b", "c", "d"]}
+        time.sleep(1.0)  # time for any lease taken at submit to be granted and reported
+        assert node_stats(ray_node).leases == 2
+        go.touch()
+        for name, ref in [("a", blockers[0]), ("a", blockers[1]), *queued.items()]:
+            total, tier = ray.get(ref)
+            assert total == float(models[name]["w"].double().sum())
+            assert tier != "bypass", name
+        assert node_stats(ray_node).tiers["host"].bypasses == 0
+    finally:
+        trims_ray.shutdown()
+
+
 # -- bad input -----------------------------------------------------------------------------
 
 

@@ -131,6 +131,10 @@ class PlacementServer:
         """The cluster's store: (URI, storage options) every node cache reads from."""
         return self._node_args[0], self._node_args[1]
 
+    def manifest_ttl_s(self) -> float:
+        """How long the cluster trusts a resolved manifest (its CacheConfig's)."""
+        return self._node_args[2].manifest_ttl_s
+
     def holders(self, key: str) -> dict[str, str]:
         with self._cond:
             return self.placement.holders(key)
