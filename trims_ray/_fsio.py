@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import re
+import traceback
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -194,21 +195,46 @@ def _write_local(path: str, chunks: Iterable[memoryview | bytes]) -> int:
     return written
 
 
+def forget_frames(exc: BaseException | None) -> None:
+    """Clears the locals of the finished frames in the tracebacks of ``exc`` and of the errors
+    it was raised from; the tracebacks still show where each came from.
+
+    fsspec's ``sync`` (behind every call of an async filesystem, such as s3fs) re-raises a failed
+    call's error from a local of its own frame: error -> traceback -> frame -> error, a reference
+    cycle. It keeps that frame alive, and every frame that called it once they return (a
+    returning frame keeps its caller's), each with its last locals, until Python's cyclic
+    collector runs, which in a quiet process may be never. A handled miss (a public model's
+    name is looked up among the tenant's own first) so kept what its callers went on to return:
+    the grant a node cache had just handed out, which kept the model in the node's object store
+    after its eviction (issue 8). Call it where such an error is handled.
+    """
+    for _ in range(8):  # a chain of causes, not a cycle
+        if exc is None:
+            return
+        traceback.clear_frames(exc.__traceback__)  # skips the frames still running
+        exc = exc.__cause__ or exc.__context__
+
+
 @contextlib.contextmanager
 def translate_store_errors(fs, uri: str) -> Iterator[None]:
     """Turns an unreachable endpoint or missing credentials into StoreUnavailableError.
 
-    Everything else (FileNotFoundError, our own errors) passes through unchanged.
+    Everything else (FileNotFoundError, our own errors) passes through unchanged. Whatever
+    passes keeps nothing alive once handled (``forget_frames``).
     """
     try:
         yield
-    except StoreUnavailableError:
-        raise
+        return
     except Exception as exc:
-        translated = _translate(exc, fs, uri)
+        forget_frames(exc)
+        translated = None if isinstance(exc, StoreUnavailableError) else _translate(exc, fs, uri)
         if translated is None:
             raise
-        raise translated from exc
+        translated.__cause__ = exc  # as "raise translated from exc"
+    try:
+        raise translated  # out of the handler, and no local left holding it: no cycle
+    finally:
+        del translated
 
 
 # Failures of one request that the same request may not meet again: the endpoint refused or

@@ -21,7 +21,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import _api, _routing
-from ._cluster import call, forget_node_actor, node_actor
+from ._cluster import call, forget_node_actor, get, node_actor
 from ._errors import TrimsError
 from ._gpu_lease import acquire_gpu
 from ._names import check_name
@@ -106,7 +106,7 @@ def _open_as(name: str, tenant: str) -> Iterator[Any]:
         yield _own_copy(grant)
         return
     try:
-        with _read_only_model(grant, _wait(ray.get, grant["refs"][0])) as model:
+        with _read_only_model(grant, _wait(get, grant["refs"][0])) as model:
             yield model
     finally:
         # Fire and forget: if this message is lost or the process dies first, the node's reaper
@@ -280,7 +280,7 @@ def _granted(boxed: list | None) -> tuple[dict, Any] | None:
     if grant["tier"] == BYPASS:
         return grant, None
     try:
-        return grant, _wait(ray.get, grant["refs"][0])
+        return grant, _wait(get, grant["refs"][0])
     except ray.exceptions.RayError:
         return None  # the cache actor died after granting: its objects died with it
 

@@ -23,7 +23,15 @@ from ._config import ReadOptions, default_store_uri
 from ._errors import IntegrityError, ModelFormatError, ModelNotFoundError, StoreUnavailableError
 from ._factory import assemble_module, build_on_meta, check_factory_fits, factory_ref, resolve_factory
 from ._hashing import CHUNK_BYTES, digest_blob
-from ._fsio import _protocols, describe_s3, is_local, open_fs, translate_store_errors, write_atomically
+from ._fsio import (
+    _protocols,
+    describe_s3,
+    forget_frames,
+    is_local,
+    open_fs,
+    translate_store_errors,
+    write_atomically,
+)
 from ._ingest import collect_weights
 from ._manifest import Manifest, ModelInfo
 from ._names import PUBLIC_TENANT, check_name, check_tenant
@@ -163,7 +171,8 @@ class ModelStore:
                 path = self.manifest_path(owner, name)
                 try:
                     data = self.fs.cat_file(path)
-                except (FileNotFoundError, IsADirectoryError):  # a directory is no manifest
+                except (FileNotFoundError, IsADirectoryError) as exc:  # a directory is no manifest
+                    forget_frames(exc)  # handled here: see there
                     continue
                 source = self.fs.unstrip_protocol(path)
                 manifest = Manifest.from_json(data, source=source)
@@ -189,7 +198,8 @@ class ModelStore:
                 self.fs.invalidate_cache(directory)  # listings are cached by object-store backends
                 try:
                     entries = self.fs.ls(directory, detail=True)
-                except FileNotFoundError:
+                except FileNotFoundError as exc:
+                    forget_frames(exc)  # handled here: see there
                     continue
                 for path in sorted(e["name"] for e in entries if e["type"] == "file"):
                     stem = path.rsplit("/", 1)[-1].removesuffix(".json")

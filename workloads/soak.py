@@ -15,14 +15,23 @@ default. Requests arrive as a seeded Poisson process, each naming a model by its
 Zipf popularity (workloads.traces). Every request runs a forward pass and returns the sha256 of
 the weights it was given, compared with the original weights'. A request that fails with a Ray
 error (its node died, say) or a CapacityError (every byte of the host tier leased at that moment)
-is sent again, at most three times, after a short backoff (to the tenant's next server); one
-that still fails, or is wrong, is lost.
+is sent again, up to six times (``SoakConfig.resends``), after a backoff (to the tenant's next
+server); one that still fails, or is wrong, is lost.
 
 Reported: requests served, retried (by Ray, or sent again here) and failed, and p99 latency per
 minute; each node's object-store bytes (Ray's own per-node stats) and the memory of trims_ray's
 actors (RSS, and private memory: RSS less the pages they share, such as the object store's) at
 the start and after a final evict of everything. Both points are measured with the caches empty,
 so a difference is memory the run leaked. The last lines are the verdicts.
+
+When a node's store is not back, the report also says what holds it, so that no debugger is
+needed to start: every object of a model's size still referenced, with each process that holds
+it (pid, what it is, its node), how (Ray's reference type, as ``ray memory`` names it) and, with
+RAY_record_ref_creation_sites=1 in the environment, where that reference was made there; then
+the stores once more after a ``gc.collect()`` in every Ray process. Back then means the holders
+were reference cycles, which only Python's cyclic collector frees (in an idle worker, perhaps
+never): such cycles made the residue of issue 8 (see ``trims_ray._cluster.get`` and
+``trims_ray._fsio.forget_frames``).
 """
 
 from __future__ import annotations
@@ -61,6 +70,7 @@ TENANTS = (DRIVER_TENANT, *SERVER_TENANTS)
 PUBLIC = "public"
 CHECK_REL_TOL = 1e-4  # forward-pass checksums differ in the last bits with the thread count
 STORE_SLACK = 1 * MiB  # object-store bytes the end may exceed the start by (Ray's own objects)
+HELD_MIN = 64 * 1024  # a held object this big or bigger is named in the report (models are MiBs)
 PRIVATE_SLACK = 32 * MiB  # an actor's private memory may grow by this (allocator arenas, caches)
 
 
@@ -174,6 +184,10 @@ class SoakResult:
     removed_node: str = ""
     added_node: str = ""
     seconds: float = 0.0
+    # Only when a node's store is not back at the end: what holds it (store_holders), and the
+    # stores after a gc.collect() in every Ray process (store_after_gc).
+    held: list[str] = field(default_factory=list)
+    store_after_gc: dict[str, int] = field(default_factory=dict)
 
 
 # -- the work of a request --------------------------------------------------------------------------
@@ -350,8 +364,13 @@ def evict_everything(catalog: Sequence[SoakModel], servers: dict[str, list]) -> 
         if all(n.leases == 0 and n.tiers["host"].bytes_used == 0 and n.tiers["disk"].bytes_used == 0 for n in nodes):
             break
         time.sleep(0.2)
-    # The raylets count a freed object out a moment after its last reference goes: wait until
-    # the nodes' figures stop moving (two readings a second apart agree), at most 15 s.
+    settled_store()
+
+
+def settled_store() -> dict[str, int]:
+    """Each node's object-store bytes once they stop moving. The raylets count a freed object
+    out a moment after its last reference goes: waits until two readings a second apart agree,
+    at most 15 s."""
     last = None
     for _ in range(15):
         time.sleep(1.0)
@@ -359,6 +378,91 @@ def evict_everything(catalog: Sequence[SoakModel], servers: dict[str, list]) -> 
         if now == last:
             break
         last = now
+    return now
+
+
+def store_holders(actors: dict[str, tuple[int, int, int]]) -> list[str]:
+    """What holds the objects of ``HELD_MIN`` bytes or more still referenced in the cluster, from
+    Ray's reference table (what ``ray memory`` prints): a line per object, biggest first, with
+    its size and every process that references it, and when it is captured in another object
+    (a lease's grant holds its model's ref), what holds that one. ``actors``: trims_ray's actors
+    (name -> (pid, ...)), to call them by name; another process goes by its title (Ray titles a
+    worker "ray::<actor class>", or "ray::IDLE" between tasks; the soak's nodes all run here)."""
+    from ray._private.internal_api import node_stats  # no public API: what `ray memory` calls
+    from ray.core.generated import common_pb2
+
+    names = {pid: name.replace("trims_ray:", "").replace("node:", "cache ")[:14] for name, (pid, *_) in actors.items()}
+    sizes: dict[bytes, int] = {}
+    holders: dict[bytes, list[str]] = {}
+    captured_in: dict[bytes, set[bytes]] = {}
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        reply = node_stats(node["NodeManagerAddress"], node["NodeManagerPort"], include_memory_info=True)
+        for worker in reply.core_workers_stats:
+            driver = worker.worker_type == common_pb2.WorkerType.DRIVER
+            who = names.get(worker.pid) or ("this driver" if driver else _process_title(worker.pid))
+            for ref in worker.object_refs:
+                how = _reference_type(ref)
+                if how is None:
+                    continue
+                oid = ref.object_id
+                sizes[oid] = max(sizes.get(oid, -1), ref.object_size)
+                site = _call_site(ref.call_site)
+                holders.setdefault(oid, []).append(f"pid {worker.pid} ({who}) on {node['NodeID'][:8]}: {how}{site}")
+                captured_in.setdefault(oid, set()).update(ref.contained_in_owned)
+    lines = []
+    for oid in sorted((o for o, size in sizes.items() if size >= HELD_MIN), key=sizes.get, reverse=True):
+        line = f"{_mib(sizes[oid])} MiB object {oid.hex()[:16]}: " + "; ".join(holders[oid])
+        for outer in sorted(captured_in[oid]):
+            line += f"; it is captured in object {outer.hex()[:16]}, held by " + (
+                "; ".join(holders.get(outer, [])) or "no process"
+            )
+        lines.append(line)
+    return lines
+
+
+def _call_site(site: str) -> str:
+    """Where a reference was made, as Ray records it with RAY_record_ref_creation_sites=1 (""
+    when it does not): its kind ("(put object)", ...) and the innermost frames outside Ray and
+    Python's own library (else the outermost frame)."""
+    if site in ("", "disabled"):
+        return ""
+    parts = [p.strip() for p in site.split("|") if p.strip()]
+    kind = [parts.pop(0)] if parts[0].startswith("(") else []
+    ours = [p for p in parts if "/site-packages/ray/" not in p and "/lib/python3." not in p]
+    return ", made at " + " < ".join(kind + (ours[:2] or parts[-1:]))
+
+
+def _reference_type(ref) -> str | None:
+    """How a process references an object, named and ranked as ``ray memory`` does
+    (PINNED_IN_MEMORY: the process has the object's buffer mapped, a view of it is alive
+    there); None when it no longer does."""
+    if ref.pinned_in_memory:
+        return "PINNED_IN_MEMORY"
+    if ref.submitted_task_ref_count > 0:
+        return "USED_BY_PENDING_TASK"
+    if ref.local_ref_count > 0:
+        return "LOCAL_REFERENCE"
+    if ref.contained_in_owned:
+        return "CAPTURED_IN_OBJECT"
+    return None
+
+
+def _process_title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:40] or "?"
+    except OSError:
+        return "gone"
+
+
+def store_after_gc() -> dict[str, int]:
+    """Each node's object-store bytes after a ``gc.collect()`` in every Ray process."""
+    from ray._private.internal_api import global_gc  # what Ray itself does when its store fills
+
+    global_gc()
+    return settled_store()
 
 
 # -- driving the trace ------------------------------------------------------------------------------
@@ -554,6 +658,9 @@ def run_soak(
         log(f"soak: requests done after {result.seconds:.0f} s; evicting everything")
         evict_everything(catalog, servers)
         result.end = measure_memory()
+        if not store_back_to_start(result)[0]:  # what holds it, asked while it still does
+            result.held = store_holders(result.end.actors)
+            result.store_after_gc = store_after_gc()
         return result
 
 
@@ -662,10 +769,18 @@ def print_report(result: SoakResult, out=sys.stdout) -> bool:
 
         restarted = " (new process)" if start and end and start[0] != end[0] else ""
         say(f"  {short:16} rss {cell(start, 1)} {cell(end, 1)}   private {cell(start, 2)} {cell(end, 2)}{restarted}")
-    say()
     results_ok = served == len(outcomes)
     store_ok, store_line = store_back_to_start(result)
     actors_ok, actors_line = actors_back_to_start(result)
+    if not store_ok:
+        say(f"  what holds the stores (objects of {HELD_MIN // 1024} KiB or more still referenced):")
+        for line in result.held or ["nothing: no process references one"]:
+            say(f"    {line}")
+        if result.store_after_gc:
+            worst = max(used - result.start.store.get(node, 0) for node, used in result.store_after_gc.items())
+            cycles = ": those holders were reference cycles" if worst <= STORE_SLACK else ""
+            say(f"  after a gc.collect() in every Ray process, the most any node is above its start: {_mib(worst)} MiB{cycles}")
+    say()
     say(f"VERDICT results: {_verdict(results_ok)}: {len(outcomes)} requests, {served} right, {wrong} wrong, {lost} lost")
     say(f"VERDICT memory: {_verdict(store_ok)}: {store_line}")
     say(f"VERDICT memory: {_verdict(actors_ok)}: {actors_line}")
