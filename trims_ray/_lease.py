@@ -21,7 +21,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import _api, _routing
-from ._cluster import call, forget_node_actor, get, node_actor
+from ._cluster import call, forget_node_actor, get, node_actor, placement_actor
 from ._errors import TrimsError
 from ._gpu_lease import acquire_gpu
 from ._names import check_name
@@ -32,6 +32,9 @@ from .actors.node_cache import BYPASS, Caller, Holder, cache_key
 __all__ = ["open", "function", "ModelFunction"]
 
 _HOLDER: Holder | None = None
+# How long a task on a node without a cache waits for placement to start one (a node that joins
+# gets its cache within a few seconds).
+_NEW_NODE_WAIT_S = 30.0
 # When the last decorated task in this process started (perf_counter), before its lease: lets a
 # benchmark time "task start to usable module" for the decorated path. Not part of the API.
 task_started = 0.0
@@ -93,7 +96,7 @@ def _open_as(name: str, tenant: str) -> Iterator[Any]:
         with gpu_lease as model:
             yield model
         return
-    actor = node_actor()
+    actor = _own_node_actor()
     try:
         grant = _wait(call, actor.acquire.remote(name, tenant, _this_holder()))
     except ray.exceptions.RayActorError:
@@ -112,6 +115,22 @@ def _open_as(name: str, tenant: str) -> Iterator[Any]:
         # Fire and forget: if this message is lost or the process dies first, the node's reaper
         # ends the lease when it sees the process gone.
         actor.release.remote(grant["lease_id"])
+
+
+def _own_node_actor() -> ray.actor.ActorHandle:
+    """This node's cache actor. On a node that joined a moment ago, Ray may run a task before
+    placement has started the node's cache (it checks membership every ``report_s``, then the
+    actor starts a worker): wait for it rather than fail an invocation that would succeed a
+    second later (the soak lost one so)."""
+    deadline = time.monotonic() + _NEW_NODE_WAIT_S
+    while True:
+        try:
+            return node_actor()
+        except TrimsError:
+            if time.monotonic() > deadline:
+                raise
+        placement_actor()  # raises at once where trims_ray is not running at all
+        time.sleep(0.2)
 
 
 def _own_copy(grant: dict) -> Any:

@@ -48,11 +48,15 @@ def stop_cluster(cluster: Cluster) -> None:
         cluster.shutdown()
 
 
-def init_trims(tmp_path) -> None:
-    config = trims_ray.CacheConfig(
+def multinode_config(tmp_path) -> trims_ray.CacheConfig:
+    """The cache configuration of ``init_trims``."""
+    return trims_ray.CacheConfig(
         host_bytes=HOST_BUDGET, disk_dir=str(tmp_path / "disk"), lease_check_s=0.2, report_s=0.2
     )
-    trims_ray.init(store=str(tmp_path / "store"), config=config)
+
+
+def init_trims(tmp_path) -> None:
+    trims_ray.init(store=str(tmp_path / "store"), config=multinode_config(tmp_path))
 
 
 def weights(mb: float, seed: int = 0) -> dict[str, torch.Tensor]:

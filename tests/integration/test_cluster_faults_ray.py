@@ -5,16 +5,30 @@ returns the right result; membership and residency are rebuilt; a node that join
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import trims_ray
 from trims_ray._cluster import node_actor, placement_actor
+from trims_ray.actors.node_actor import node_actor_name, start_node_actor
 from trims_ray._routing import router
 from trims_ray.actors.node_cache import cache_key
 
 from .conftest import wait_for
-from .multinode import NODE_STORE, init_trims, run_stream, start_cluster, stop_cluster, weights, where_and_sum
+from .multinode import (
+    NODE_STORE,
+    expected_sum,
+    init_trims,
+    multinode_config,
+    run_stream,
+    start_cluster,
+    stop_cluster,
+    weights,
+    where_and_sum,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -47,11 +61,44 @@ def test_removing_a_node_during_a_stream_loses_nothing(own_cluster):
 
 def test_a_node_that_joins_gets_a_cache(own_cluster):
     cluster, nodes = own_cluster
+    w = weights(1, seed=8)
+    trims_ray.register("m", w)
     added = cluster.add_node(num_cpus=2, object_store_memory=NODE_STORE)
+    # A task that Ray runs there before placement has started the node's cache waits for it
+    # (it failed with "has no trims_ray cache" in a soak).
+    on_added = NodeAffinitySchedulingStrategy(added.node_id, soft=False)
+    assert ray.get(_open_and_sum.options(scheduling_strategy=on_added).remote("m"), timeout=60) == expected_sum(w)
     wait_for(lambda: added.node_id in ray.get(placement_actor().members.remote()), timeout=20)
-    trims_ray.register("m", weights(1, seed=8))
-    assert trims_ray.prefetch("m", nodes=[added.node_id]) == {added.node_id: "store"}
-    assert trims_ray.stats().nodes[added.node_id].tiers["host"].models == 1
+    trims_ray.register("m2", weights(1, seed=18))
+    assert trims_ray.prefetch("m2", nodes=[added.node_id]) == {added.node_id: "store"}
+    assert trims_ray.stats().nodes[added.node_id].tiers["host"].models == 2
+
+
+def test_a_task_on_a_node_whose_cache_is_not_up_yet_waits_for_it(own_cluster, tmp_path):
+    # The node's cache is gone (killed for good here; on a node that just joined, not started
+    # yet) when a task there opens a model: it waits for the cache instead of failing.
+    _, nodes = own_cluster
+    w = weights(1, seed=7)
+    trims_ray.register("m", w)
+    node = nodes[1]
+    ray.kill(node_actor(node), no_restart=True)
+    wait_for(lambda: node_actor_name(node) not in _named_actors(), what="the killed cache's name freed")
+    on_node = NodeAffinitySchedulingStrategy(node, soft=False)
+    ref = _open_and_sum.options(scheduling_strategy=on_node).remote("m")
+    time.sleep(5.0)  # the task is up and waiting by now (or still starting: then it proves less)
+    store = ray.get(placement_actor().store_spec.remote())
+    start_node_actor(node, *store, multinode_config(tmp_path))
+    assert ray.get(ref, timeout=60) == expected_sum(w)
+
+
+def _named_actors() -> set[str]:
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+
+
+@ray.remote(num_cpus=1)
+def _open_and_sum(name: str) -> float:
+    with trims_ray.open(name) as model:
+        return float(model["w"].double().sum())
 
 
 def test_killing_a_node_cache_during_a_stream_loses_nothing(own_cluster):
