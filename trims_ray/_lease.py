@@ -206,19 +206,14 @@ class ModelFunction:
         if "scheduling_strategy" in self._options:
             # The caller placed the task itself: it leases from whatever node it runs on.
             return self._remote.remote(tenant, None, *args, **kwargs)
-        if _wants_gpu(self._options):
-            # The GPU holder of the task's own GPU serves it (known only once the task runs); a
-            # host lease taken here would be wasted on a GPU hit.
+        if _wants_gpu(self._options) or router.queued(route.node):
+            # No lease taken here; the task leases when it starts. With a GPU, the holder of the
+            # task's own GPU serves it (known only then), and a host lease would be wasted on a
+            # GPU hit. Behind the node's busy slots, a lease taken now would pin its model (or
+            # the budget of its load) for the whole wait: with a burst queued, every byte of the
+            # host tier was leased and misses could only bypass it (measured in the replay).
             ref = self._placed_on(route.node).remote(tenant, None, *args, **kwargs)
             # Counted in flight on its node and timed like any invocation; no lease to end.
-            router.track(ref, cache_key(manifest), route.node, _no_lease, labels=(tenant, self._model))
-            return ref
-        if router.queued(route.node):
-            # The task will wait behind the node's busy slots. A lease taken now would pin its
-            # model (or hold the budget of its load) for that whole wait; with a burst queued,
-            # every byte of the host tier was leased and misses could only bypass it (measured
-            # in the replay). The task leases when it starts instead.
-            ref = self._placed_on(route.node).remote(tenant, None, *args, **kwargs)
             router.track(ref, cache_key(manifest), route.node, _no_lease, labels=(tenant, self._model))
             return ref
         actor = node_actor(route.node)
