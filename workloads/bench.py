@@ -55,6 +55,7 @@ from trims_ray._reader import read_blob
 from trims_ray._safetensors import tensors_from_buffer
 from trims_ray._store import materialize
 from trims_ray.actors.node_cache import Holder
+from workloads import local_ray
 
 RAW_BLOCK = 16 * 1024 * 1024
 MiB = 1024 * 1024
@@ -227,17 +228,10 @@ def ray_with_trims(
     cluster = None
     node_args = {"num_cpus": RAY_CPUS, "object_store_memory": object_store_mb * MiB}
     if nodes == 1:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, **node_args)
+        local_ray.init_local(include_dashboard=False, log_to_driver=False, **node_args)
     else:
-        from ray.cluster_utils import Cluster
-
-        cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
+        cluster = local_ray.start_cluster(nodes, **node_args)
     try:
-        if cluster is not None:
-            for _ in range(nodes - 1):
-                cluster.add_node(**node_args)
-            cluster.wait_for_nodes()
-            ray.init(address=cluster.address, log_to_driver=False)
         node_ids = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         head = ray.get_runtime_context().get_node_id()
         node_ids.sort(key=lambda n: n != head)
@@ -248,9 +242,10 @@ def ray_with_trims(
         finally:
             trims_ray.shutdown()
     finally:
-        ray.shutdown()
         if cluster is not None:
-            cluster.shutdown()
+            local_ray.stop_cluster(cluster)
+        else:
+            ray.shutdown()
 
 
 def touch_every_page(model: nn.Module | dict[str, torch.Tensor]) -> float:

@@ -29,6 +29,7 @@ from trims_ray import ModelStore
 from trims_ray._cluster import node_actor
 from trims_ray._fsio import is_local
 from workloads.bench import drop_page_cache
+from workloads.local_ray import init_local
 from workloads.zoo import ZOO, build, zoo_model
 
 DEFAULT_MODELS = "resnet50,alexnet,bert_base"
@@ -160,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--invocations must be >= 0")
 
     with tempfile.TemporaryDirectory(prefix="trims-demo-") as tmp:
-        ray.init(
-            address="local",
+        init_local(
             num_cpus=2,
             object_store_memory=args.object_store_mb * 1024 * 1024,
             include_dashboard=False,

@@ -49,7 +49,7 @@ from trims_ray import _lease
 from trims_ray._api import store_for
 from trims_ray._protect import GUARD_BYTES
 from trims_ray.policy import available_policies, online_policies
-from workloads import traces
+from workloads import local_ray, traces
 from workloads.bench import synthetic
 from workloads.simulate import Requests, SimResult, simulate
 
@@ -582,27 +582,12 @@ def _run_serve(setup: _Setup) -> tuple[list[_Outcome], int]:
 def local_cluster(nodes: int, cpus: int, object_store_mb: int) -> Iterator[list[str]]:
     """A ``ray.cluster_utils.Cluster`` of ``nodes`` nodes on this machine and a driver connected
     to it; yields the node ids (the head first). Both are shut down on exit."""
-    from ray.cluster_utils import Cluster
-
     if ray.is_initialized():
         raise RuntimeError(
             "the replay starts its own Ray cluster: run it where Ray is not initialized"
         )
-    node_args = {"num_cpus": cpus, "object_store_memory": object_store_mb * MiB}
-    cluster = Cluster(
-        initialize_head=True, head_node_args={**node_args, "include_dashboard": False}
-    )
-    try:
-        for _ in range(nodes - 1):
-            cluster.add_node(**node_args)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
-        try:
-            yield [n.node_id for n in cluster.list_all_nodes()]
-        finally:
-            ray.shutdown()
-    finally:
-        cluster.shutdown()
+    with local_ray.local_cluster(nodes, num_cpus=cpus, object_store_memory=object_store_mb * MiB) as cluster:
+        yield [n.node_id for n in cluster.list_all_nodes()]
 
 
 @contextlib.contextmanager

@@ -58,7 +58,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 import trims_ray
 from trims_ray._cluster import node_actor
 from trims_ray.actors.node_actor import NAMESPACE
-from workloads import traces
+from workloads import local_ray, traces
 from workloads.replay import build_weights, forward_checksum
 
 __all__ = ["SoakConfig", "SoakResult", "run_soak", "print_report", "main"]
@@ -297,20 +297,12 @@ def local_cluster(config: SoakConfig) -> Iterator[Cluster]:
     if ray.is_initialized():
         raise RuntimeError("the soak starts its own Ray cluster: run it where Ray is not initialized")
     node_args = {"num_cpus": config.cpus, "object_store_memory": config.object_store_mb * MiB}
-    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
-    try:
-        for _ in range(config.nodes - 1):
-            cluster.add_node(**node_args)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    with local_ray.local_cluster(config.nodes, **node_args) as cluster:
         try:
             yield cluster
         finally:
             with contextlib.suppress(Exception):
                 trims_ray.shutdown()
-            ray.shutdown()
-    finally:
-        cluster.shutdown()
 
 
 def trims_actors() -> dict[str, ray.actor.ActorHandle]:

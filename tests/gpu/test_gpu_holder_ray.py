@@ -39,9 +39,10 @@ def test_task_leases_from_the_holder_of_its_gpu(tmp_path):
     import trims_ray
     from trims_ray.actors.gpu_holder import start_gpu_holders
     from trims_ray.actors.gpu_tier import GpuTierConfig
+    from workloads.local_ray import init_local
 
-    ray.init(address="local", num_cpus=2, num_gpus=1, object_store_memory=512 * 1024**2,
-             include_dashboard=False, log_to_driver=False)
+    init_local(num_cpus=2, num_gpus=1, object_store_memory=512 * 1024**2, include_dashboard=False,
+               log_to_driver=False)
     holders = {}
     try:
         store = (tmp_path / "store").as_uri()

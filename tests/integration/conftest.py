@@ -10,6 +10,7 @@ import pytest
 import ray
 
 import trims_ray
+from workloads.local_ray import init_local
 
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
 HOST_BUDGET = 64 * 1024 * 1024
@@ -18,8 +19,7 @@ HOST_BUDGET = 64 * 1024 * 1024
 @pytest.fixture(scope="module")
 def ray_node():
     # address="local": our own cluster, never one another test or user left running.
-    ray.init(
-        address="local",
+    init_local(
         num_cpus=2,
         object_store_memory=OBJECT_STORE_BYTES,
         include_dashboard=False,

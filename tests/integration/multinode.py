@@ -16,6 +16,7 @@ import trims_ray
 from trims_ray._cluster import placement_actor
 from trims_ray.actors.node_actor import NAMESPACE, node_actor_name
 from trims_ray.actors.node_cache import cache_key
+from workloads import local_ray
 
 MiB = 1024 * 1024
 NODE_STORE = 128 * MiB
@@ -25,18 +26,7 @@ NODES = 3
 def start_cluster(nodes: int = NODES, cpus: int = 2) -> tuple[Cluster, list[str]]:
     """A head and ``nodes - 1`` workers, and a driver connected to them; returns node ids in
     the order they were added (the head first)."""
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": cpus, "object_store_memory": NODE_STORE, "include_dashboard": False},
-    )
-    try:
-        for _ in range(nodes - 1):
-            cluster.add_node(num_cpus=cpus, object_store_memory=NODE_STORE)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
-    except BaseException:
-        cluster.shutdown()
-        raise
+    cluster = local_ray.start_cluster(nodes, num_cpus=cpus, object_store_memory=NODE_STORE)
     return cluster, [n.node_id for n in cluster.list_all_nodes()]
 
 
@@ -44,8 +34,7 @@ def stop_cluster(cluster: Cluster) -> None:
     try:
         trims_ray.shutdown()
     finally:
-        ray.shutdown()
-        cluster.shutdown()
+        local_ray.stop_cluster(cluster)
 
 
 def multinode_config(tmp_path) -> trims_ray.CacheConfig:

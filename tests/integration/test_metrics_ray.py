@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import trims_ray
 from trims_ray._metrics import INVOCATION_SECONDS_BUCKETS, LOAD_SECONDS_BUCKETS, TIER_COUNTERS
+from workloads.local_ray import init_local
 from workloads.s3server import free_port
 
 MiB = 1024 * 1024
@@ -28,8 +29,7 @@ EXPORT_TIMEOUT_S = 40.0
 def metrics_port():
     """A Ray of our own whose node serves its metrics on a free port; yields the port."""
     port = free_port()
-    ray.init(
-        address="local",
+    init_local(
         num_cpus=2,
         object_store_memory=200 * MiB,
         include_dashboard=False,

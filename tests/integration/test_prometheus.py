@@ -25,6 +25,7 @@ import torch
 import yaml
 
 import trims_ray
+from workloads.local_ray import init_local
 from workloads.s3server import free_port
 
 from .conftest import wait_for
@@ -73,8 +74,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
 def ray_session():
     """A local Ray with its dashboard (which writes the service-discovery file) and a metrics
     export port; yields the session directory, where this session's file is."""
-    ray.init(
-        address="local",
+    init_local(
         num_cpus=2,
         object_store_memory=200 * MiB,
         include_dashboard=True,

@@ -18,6 +18,7 @@ import ray
 
 from trims_ray import TrimsError
 from trims_ray._cluster import call, get
+from workloads.local_ray import init_local
 from workloads.soak import SoakConfig, print_report, run_soak, store_back_to_start
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -60,7 +61,7 @@ def test_a_handled_ray_error_keeps_nothing_the_handler_picks_up_afterwards(failu
     # ray.get raises a dead actor's error from a frame whose local holds it: with a plain
     # ray.get, that cycle kept the handler's frame, and what it held when it returned, alive
     # until the cyclic collector ran (disabled here, as it may as well be in an idle worker).
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    init_local(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         actor = _Failing.remote()
         ray.get(actor.ping.remote())

@@ -1,8 +1,8 @@
 """Fuzzing the ``trims-ray`` command line's arguments (hypothesis): whatever the argument list,
 ``main`` returns an exit code (0, 1 or 2) and prints at most one error line, never a traceback,
-and never raises. No Ray is running here, so cluster commands that parse end in the one-line
-"no cluster" error; ``bench`` and ``demo`` are left out (they hand over to long benchmarks), and
-so are zoo model names (``push resnet50`` would build a 100 MB model).
+and never raises. $RAY_ADDRESS names a port where nothing listens, so cluster commands that parse
+end in the one-line "no cluster" error; ``bench`` and ``demo`` are left out (they hand over to long
+benchmarks), and so are zoo model names (``push resnet50`` would build a 100 MB model).
 
 $TRIMS_RAY_FUZZ_EXAMPLES raises the example count, as in test_fuzz_formats.py.
 """
@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trims_ray.cli import main
+from workloads.s3server import free_port
 
 from .test_fuzz_formats import fuzz
 
@@ -32,10 +33,12 @@ WORDS = [
 
 @pytest.fixture(scope="module", autouse=True)
 def _isolated(tmp_path_factory):
-    # Nothing the fuzzer writes may land in the user's store, and no cluster may be found.
+    # Nothing the fuzzer writes may land in the user's store, and no cluster may be found: with
+    # $RAY_ADDRESS unset, "auto" would join any Ray running on this machine (another test's, a
+    # benchmark's) from inside this process, so it names a port where nothing listens.
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRIMS_RAY_STORE", str(tmp_path_factory.mktemp("fuzz-cli") / "store"))
-        patch.delenv("RAY_ADDRESS", raising=False)
+        patch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
         yield
 
 
