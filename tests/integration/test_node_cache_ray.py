@@ -413,3 +413,29 @@ def test_without_a_gpu_the_gpu_tier_is_off_and_says_why(cache):
     node_id = ray.get_runtime_context().get_node_id()
     assert trims_ray.evict("tiny", tier="gpu") == {node_id: {"gpu": "absent"}}
     assert trims_ray.evict("tiny")[node_id]["gpu"] == "absent"
+
+
+@ray.remote(num_cpus=0)
+class _AnswersLikeAGpuHolder:
+    def stats(self) -> dict:
+        return {"enabled": True, "reason": "", "tiers": {"gpu": {"hits": 3}}, "device": {}, "leases": 0}
+
+    def report(self) -> dict:
+        return {"residency": {"default/abc": "gpu", "default/def": "host"}}
+
+
+def test_a_node_reports_a_dead_gpu_holder_off_and_serves_nothing_from_it(ray_node):
+    # What the node actor asks its GPU holders (stats, residency) on a machine without a GPU: a
+    # holder that died is reported off with why, and placement is told nothing is on it.
+    from trims_ray.actors.gpu_holder import node_gpu_residency, node_gpu_stats
+
+    alive, dead = _AnswersLikeAGpuHolder.remote(), _AnswersLikeAGpuHolder.remote()
+    ray.get([alive.report.remote(), dead.report.remote()])
+    ray.kill(dead)
+    stats = node_gpu_stats({"0": alive, "1": dead}, "")
+    assert stats["enabled"] is True and stats["tier"]["hits"] == 3
+    assert stats["gpus"]["1"]["enabled"] is False
+    assert stats["gpus"]["1"]["reason"].startswith("GPU 1: holder unreachable")
+    only_dead = node_gpu_stats({"1": dead}, "")
+    assert only_dead["enabled"] is False and "GPU 1: holder unreachable" in only_dead["reason"]
+    assert node_gpu_residency({"0": alive, "1": dead}) == {"default/abc": "gpu"}

@@ -126,11 +126,13 @@ def combine_gpu_stats(per_gpu: dict[str, dict], reason: str = "") -> dict:
 def node_gpu_stats(holders: dict[str, ray.actor.ActorHandle], reason: str, timeout_s: float = 5.0) -> dict:
     """``combine_gpu_stats`` of the holders of one node (a holder that does not answer within
     ``timeout_s`` is reported off, with the error as its reason)."""
+    from .._cluster import get  # imported late, as in _NodeHostSource.open
+
     refs = {label: holder.stats.remote() for label, holder in holders.items()}
     per_gpu = {}
     for label, ref in refs.items():
         try:
-            per_gpu[label] = ray.get(ref, timeout=timeout_s)
+            per_gpu[label] = get(ref, timeout=timeout_s)
         except Exception as exc:  # a dead or busy holder must not break the node's stats
             per_gpu[label] = {"enabled": False, "reason": f"GPU {label}: holder unreachable ({exc})",
                               "tiers": {"gpu": asdict(off_stats())}, "device": {}, "leases": 0}
@@ -140,11 +142,13 @@ def node_gpu_stats(holders: dict[str, ray.actor.ActorHandle], reason: str, timeo
 def node_gpu_residency(holders: dict[str, ray.actor.ActorHandle], timeout_s: float = 5.0) -> dict[str, str]:
     """``cache_key`` -> "gpu" for every model ready on one of the node's GPUs, to merge into the
     node's residency report (placement ranks "gpu" first)."""
+    from .._cluster import get  # imported late, as in _NodeHostSource.open
+
     refs = [holder.report.remote() for holder in holders.values()]
     residency: dict[str, str] = {}
     for ref in refs:
         try:
-            report = ray.get(ref, timeout=timeout_s)
+            report = get(ref, timeout=timeout_s)
         except Exception:  # an unreachable holder serves nothing: report nothing for it
             continue
         residency.update({k: t for k, t in report.get("residency", {}).items() if t == "gpu"})
@@ -167,7 +171,7 @@ class _NodeHostSource:
 
     @contextlib.contextmanager
     def open(self, manifest: Manifest) -> Iterator[tuple[np.ndarray, str]]:
-        from .._cluster import call  # imported late: _cluster may come to import this module
+        from .._cluster import call, get  # imported late: _cluster may come to import this module
 
         try:
             grant = call(self._node().acquire.remote(manifest.name, manifest.tenant, Holder.this_process()))
@@ -185,7 +189,7 @@ class _NodeHostSource:
                     f"{manifest.tenant}/{manifest.name} was re-registered while being swapped in "
                     "(its blob changed): retry"
                 )
-            obj = ray.get(grant["refs"][0])
+            obj = get(grant["refs"][0])
             offset = grant["offset"]
             yield obj[offset : offset + manifest.nbytes], grant["tier"]
         finally:

@@ -11,6 +11,7 @@ is testable without a cluster.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import logging
@@ -73,6 +74,21 @@ def cache_key(model: Manifest | ModelInfo) -> str:
     A public model's owner is "public", so its one copy serves every tenant.
     """
     return f"{model.tenant}/{model.sha256}"
+
+
+def _detached(error: BaseException) -> BaseException:
+    """A copy of ``error`` without traceback, cause or context, for a waiter to raise.
+
+    A failed load's error is kept on its table entry for the waiters. Kept as raised, its
+    traceback holds the loader's frames, whose locals hold the entry (and the blob's buffer):
+    entry -> error -> traceback -> frame -> entry, a cycle that kept the buffer until the cyclic
+    collector ran. Raised as one object by many waiters, each would add its own frames to it.
+    Our errors pickle, so they copy; anything that does not is raised as it is.
+    """
+    try:
+        return copy.copy(error)
+    except Exception:
+        return error
 
 
 def _tenant_of(key: str) -> str:
@@ -590,7 +606,7 @@ class NodeCache:
         with self._lock:
             if entry.error is not None:
                 entry.leases -= 1
-                raise entry.error
+                raise _detached(entry.error)
             if lease_id is None:
                 lease_id = next(self._lease_ids)
             self._leases[lease_id] = _Lease(entry, holder, self.clock())
@@ -762,7 +778,7 @@ class NodeCache:
             del buffer, view
         except BaseException as exc:
             with self._lock:
-                entry.error = exc
+                entry.error = _detached(exc)
                 if self._host.get(cache_key(manifest)) is entry:
                     del self._host[cache_key(manifest)]
                 self._update_host_usage()
