@@ -18,7 +18,8 @@ from torch import nn
 
 import trims_ray
 from trims_ray import CapacityError, IntegrityError, ModelNotFoundError, TrimsError
-from trims_ray._cluster import forget_node_actor, node_actor
+from trims_ray._cluster import forget_node_actor, node_actor, placement_actor
+from trims_ray._malloc import ACTOR_ENV
 from trims_ray.actors.node_cache import Holder
 
 from .conftest import HOST_BUDGET, wait_for
@@ -439,3 +440,13 @@ def test_a_node_reports_a_dead_gpu_holder_off_and_serves_nothing_from_it(ray_nod
     only_dead = node_gpu_stats({"1": dead}, "")
     assert only_dead["enabled"] is False and "GPU 1: holder unreachable" in only_dead["reason"]
     assert node_gpu_residency({"0": alive, "1": dead}) == {"default/abc": "gpu"}
+
+
+def test_trims_ray_actors_start_with_few_malloc_arenas(cache):
+    # Read by glibc when the process starts (see trims_ray._malloc): the actors' own environment.
+    def environment(_actor) -> dict:
+        return {k: os.environ.get(k) for k in ACTOR_ENV}
+
+    node = ray.get_runtime_context().get_node_id()
+    for actor in (node_actor(node), placement_actor()):
+        assert ray.get(actor.__ray_call__.remote(environment)) == ACTOR_ENV

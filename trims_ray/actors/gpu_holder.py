@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .._errors import TrimsError
 from .._gpu_ipc import DeviceIdentity, holder_env, node_gpus
+from .._malloc import ACTOR_ENV
 from .._manifest import Manifest
 from .._manifest_cache import ManifestCache
 from .._metrics import export_gpu_tier
@@ -73,7 +74,7 @@ def start_gpu_holder(
             max_restarts=-1,
             max_task_retries=2,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            runtime_env={"env_vars": holder_env(uuid)},
+            runtime_env={"env_vars": {**ACTOR_ENV, **holder_env(uuid)}},  # see _malloc
         )
         .remote(node_id, label, uuid, store_uri, storage_options, config)
     )

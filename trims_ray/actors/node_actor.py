@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .._config import CacheConfig
 from .._errors import TrimsError
+from .._malloc import ACTOR_ENV, give_back_free_memory
 from .._manifest import Manifest
 from .._metrics import export_node_cache
 from .._reader import copy_verified
@@ -69,6 +70,7 @@ def start_node_actor(
             max_restarts=-1,
             max_task_retries=2,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            runtime_env={"env_vars": ACTOR_ENV},  # read when its process starts: see _malloc
         )
         .remote(node_id, store_uri, storage_options, config)
     )
@@ -220,6 +222,7 @@ class NodeCacheServer:
                 result.update(self.cache.evict(name, tenant, tier))
             return result
         finally:
+            give_back_free_memory()  # what the evicted models' loads left in malloc's arenas
             self._send_report()
 
     def scrub(self) -> dict[str, int]:

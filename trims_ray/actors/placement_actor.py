@@ -17,6 +17,7 @@ import time
 import ray
 
 from .._config import CacheConfig
+from .._malloc import ACTOR_ENV
 from .._metrics import record_decision
 from .node_actor import NAMESPACE, PLACEMENT_NAME, node_actor_name, start_node_actor
 from .placement import NodeReport, Placement, Snapshot
@@ -43,6 +44,7 @@ def start_placement_actor(store_uri: str, storage_options: dict | None, config: 
             max_concurrency=_CONCURRENCY,
             max_restarts=-1,
             max_task_retries=-1,  # its calls are idempotent: retried across a restart
+            runtime_env={"env_vars": ACTOR_ENV},  # a long-lived actor: see _malloc
         )
         .remote(store_uri, storage_options, config)
     )
