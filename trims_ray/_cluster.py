@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 
 import ray
@@ -21,6 +20,7 @@ from ._config import CacheConfig
 from ._errors import TrimsError
 from ._fsio import translate_store_errors
 from ._names import check_name, check_tenant
+from ._raycalls import call, get  # re-exported: callers of the driver's side use them too
 from ._store import ModelStore
 from .actors.node_actor import NAMESPACE, PLACEMENT_NAME, node_actor_name, start_node_actor
 from .actors.node_cache import TenantStats, TierStats
@@ -212,44 +212,6 @@ def forget_node_actor(node_id: str | None = None) -> None:
     node_id = node_id or ray.get_runtime_context().get_node_id()
     with _lock:
         _actors.pop(node_id, None)
-
-
-def get(refs, *, timeout: float | None = None):
-    """``ray.get`` whose errors keep nothing alive once they are handled.
-
-    ``ray.get`` raises the error of a failed object (an actor that died, an owner gone) from its
-    own frame while a local there still holds that error: error -> traceback -> frame -> error,
-    a reference cycle. It keeps every frame of the traceback alive, with the locals they hold
-    when they finish, until Python's cyclic collector runs, which in a quiet process may be
-    never. A caller that handles the error and goes on (a task whose lease failed leases again;
-    a cache copying from its next peer) so kept what it picked up afterwards: ObjectRefs and
-    views of model objects, which then stayed in the node's object store after being evicted
-    (the soak's residue, issue 8). Clearing the finished frames' locals breaks the cycle, and
-    the error is freed as soon as its handler is done; the traceback still shows where it came
-    from.
-    """
-    try:
-        return ray.get(refs, timeout=timeout)
-    except ray.exceptions.RayError as exc:
-        traceback.clear_frames(exc.__traceback__)  # skips this frame, which is still running
-        raise
-
-
-def call(ref: ray.ObjectRef, *, timeout: float | None = None):
-    """``get`` that re-raises our own errors from an actor as themselves, not wrapped."""
-    try:
-        return get(ref, timeout=timeout)
-    except ray.exceptions.RayTaskError as exc:
-        ours = getattr(exc, "cause", None)
-        if not isinstance(ours, (TrimsError, ValueError, TypeError)):
-            raise
-    # Raised out of the handler, and no local left holding it: raised inside, Python would chain
-    # the task error to it (as its __context__), and that error holds it as its cause; a local
-    # would be in its own traceback. Either is a cycle like get()'s.
-    try:
-        raise ours
-    finally:
-        del ours
 
 
 def _nodes(nodes: list[str] | None) -> list[str]:

@@ -30,7 +30,7 @@ it (pid, what it is, its node), how (Ray's reference type, as ``ray memory`` nam
 RAY_record_ref_creation_sites=1 in the environment, where that reference was made there; then
 the stores once more after a ``gc.collect()`` in every Ray process. Back then means the holders
 were reference cycles, which only Python's cyclic collector frees (in an idle worker, perhaps
-never): such cycles made the residue of issue 8 (see ``trims_ray._cluster.get`` and
+never): such cycles made the residue of issue 8 (see ``trims_ray._raycalls.get`` and
 ``trims_ray._fsio.forget_frames``).
 """
 

@@ -4,7 +4,7 @@ time. Nothing may be lost or wrong, and after the final evict every node's objec
 back where it started. (The ten-minute run is ``python -m workloads.soak``.)
 
 The residue it once left (issue 8) came from reference cycles that handled errors make; the
-tests below pin down Ray's (``trims_ray._cluster.get``) without a soak.
+tests below pin down Ray's (``trims_ray._raycalls.get``) without a soak.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_short_soak_loses_nothing_and_gives_the_object_store_back(tmp_path):
     assert {o.tenant for o in result.outcomes} == {"alpha", "beta", "gamma"}
     ok, line = store_back_to_start(result)
     # Issue 8: a model's object once stayed in a node's store after the final evict, held by
-    # reference cycles of handled errors (Ray's, see trims_ray._cluster.get; fsspec's, see
+    # reference cycles of handled errors (Ray's, see trims_ray._raycalls.get; fsspec's, see
     # trims_ray._fsio.forget_frames). The message says what holds the store, if anything does.
     assert ok, f"{line}; held: {'; '.join(result.held) or 'nothing named'}"
 

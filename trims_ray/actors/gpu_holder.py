@@ -25,6 +25,7 @@ from .._malloc import ACTOR_ENV
 from .._manifest import Manifest
 from .._manifest_cache import ManifestCache
 from .._metrics import export_gpu_tier
+from .._raycalls import call, get
 from .._nvml import GpuInfo, inventory, uuid_matches
 from .._store import ModelStore
 from .gpu_tier import GpuTier, GpuTierConfig, gpu_grant_dict, off_stats
@@ -127,8 +128,6 @@ def combine_gpu_stats(per_gpu: dict[str, dict], reason: str = "") -> dict:
 def node_gpu_stats(holders: dict[str, ray.actor.ActorHandle], reason: str, timeout_s: float = 5.0) -> dict:
     """``combine_gpu_stats`` of the holders of one node (a holder that does not answer within
     ``timeout_s`` is reported off, with the error as its reason)."""
-    from .._cluster import get  # imported late, as in _NodeHostSource.open
-
     refs = {label: holder.stats.remote() for label, holder in holders.items()}
     per_gpu = {}
     for label, ref in refs.items():
@@ -143,8 +142,6 @@ def node_gpu_stats(holders: dict[str, ray.actor.ActorHandle], reason: str, timeo
 def node_gpu_residency(holders: dict[str, ray.actor.ActorHandle], timeout_s: float = 5.0) -> dict[str, str]:
     """``cache_key`` -> "gpu" for every model ready on one of the node's GPUs, to merge into the
     node's residency report (placement ranks "gpu" first)."""
-    from .._cluster import get  # imported late, as in _NodeHostSource.open
-
     refs = [holder.report.remote() for holder in holders.values()]
     residency: dict[str, str] = {}
     for ref in refs:
@@ -172,8 +169,6 @@ class _NodeHostSource:
 
     @contextlib.contextmanager
     def open(self, manifest: Manifest) -> Iterator[tuple[np.ndarray, str]]:
-        from .._cluster import call, get  # imported late: _cluster may come to import this module
-
         try:
             grant = call(self._node().acquire.remote(manifest.name, manifest.tenant, Holder.this_process()))
         except ray.exceptions.RayActorError:

@@ -23,6 +23,7 @@ from .._errors import TrimsError
 from .._malloc import ACTOR_ENV, give_back_free_memory
 from .._manifest import Manifest
 from .._metrics import export_node_cache
+from .._raycalls import get
 from .._reader import copy_verified
 from .._store import ModelStore
 from .gpu_tier import GPU
@@ -166,7 +167,7 @@ class NodeCacheServer:
         if not ids:
             return set()
         try:
-            alive = _get(self._placement_actor().callers_alive.remote(ids), timeout=5)
+            alive = get(self._placement_actor().callers_alive.remote(ids), timeout=5)
         except Exception:  # placement unreachable: no evidence that anyone died
             self._placement = None
             return set()
@@ -347,7 +348,7 @@ class NodeCacheServer:
             if report == last and now - last_sent < unless_unchanged_for:
                 return
             try:
-                _get(self._placement_actor().report.remote(self.node_id, report), timeout=10)
+                get(self._placement_actor().report.remote(self.node_id, report), timeout=10)
                 self._last_report = (report, now)
             except Exception as exc:  # placement restarting or not created yet: retry later
                 log.debug("trims_ray: report to placement failed: %s", exc)
@@ -361,7 +362,7 @@ class NodeCacheServer:
             return False
         try:
             # Per tenant, like every key: another tenant's copy of the same bytes is not lent.
-            holders = _get(self._placement_actor().holders.remote(cache_key(manifest)), timeout=5)
+            holders = get(self._placement_actor().holders.remote(cache_key(manifest)), timeout=5)
         except Exception as exc:
             log.debug("trims_ray: no peer list from placement: %s", exc)
             self._placement = None
@@ -370,7 +371,7 @@ class NodeCacheServer:
         for peer in peers:
             try:
                 lender = ray.get_actor(node_actor_name(peer), namespace=NAMESPACE)
-                grant = _get(lender.lend.remote(cache_key(manifest)), timeout=5)
+                grant = get(lender.lend.remote(cache_key(manifest)), timeout=5)
             except Exception as exc:
                 log.debug("trims_ray: peer %s cannot lend %s: %s", peer, manifest.sha256, exc)
                 continue
@@ -379,7 +380,7 @@ class NodeCacheServer:
             try:
                 # Ray's object manager pulls the object into this node's store; the copy into our
                 # own buffer makes the host copy ours (an object dies with its owner).
-                obj = _get(grant["refs"][0], timeout=max(30.0, manifest.nbytes / 50e6))
+                obj = get(grant["refs"][0], timeout=max(30.0, manifest.nbytes / 50e6))
                 blob = obj[grant["offset"] : grant["offset"] + manifest.nbytes]
                 copy_verified(blob, out, manifest.chunks, source=f"peer {peer}")
                 del blob, obj
@@ -392,16 +393,6 @@ class NodeCacheServer:
             finally:
                 lender.release.remote(grant["lease_id"])
         return False
-
-
-def _get(refs, timeout: float | None = None):
-    """``trims_ray._cluster.get``: ``ray.get`` whose errors keep nothing alive once handled.
-    This actor handles such errors and goes on (a peer gone, placement restarting); with a
-    plain ``ray.get`` the error's reference cycle kept the handler's frame, and so the grant of
-    the next peer it copied from, pinning that peer's object after its eviction."""
-    from .._cluster import get  # imported late: _cluster imports this module
-
-    return get(refs, timeout=timeout)
 
 
 def _node_info(node_id: str) -> dict:
