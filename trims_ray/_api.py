@@ -122,16 +122,26 @@ def register(
     *,
     factory: str | Callable[[], nn.Module] | None = None,
     tenant: str | None = None,
+    example_input: object = None,
 ) -> ModelInfo:
     """Registers a model's weights in the store, once, content-addressed by sha256.
+
+    With a factory, registration builds the module the way a task will and compares every
+    parameter and buffer with the source, bit for bit; it refuses a model it would not hand
+    back exactly.
 
     Args:
         name: the model's name (1-128 characters from ``A-Za-z0-9._-``).
         weights: an ``nn.Module``, a state dict of tensors, or the path/URI of a
-            ``.safetensors`` file or of a directory of safetensors shards.
+            ``.safetensors`` file or of a directory of safetensors shards. A Hugging Face
+            directory (``config.json`` beside the weights) is read as transformers'
+            ``from_pretrained`` reads it.
         factory: a zero-argument callable or "module:attr" string that builds the architecture;
-            tasks then get an ``nn.Module``, otherwise a read-only state dict.
+            tasks then get an ``nn.Module``, otherwise a read-only state dict. A transformers
+            model, or a Hugging Face directory, needs none: its config is the factory.
         tenant: None for the caller's own tenant, or "public" to share the model.
+        example_input: an input (a tensor, a tuple of arguments or a mapping of keyword
+            arguments) on which the rebuilt module's forward must also equal the source's.
 
     Returns:
         ModelInfo with name, tenant, sha256 and nbytes.
@@ -139,10 +149,13 @@ def register(
     Raises:
         ValueError / TypeError: bad name, tenant, factory or weights.
         AccessDeniedError: ``tenant`` names another tenant.
-        ModelFormatError: malformed safetensors, or weights that do not fit the factory.
+        ModelFormatError: malformed safetensors, weights that do not fit the factory, or a
+            module a task would not rebuild exactly (the tensors are named).
         StoreUnavailableError: the store cannot be reached or written.
     """
-    return current_store().register(name, weights, tenant=tenant_for_write(tenant), factory=factory)
+    return current_store().register(
+        name, weights, tenant=tenant_for_write(tenant), factory=factory, example_input=example_input
+    )
 
 
 def list_models(*, tenant: str | None = None) -> list[ModelInfo]:

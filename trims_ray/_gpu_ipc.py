@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._factory import assemble_module, build_on_meta, resolve_factory
+from ._factory import assemble_module, build_on_meta, module_tensors, resolve_factory
 from ._manifest import Manifest
 from ._nvml import GpuInfo, GpuInventory, normalize_uuid, parse_visible_devices, uuid_matches, visible_gpus
 from ._safetensors import DTYPES
@@ -205,12 +205,12 @@ def plan_layers(
 
 
 def module_order(manifest: Manifest) -> list[str] | None:
-    """The model's tensor names in its module's ``state_dict`` order (built on meta, no
-    memory), or None when it has no factory or the factory cannot be built here."""
+    """The model's tensor names in its module's ``state_dict`` order, then its non-persistent
+    buffers (built on meta, no memory), or None when it has no factory or the factory cannot be built here."""
     if manifest.factory is None:
         return None
     try:
-        return list(build_on_meta(resolve_factory(manifest.factory)).state_dict().keys())
+        return list(module_tensors(build_on_meta(resolve_factory(manifest.factory))))
     except Exception:  # any factory failure only costs the pipelining order, never the load
         return None
 
@@ -268,7 +268,9 @@ def materialize_views(manifest: Manifest, buffer: torch.Tensor) -> nn.Module | d
     tensors = device_tensors(buffer, manifest)
     if manifest.factory is None:
         return tensors
-    return assemble_module(resolve_factory(manifest.factory), tensors)
+    stored = {spec.name: tensors[spec.name] for spec in manifest.tensors}
+    source = f"{manifest.tenant}/{manifest.name}"
+    return assemble_module(resolve_factory(manifest.factory), stored, manifest.aliases, source=source)
 
 
 def attach_layer_waits(

@@ -33,6 +33,25 @@ _FIELDS = frozenset(
 _TENSOR_FIELDS = frozenset({"dtype", "shape", "offsets"})
 
 
+def _architecture(text: str) -> str:
+    """The class name of a transformers factory entry (``{"architecture", "config"}`` JSON).
+
+    Raises:
+        ValueError: the entry is not such a document.
+    """
+    doc = json.loads(text)
+    if not (
+        isinstance(doc, dict)
+        and doc.keys() == {"architecture", "config"}
+        and isinstance(doc["architecture"], str)
+        and doc["architecture"].isidentifier()
+        and isinstance(doc["config"], dict)
+        and isinstance(doc["config"].get("model_type"), str)
+    ):
+        raise ValueError("a transformers factory must name an architecture and a config with a model_type")
+    return doc["architecture"]
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What ``register`` returns and what listing a store shows: a registered model's identity.
@@ -44,8 +63,9 @@ class ModelInfo:
         nbytes: size of the blob in bytes (safetensors header included).
         num_elements: total tensor elements (tied weights counted once).
         num_tensors: number of stored tensors.
-        factory: how the architecture is built: "module:attr", "<pickled callable>", or None
-            when tasks get a state dict.
+        factory: how the architecture is built: "module:attr", "<pickled callable>",
+            "transformers:<class>" (from a Hugging Face config), or None when tasks get a
+            state dict.
     """
 
     name: str
@@ -82,6 +102,8 @@ class Manifest:
         factory = None
         if self.factory is not None:
             factory = self.factory.get("import", "<pickled callable>")
+            if "transformers" in self.factory:
+                factory = f"transformers:{_architecture(self.factory['transformers'])}"
         return ModelInfo(
             name=self.name,
             tenant=self.tenant,
@@ -196,10 +218,15 @@ class Manifest:
         if factory is not None and not (
             isinstance(factory, dict)
             and len(factory) == 1
-            and next(iter(factory)) in ("import", "pickle")
+            and next(iter(factory)) in ("import", "pickle", "transformers")
             and isinstance(next(iter(factory.values())), str)
         ):
-            raise ValueError("factory must be null, {'import': 'module:attr'} or {'pickle': ...}")
+            raise ValueError(
+                "factory must be null, {'import': 'module:attr'}, {'pickle': ...} or "
+                "{'transformers': config}"
+            )
+        if factory is not None and "transformers" in factory:
+            _architecture(factory["transformers"])  # checked here, built only when used
         if factory is not None and "import" in factory:
             check_factory_ref(factory["import"])  # checked here, imported only when used
         created = doc["created"]

@@ -1,10 +1,12 @@
 """The safetensors format as trims_ray uses it: parse a header, lay out a blob, view tensors.
 
-Every blob in the store is a standard safetensors file in a canonical layout: tensors ordered by
-element size (largest first) then name, header padded to 8 bytes. That makes every tensor's offset
-a multiple of its element size, so a task can view each tensor straight out of a shared buffer
-without copying, and makes the bytes (hence the sha256) depend only on the tensors, not on where
-they came from. The parser is the gate for outside input: anything it accepts is well-formed,
+Every blob in the store is a standard safetensors file in a canonical layout: header padded to 64
+bytes, then the tensors whose size is a multiple of 64 bytes, then the others, each part ordered by
+element size (largest first) then name. That puts every tensor at a multiple of its element size,
+and most at a multiple of 64 as freshly allocated tensors are, so a task can view each tensor
+straight out of a shared buffer without copying and compute exactly what the original computed.
+The layout also makes the bytes (hence the sha256) depend only on the tensors, not on where they
+came from. The parser is the gate for outside input: anything it accepts is well-formed,
 anything else raises ModelFormatError naming the source.
 """
 
@@ -55,6 +57,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
 
+# Where tensors start, relative to the blob's first byte (so absolutely, in every buffer the cache
+# puts a blob in: Ray's object store, the GPU allocator and page-aligned reads align it as much).
+ALIGN = 64
 # The same ceiling the safetensors library applies: a header is metadata, never weights.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _LEN = struct.Struct("<Q")
@@ -250,9 +255,19 @@ def plan_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[BlobLayout, bytes]
     """Lays out ``tensors`` canonically and returns the layout and the header bytes.
 
     The header bytes include the 8-byte length and the space padding that aligns the data
-    section to 8 bytes. The same tensors always give the same bytes.
+    section to ALIGN bytes; every tensor whose size is a multiple of ALIGN starts at a multiple
+    of ALIGN, every other one at a multiple of its element size. The same tensors always give
+    the same bytes.
     """
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    # Tensors whose size is a multiple of ALIGN come first, so each starts ALIGN-aligned: CPU
+    # kernels (oneDNN's) take another vector path for weights that are not, and would compute
+    # other last bits than on the freshly allocated original. The rest follow by element size,
+    # largest first, which keeps each aligned to its element size with no padding (safetensors
+    # allows no gaps between tensors).
+    def nbytes(name: str) -> int:
+        return tensors[name].numel() * tensors[name].element_size()
+
+    order = sorted(tensors, key=lambda k: (nbytes(k) % ALIGN != 0, -tensors[k].element_size(), k))
     index: dict[str, object] = {}
     cursor = 0
     for name in order:
@@ -267,7 +282,7 @@ def plan_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[BlobLayout, bytes]
     metadata = {"format": "pt"}
     index["__metadata__"] = metadata
     body = json.dumps(index, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    body += b" " * (-(8 + len(body)) % 8)
+    body += b" " * (-(8 + len(body)) % ALIGN)
     header = _LEN.pack(len(body)) + body
     layout = parse_header(header, file_size=len(header) + cursor, source="<new blob>")
     return layout, header

@@ -21,7 +21,7 @@ from torch import nn
 
 from ._config import ReadOptions, default_store_uri
 from ._errors import IntegrityError, ModelFormatError, ModelNotFoundError, StoreUnavailableError
-from ._factory import assemble_module, build_on_meta, check_factory_fits, factory_ref, resolve_factory
+from ._factory import assemble_module, factory_ref, resolve_factory
 from ._hashing import CHUNK_BYTES, digest_blob
 from ._fsio import (
     _protocols,
@@ -32,7 +32,7 @@ from ._fsio import (
     translate_store_errors,
     write_atomically,
 )
-from ._ingest import collect_weights
+from ._ingest import collect_weights, prove_rebuild
 from ._manifest import Manifest, ModelInfo
 from ._names import PUBLIC_TENANT, check_name, check_tenant
 from ._reader import ReadStats, read_blob
@@ -88,6 +88,7 @@ class ModelStore:
         factory: str | Callable[[], nn.Module] | None = None,
         storage_options: dict | None = None,
         progress: Callable[[int, int], None] | None = None,
+        example_input: object = None,
     ) -> ModelInfo:
         """Stores ``weights`` under ``tenant``/``name``; replaces an earlier model of that name.
 
@@ -101,27 +102,30 @@ class ModelStore:
             progress: called as ``progress(bytes_written, blob_bytes)`` when the blob's upload
                 starts and after each piece of at most 16 MiB (the hashing pass before it is
                 not reported).
+            example_input: an input (a tensor, a tuple of arguments or a mapping of keyword
+                arguments) on which the rebuilt module's forward must equal the source's.
 
         Returns:
             The registered model's ModelInfo.
 
         Raises:
             ValueError / TypeError: bad name, tenant, factory or weights.
-            ModelFormatError: malformed safetensors, or weights that do not fit the factory.
+            ModelFormatError: malformed safetensors, weights that do not fit the factory, or a
+                module that a task would not rebuild exactly (the tensors are named).
             StoreUnavailableError: the store cannot be reached or written.
         """
         check_name(name)
         check_tenant(tenant)
-        factory_entry = factory_ref(factory)  # validated before anything is read or written
-        weights_in = collect_weights(weights, storage_options=storage_options)
+        given = factory_ref(factory)  # validated before anything is read or written
+        weights_in = collect_weights(weights, storage_options=storage_options, factory=given)
         if not weights_in.tensors:
             raise ModelFormatError(f"{weights_in.source}: no tensors to register")
-        layout, header = plan_layout(weights_in.tensors)
+        factory_entry = weights_in.factory
         if factory_entry is not None:
-            shapes = {t.name: t.shape for t in layout.tensors}
-            shapes.update({alias: shapes[target] for alias, target in weights_in.aliases.items()})
-            module = build_on_meta(resolve_factory(factory_entry))
-            check_factory_fits(module, shapes, source=weights_in.source)
+            prove_rebuild(weights_in, example_input)
+        elif example_input is not None:
+            raise ValueError("example_input needs a factory: without one tasks get a state dict")
+        layout, header = plan_layout(weights_in.tensors)
 
         sha256, chunks = digest_blob(iter_blob_chunks(layout, header, weights_in.tensors))
         manifest = Manifest(
@@ -276,11 +280,12 @@ class ModelStore:
 def materialize(manifest: Manifest, buffer: np.ndarray) -> nn.Module | dict[str, torch.Tensor]:
     """Tensors viewed out of a verified blob buffer, assembled into the model when it has a factory."""
     tensors = tensors_from_buffer(buffer, manifest.layout)
-    for alias, target in manifest.aliases.items():
-        tensors[alias] = tensors[target]
     if manifest.factory is None:
+        for alias, target in manifest.aliases.items():
+            tensors[alias] = tensors[target]
         return tensors
-    return assemble_module(resolve_factory(manifest.factory), tensors)
+    source = f"{manifest.tenant}/{manifest.name}"
+    return assemble_module(resolve_factory(manifest.factory), tensors, manifest.aliases, source=source)
 
 
 def _reporting(

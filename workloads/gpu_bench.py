@@ -61,6 +61,7 @@ from trims_ray._manifest import Manifest  # noqa: E402
 from trims_ray._nvml import inventory  # noqa: E402
 from trims_ray._store import ModelStore  # noqa: E402
 from trims_ray.actors.gpu_tier import ArraySource, GpuTier, GpuTierConfig, gpu_grant_dict  # noqa: E402
+from workloads import zoo  # noqa: E402
 from workloads.zoo import ZOO, build, zoo_model  # noqa: E402
 
 MB = 1000 * 1000
@@ -187,9 +188,7 @@ def _fresh_task(job: dict, conn) -> None:
             import safetensors.torch
 
             tensors = safetensors.torch.load_file(job["path"], device="cuda:0")
-            for alias, target in manifest.aliases.items():
-                tensors[alias] = tensors[target]
-            model = assemble_module(resolve_factory(manifest.factory), tensors)
+            model = assemble_module(resolve_factory(manifest.factory), tensors, manifest.aliases)
         else:
             grant = job.get("grant")
             if grant is None:  # a miss: ask the holder, which swaps it in from the host tier
@@ -199,11 +198,9 @@ def _fresh_task(job: dict, conn) -> None:
             model = lease.__enter__()
         torch.cuda.synchronize()
         out["module"] = time.perf_counter() - t0
-        x = job["input"].cuda()
+        x = zoo.to_device(job["input"], "cuda")
         t1 = time.perf_counter()
-        with torch.inference_mode():
-            y = model(x)
-            y = y[0] if isinstance(y, tuple) else y
+        y = zoo.forward(model, x)
         torch.cuda.synchronize()
         out["forward"] = time.perf_counter() - t1
         out["total"] = time.perf_counter() - t0
@@ -393,7 +390,7 @@ def _pipeline_once(bench: Bench, name: str, pipelined: bool, order, min_bytes: i
     groups = plan_layers(manifest, order, min_bytes=min_bytes)
     buffer = device.allocate(manifest.nbytes)
     model = materialize_views(manifest, buffer.tensor[: manifest.nbytes])
-    x = bench.inputs[name]().cuda()
+    x = zoo.to_device(bench.inputs[name](), "cuda")
     first, hooks = _first_layer_recorder(model)
     compute = torch.cuda.current_stream()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -404,8 +401,7 @@ def _pipeline_once(bench: Bench, name: str, pipelined: bool, order, min_bytes: i
         hooks += attach_layer_waits(model, module_waits(manifest, groups), lambda g: compute.wait_event(job.local_events[g]))
     else:
         job.wait()
-    with torch.inference_mode():
-        model(x)
+    zoo.forward(model, x)
     end.record(compute)
     end.synchronize()
     job.wait()
@@ -423,10 +419,9 @@ def _alone(bench: Bench, name: str, groups, repeats: int) -> tuple[float, float]
     manifest = bench.manifests[name]
     host = bench.source.blobs[manifest.sha256]
     resident = materialize_views(manifest, quiet_from_numpy(host).cuda())
-    x = bench.inputs[name]().cuda()
-    with torch.inference_mode():
-        resident(x)
-        compute = statistics.median(_timed(lambda: resident(x)) for _ in range(max(3, repeats)))
+    x = zoo.to_device(bench.inputs[name](), "cuda")
+    zoo.forward(resident, x)
+    compute = statistics.median(_timed(lambda: zoo.forward(resident, x)) for _ in range(max(3, repeats)))
     resident = None
     buffer = bench.device.allocate(manifest.nbytes)
     try:

@@ -183,18 +183,40 @@ def test_special_float_values_survive_exactly():
 def test_layout_aligns_every_tensor_to_its_element_size():
     tensors = {"odd_u8": torch.zeros(3, dtype=torch.uint8), **mixed_tensors(), "b": torch.ones(5, dtype=torch.bool)}
     layout, blob = to_blob(tensors)
-    assert layout.data_start % 8 == 0
+    assert layout.data_start % 64 == 0
     assert layout.nbytes == len(blob)
     assert_well_formed(layout, len(blob))
     for spec in layout.tensors:
         itemsize = DTYPES[spec.dtype].itemsize
         assert spec.start % itemsize == 0, spec
         assert (spec.start - layout.data_start) % itemsize == 0, spec
-    # Largest element size first: that is what makes the alignment hold with no padding.
-    sizes = [DTYPES[s.dtype].itemsize for s in layout.tensors]
-    assert sizes == sorted(sizes, reverse=True)
+    # Sizes that are multiples of 64 bytes first, each part by largest element size: that is
+    # what makes the alignment hold with no padding.
+    parts = [[s for s in layout.tensors if (s.nbytes % 64 != 0) == odd] for odd in (False, True)]
+    assert [s.name for s in layout.tensors] == [s.name for part in parts for s in part]
+    for part in parts:
+        sizes = [DTYPES[s.dtype].itemsize for s in part]
+        assert sizes == sorted(sizes, reverse=True)
     assert layout.metadata == {"format": "pt"}
     assert layout.to_index()["t_float32"]["dtype"] == "F32"
+
+
+def test_layout_starts_every_tensor_of_a_multiple_of_64_bytes_at_a_multiple_of_64():
+    # A bias-like odd size in every element size, and weights of 64-byte multiples after them in
+    # name order: without the ordering, the odd ones would shift every later weight.
+    tensors = {
+        "a_bias": torch.zeros(10, dtype=torch.float32),
+        "a_steps": torch.zeros((), dtype=torch.int64),
+        "b_half": torch.zeros(3, dtype=torch.float16),
+        "w_conv": torch.zeros(16, 1, 7, 7),
+        "w_linear": torch.zeros(32, 16),
+        "w_half": torch.zeros(64, 8, dtype=torch.bfloat16),
+        "w_ids": torch.zeros(1, 64, dtype=torch.int64),
+    }
+    layout, _ = to_blob(tensors)
+    starts = {s.name: s.start for s in layout.tensors}
+    for name in ("w_conv", "w_linear", "w_half", "w_ids"):
+        assert starts[name] % 64 == 0, (name, starts[name])
 
 
 def test_layout_is_independent_of_insertion_order():
