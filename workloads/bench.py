@@ -5,6 +5,7 @@
     python -m workloads.bench routing [--models 1000] [--nodes 64] [--calls 100000]
     python -m workloads.bench overhead [--calls 200] [--object-store-mb 256] [--nodes 3]
     python -m workloads.bench peer [--sizes-mb 100,400] [--repeats 3] [--no-s3]
+    python -m workloads.bench build [--models resnet50,bert_base,...] [--repeats 5]
 
 ``load``: the store reader's rate for one blob from local disk (page cache dropped for the file
 before every read with POSIX_FADV_DONTNEED) and from an S3 server on loopback (moto), against the
@@ -864,6 +865,9 @@ def main(argv: list[str] | None = None) -> int:
     peer.add_argument("--repeats", type=int, default=3, help="runs per size and source (default 3)")
     peer.add_argument("--no-s3", action="store_true", help="only the local-disk store")
     peer.add_argument("--dir", default=None, help="directory for the store and disk tiers (default: system temp)")
+    build = sub.add_parser("build", help="a zoo model's build on meta: initialisers run vs skipped")
+    build.add_argument("--models", default=None, help="comma-separated zoo models (default: all)")
+    build.add_argument("--repeats", type=int, default=5, help="builds of each kind per model (default 5)")
     overhead = sub.add_parser("overhead", help="a decorated call on a warm model vs a plain Ray task")
     overhead.add_argument("--calls", type=int, default=200, help="timed calls of each kind (default 200)")
     overhead.add_argument("--object-store-mb", type=int, default=256, help="Ray object store in MiB per node (default 256)")
@@ -888,6 +892,13 @@ def main(argv: list[str] | None = None) -> int:
         from workloads.bench_cluster import bench_peer, print_peer
 
         print_peer(bench_peer(_sizes_mb(parser, args), args.repeats, not args.no_s3, args.dir))
+    elif args.bench == "build":
+        from workloads.bench_build import bench_build, default_names, print_build
+
+        names = [n.strip() for n in (args.models or default_names()).split(",") if n.strip()]
+        if args.repeats < 1 or not names:
+            parser.error("--repeats must be positive and --models not empty")
+        print_build(bench_build(names, args.repeats), args.repeats)
     elif args.bench == "routing":
         if min(args.models, args.nodes, args.calls) < 1:
             parser.error("--models, --nodes and --calls must be positive")

@@ -1,6 +1,7 @@
 """The demo (README's main-job command): trims_ray on an embedded local Ray with a local store.
 
-1. Registers a few zoo models (seeded random weights) into the store.
+1. Registers a few zoo models (real torchvision and transformers architectures, seeded random
+   weights) into the store; transformers models need no factory (their config is one).
 2. For each model, invokes a ``@trims_ray.function`` that runs one inference, from each tier in
    turn: cold (from the store), disk-tier hit, host-tier hit; and, as the baseline, a plain Ray
    task that loads the model from the store inside the task, as a serverless function does today.
@@ -8,7 +9,7 @@
    the disk tier are read from the disk, and every output is checked against the original model.
 3. Replays a short seeded sequence of invocations over the models and reports the tier hits.
 
-    python -m workloads.demo [--models resnet50,alexnet,bert_base] [--invocations 30] [--seed 0]
+    python -m workloads.demo [--models resnet50,bert_base,llama] [--invocations 30] [--seed 0]
 """
 
 from __future__ import annotations
@@ -30,17 +31,17 @@ from trims_ray._cluster import node_actor
 from trims_ray._fsio import is_local
 from workloads.bench import drop_page_cache
 from workloads.local_ray import init_local
+from workloads import zoo
 from workloads.zoo import ZOO, build, zoo_model
 
-DEFAULT_MODELS = "resnet50,alexnet,bert_base"
+DEFAULT_MODELS = "resnet50,bert_base,llama"
 
 
 def forward(model, x) -> tuple[torch.Tensor, float]:
-    """The output (first element for BERT's tuple) and the compute time in ms."""
+    """The model's main output (logits, last hidden state) and the compute time in ms."""
     started = time.perf_counter()
-    with torch.inference_mode():
-        out = model(x)
-    return (out[0] if isinstance(out, tuple) else out), (time.perf_counter() - started) * 1000
+    out = zoo.forward(model, x)
+    return out, (time.perf_counter() - started) * 1000
 
 
 @trims_ray.function(num_cpus=1)
@@ -79,8 +80,13 @@ def run_demo(names: list[str], invocations: int, seed: int, store: ModelStore, t
         finally:
             torch.set_num_threads(threads)
         started = time.perf_counter()
-        info = trims_ray.register(name, model, factory=entry.factory)
-        print(f"  {name:10} {info.nbytes / 1e6:8.1f} MB  registered in {time.perf_counter() - started:5.2f} s")
+        # A transformers model brings its own factory (its config); the others name the zoo's.
+        factory = None if entry.library == "transformers" else entry.factory
+        info = trims_ray.register(name, model, factory=factory)
+        print(
+            f"  {name:10} {info.nbytes / 1e6:8.1f} MB  {info.factory:38} registered in "
+            f"{time.perf_counter() - started:5.2f} s"
+        )
         blobs[name] = store.blob_path(info.sha256)
         del model
 
