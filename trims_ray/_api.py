@@ -29,6 +29,7 @@ __all__ = [
     "acting_tenant",
     "tenant_for_write",
     "note_refusal",
+    "set_session",
 ]
 
 log = logging.getLogger("trims_ray")
@@ -36,6 +37,12 @@ log = logging.getLogger("trims_ray")
 _lock = threading.Lock()
 _session: dict[str, object] = {"store": None, "tenant": None}
 _stores: dict[tuple[str, str], ModelStore] = {}
+
+
+def set_session(store: ModelStore | None, tenant: str | None) -> None:
+    """Makes ``store`` and ``tenant`` this process's (``init``); None and None forget them."""
+    _session["store"] = store
+    _session["tenant"] = tenant
 
 
 def current_store() -> ModelStore:
@@ -109,7 +116,7 @@ def note_refusal(kind: str, tenant: str) -> None:
 
         if not ray.is_initialized():
             return
-        from ._cluster import node_actor  # _cluster imports this module
+        from .actors._naming import node_actor  # imports Ray: only where a refusal is counted
 
         node_actor().count_refusal.remote(kind, tenant)
     except Exception as exc:  # no cache on this node, or trims_ray not running here

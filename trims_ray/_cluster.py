@@ -1,5 +1,6 @@
 """The driver's side of trims_ray on a Ray cluster: ``init``, ``shutdown``, ``stats``,
-``prefetch`` and ``evict``, and finding the node cache actors.
+``prefetch`` and ``evict``; the actors' lookups (``node_actor``, ``placement_actor``) are
+``actors._naming``'s, re-exported.
 
 ``init`` connects to Ray if needed and creates the placement actor and one node cache actor per
 alive node (or finds the ones another driver created: they are detached and named, so every job
@@ -9,7 +10,6 @@ Everything else talks to those actors by name, as the caller's tenant (``_api.ac
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -21,9 +21,19 @@ from ._errors import TrimsError
 from ._fsio import translate_store_errors
 from ._names import check_name, check_tenant
 from ._raycalls import call, get  # re-exported: callers of the driver's side use them too
+from ._protocol import TenantStats, TierStats
 from ._store import ModelStore
-from .actors.node_actor import NAMESPACE, PLACEMENT_NAME, node_actor_name, start_node_actor
-from .actors.node_cache import TenantStats, TierStats
+from .actors._naming import (
+    NAMESPACE,
+    PLACEMENT_NAME,
+    forget_node_actor,
+    forget_node_actors,
+    node_actor,
+    our_actor_names,
+    placement_actor,
+    remember_node_actors,
+)
+from .actors.node_actor import start_node_actor
 from .actors.placement_actor import start_placement_actor
 
 __all__ = [
@@ -42,10 +52,6 @@ __all__ = [
     "get",
     "call",
 ]
-
-_lock = threading.Lock()
-_actors: dict[str, ray.actor.ActorHandle] = {}
-
 
 @dataclass(frozen=True)
 class Cluster:
@@ -124,15 +130,13 @@ def init(
             f"call trims_ray.init(store={running_uri!r}), or trims_ray.shutdown() first to restart "
             "it with another store (its caches are emptied)"
         )
-    _api._session["store"] = model_store
-    _api._session["tenant"] = tenant
+    _api.set_session(model_store, tenant)
     handles = {
         node: start_node_actor(node, model_store.uri, storage_options, config)
         for node in ray.get(placement.sync.remote())
     }
     ray.get([h.ping.remote() for h in handles.values()])
-    with _lock:
-        _actors.update(handles)
+    remember_node_actors(handles)
     # Routing needs every cache's first report: wait for them (they come within report_s).
     deadline = time.monotonic() + 30
     while set(ray.get(placement.members.remote())) < set(handles) and time.monotonic() < deadline:
@@ -142,15 +146,13 @@ def init(
 
 def shutdown() -> None:
     """Kills this library's actors (their cached objects go with them); Ray keeps running."""
-    with _lock:
-        _actors.clear()
+    forget_node_actors()
     _routing.reset()
-    _api._session["store"] = None
-    _api._session["tenant"] = None
+    _api.set_session(None, None)
     if not ray.is_initialized():
         return
     # Placement first: it gives caches to nodes without one, and must not replace those killed.
-    for name in sorted(_our_actor_names(), key=lambda n: n != PLACEMENT_NAME):
+    for name in sorted(our_actor_names(), key=lambda n: n != PLACEMENT_NAME):
         try:
             ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
         except ValueError:
@@ -158,60 +160,8 @@ def shutdown() -> None:
     # ray.kill is asynchronous: wait until the names are free, or a following init() would
     # get the dying actors back from get_if_exists.
     deadline = time.monotonic() + 30
-    while _our_actor_names() and time.monotonic() < deadline:
+    while our_actor_names() and time.monotonic() < deadline:
         time.sleep(0.05)
-
-
-def _our_actor_names() -> list[str]:
-    return [
-        a["name"]
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["namespace"] == NAMESPACE and a["name"].startswith("trims_ray:")
-    ]
-
-
-def node_actor(node_id: str | None = None) -> ray.actor.ActorHandle:
-    """The cache actor of ``node_id`` (default: the node this process runs on).
-
-    Raises:
-        TrimsError: Ray is not initialized, or the node has no trims_ray cache.
-    """
-    if not ray.is_initialized():
-        raise TrimsError("Ray is not initialized: call trims_ray.init() first")
-    node_id = node_id or ray.get_runtime_context().get_node_id()
-    with _lock:
-        handle = _actors.get(node_id)
-    if handle is None:
-        try:
-            handle = ray.get_actor(node_actor_name(node_id), namespace=NAMESPACE)
-        except ValueError:
-            raise TrimsError(
-                f"node {node_id} has no trims_ray cache: call trims_ray.init() in the driver first"
-            ) from None
-        with _lock:
-            _actors[node_id] = handle
-    return handle
-
-
-def placement_actor() -> ray.actor.ActorHandle:
-    """The cluster's placement actor.
-
-    Raises:
-        TrimsError: Ray is not initialized, or trims_ray is not running on this cluster.
-    """
-    if not ray.is_initialized():
-        raise TrimsError("Ray is not initialized: call trims_ray.init() first")
-    try:
-        return ray.get_actor(PLACEMENT_NAME, namespace=NAMESPACE)
-    except ValueError:
-        raise TrimsError("trims_ray is not running on this cluster: call trims_ray.init() first") from None
-
-
-def forget_node_actor(node_id: str | None = None) -> None:
-    """Drops a cached actor handle (after its actor died), so the next lookup finds the new one."""
-    node_id = node_id or ray.get_runtime_context().get_node_id()
-    with _lock:
-        _actors.pop(node_id, None)
 
 
 def _nodes(nodes: list[str] | None) -> list[str]:

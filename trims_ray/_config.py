@@ -13,15 +13,28 @@ from pathlib import Path
 
 from ._names import check_tenant
 
-__all__ = ["default_store_uri", "caller_tenant_from_env", "ReadOptions", "CacheConfig"]
+__all__ = ["default_store_uri", "env_store_uri", "caller_tenant_from_env", "protection_from_env", "ReadOptions", "CacheConfig", "GpuTierConfig"]
+
+MiB = 1024 * 1024
 
 
 def default_store_uri() -> str:
     """``$TRIMS_RAY_STORE``, else ``file://~/.cache/trims_ray/store`` (expanded)."""
-    uri = os.environ.get("TRIMS_RAY_STORE", "").strip()
+    uri = env_store_uri()
     if uri:
         return uri
     return (Path.home() / ".cache" / "trims_ray" / "store").as_uri()
+
+
+def protection_from_env() -> bool:
+    """False when ``$TRIMS_RAY_PROTECT`` is 0/false/no/off (page protection of leased weights
+    off, e.g. for debugging); read per call."""
+    return os.environ.get("TRIMS_RAY_PROTECT", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def env_store_uri() -> str | None:
+    """``$TRIMS_RAY_STORE`` when set, else None."""
+    return os.environ.get("TRIMS_RAY_STORE", "").strip() or None
 
 
 def caller_tenant_from_env() -> str | None:
@@ -181,7 +194,7 @@ class CacheConfig:
         if not self.caller_timeout_s >= 3:
             raise ValueError(f"caller_timeout_s must be >= 3 s (callers poll every 2 s), got {self.caller_timeout_s!r}")
         self._check_tenant_limits()
-        self.gpu_tier_config()  # checks gpu_bytes and gpu_fraction, with the GPU tier's messages
+        _check_gpu_budget(self.gpu_bytes, self.gpu_fraction, "gpu_bytes", "gpu_fraction")
 
     def _check_tenant_limits(self) -> None:
         share = self.tenant_share
@@ -214,20 +227,14 @@ class CacheConfig:
         if isinstance(scrub, bool) or not isinstance(scrub, (int, float)) or not 0 <= scrub < float("inf"):
             raise ValueError(f"scrub_s must be a number of seconds >= 0 (0: no periodic scrub), got {scrub!r}")
 
-    def gpu_tier_config(self):
+    def gpu_tier_config(self) -> GpuTierConfig:
         """The settings each GPU holder of a node gets (same policy and lease checks as the host)."""
-        from .actors.gpu_tier import GpuTierConfig
-
-        try:
-            return GpuTierConfig(
-                budget_bytes=self.gpu_bytes,
-                budget_fraction=self.gpu_fraction,
-                policy=self.policy,
-                lease_check_s=self.lease_check_s,
-            )
-        except ValueError as exc:  # name the fields as the caller knows them
-            message = str(exc).replace("budget_bytes", "gpu_bytes").replace("budget_fraction", "gpu_fraction")
-            raise ValueError(message) from None
+        return GpuTierConfig(
+            budget_bytes=self.gpu_bytes,
+            budget_fraction=self.gpu_fraction,
+            policy=self.policy,
+            lease_check_s=self.lease_check_s,
+        )
 
     @classmethod
     def from_env(cls, **overrides) -> CacheConfig:
@@ -259,3 +266,49 @@ class CacheConfig:
     def disk_path(self, node_id: str) -> Path:
         base = Path(self.disk_dir).expanduser() if self.disk_dir else Path.home() / ".cache" / "trims_ray" / "disk"
         return base / node_id
+
+
+def _check_gpu_budget(nbytes: object, fraction: object, bytes_name: str, fraction_name: str) -> None:
+    """The GPU budget's checks, for CacheConfig and GpuTierConfig alike, naming each field as
+    its class calls it."""
+    if nbytes is not None and (type(nbytes) is not int or nbytes < 0):
+        raise ValueError(f"{bytes_name} must be a non-negative int or None, got {nbytes!r}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"{fraction_name} must be in (0, 1], got {fraction!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuTierConfig:
+    """How a GPU tier sizes and manages one GPU.
+
+    Args:
+        budget_bytes: bytes of device memory the tier may hold; None means ``budget_fraction``
+            of the GPU's total memory (from NVML or the device).
+        budget_fraction: share of the GPU's memory for cached models when ``budget_bytes`` is
+            None; the rest stays for the tasks' activations and workspaces.
+        policy: eviction policy name (see ``trims_ray.policy.online_policies()``).
+        unclaimed_ttl_s: a lease nobody claimed is ended after this long.
+        lease_check_s: how often the holder reaps leases of dead processes.
+        min_layer_bytes: swap-in copies are grouped into layers of at least this many bytes,
+            each followed by an event that a pipelined task waits on.
+        swap_workers: swap-ins that may run at once (they share one host-to-device link).
+    """
+
+    budget_bytes: int | None = None
+    budget_fraction: float = 0.5
+    policy: str = "lru"
+    unclaimed_ttl_s: float = 600.0
+    lease_check_s: float = 1.0
+    min_layer_bytes: int = 4 * MiB
+    swap_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _check_gpu_budget(self.budget_bytes, self.budget_fraction, "budget_bytes", "budget_fraction")
+        if not isinstance(self.policy, str):
+            raise TypeError(f"policy must be a policy name, got {type(self.policy).__name__}")
+        if self.unclaimed_ttl_s <= 0 or self.lease_check_s <= 0:
+            raise ValueError("unclaimed_ttl_s and lease_check_s must be > 0")
+        if type(self.min_layer_bytes) is not int or self.min_layer_bytes < 0:
+            raise ValueError(f"min_layer_bytes must be an int >= 0, got {self.min_layer_bytes!r}")
+        if type(self.swap_workers) is not int or not 1 <= self.swap_workers <= 16:
+            raise ValueError(f"swap_workers must be an int in 1..16, got {self.swap_workers!r}")

@@ -23,7 +23,7 @@ import numpy as np
 from ._errors import TrimsError
 from ._gpu_ipc import DeviceIdentity, LayerGroup, local_index, quiet_from_numpy
 from ._nvml import normalize_uuid, uuid_matches
-from .actors.gpu_tier import DeviceMemory
+from ._devices import DeviceMemory
 
 __all__ = [
     "MIN_SEGMENT",

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._gpu_ipc import DeviceIdentity, attach_layer_waits, materialize_views, module_waits
-from .actors.node_cache import BYPASS, Holder
+from ._protocol import BYPASS, Holder
 
 __all__ = ["model_from_grant", "GpuLease", "acquire_gpu", "task_gpu_label"]
 
@@ -137,8 +137,7 @@ def task_gpu_label() -> str | None:
 def _holder(node_id: str, label: str):
     import ray
 
-    from .actors.gpu_holder import gpu_holder_name
-    from .actors.node_actor import NAMESPACE
+    from .actors._naming import NAMESPACE, gpu_holder_name
 
     key = (node_id, label)
     with _holders_lock:

@@ -26,8 +26,8 @@ from ._errors import TrimsError
 from ._gpu_lease import acquire_gpu
 from ._names import check_name
 from ._protect import protect_array, release
+from ._protocol import BYPASS, Caller, Holder, cache_key
 from ._store import materialize
-from .actors.node_cache import BYPASS, Caller, Holder, cache_key
 
 __all__ = ["open", "function", "ModelFunction"]
 

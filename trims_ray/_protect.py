@@ -30,6 +30,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ._config import protection_from_env
+
 __all__ = [
     "PAGE",
     "GUARD_BYTES",
@@ -50,8 +52,6 @@ PAGE: int = mmap.PAGESIZE
 # that the page span of the blob never leaves the object even where pages are larger.
 GUARD_BYTES: int = -(-4096 // PAGE) * PAGE
 
-ENV_VAR = "TRIMS_RAY_PROTECT"
-_OFF_VALUES = frozenset({"0", "false", "no", "off"})
 
 _PROT_READ = mmap.PROT_READ
 _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
@@ -60,7 +60,7 @@ _ADDRESS_LIMIT = 1 << (8 * ctypes.sizeof(ctypes.c_void_p))
 
 def is_enabled() -> bool:
     """False when ``$TRIMS_RAY_PROTECT`` is 0/false/no/off (e.g. for debugging); read per call."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in _OFF_VALUES
+    return protection_from_env()
 
 
 def _check_range(address: int, nbytes: int) -> tuple[int, int]:

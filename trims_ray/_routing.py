@@ -25,8 +25,8 @@ from ._errors import ModelNotFoundError, TrimsError
 from ._manifest import Manifest
 from ._manifest_cache import ManifestCache
 from ._protect import GUARD_BYTES
-from .actors.node_actor import NAMESPACE, PLACEMENT_NAME
-from .actors.node_cache import cache_key
+from ._protocol import cache_key
+from .actors._naming import NAMESPACE, PLACEMENT_NAME
 from .actors.placement import Placement, Route, Snapshot
 
 __all__ = ["Router", "router", "refresh", "reset"]

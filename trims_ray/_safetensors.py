@@ -264,10 +264,10 @@ def plan_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[BlobLayout, bytes]
     # other last bits than on the freshly allocated original. The rest follow by element size,
     # largest first, which keeps each aligned to its element size with no padding (safetensors
     # allows no gaps between tensors).
-    def nbytes(name: str) -> int:
+    def size_of(name: str) -> int:
         return tensors[name].numel() * tensors[name].element_size()
 
-    order = sorted(tensors, key=lambda k: (nbytes(k) % ALIGN != 0, -tensors[k].element_size(), k))
+    order = sorted(tensors, key=lambda k: (size_of(k) % ALIGN != 0, -tensors[k].element_size(), k))
     index: dict[str, object] = {}
     cursor = 0
     for name in order:

@@ -23,11 +23,11 @@ from typing import TextIO
 import trims_ray
 
 from . import _api, _cluster
-from ._config import default_store_uri
+from ._config import default_store_uri, env_store_uri
 from ._errors import TrimsError
 from ._fsio import translate_store_errors
 from ._names import check_name
-from .actors.node_actor import NAMESPACE
+from .actors._naming import NAMESPACE
 
 __all__ = ["ProgressBar", "UsageError", "format_bytes", "format_table", "main"]
 
@@ -358,7 +358,7 @@ def _attach(args: argparse.Namespace) -> trims_ray.Cluster:
         try:
             store, options = _cluster.call(_cluster.placement_actor().store_spec.remote())
         except TrimsError:  # not running: a store from the environment starts it
-            store = os.environ.get("TRIMS_RAY_STORE", "").strip() or None
+            store = env_store_uri()
         if store is None:
             raise TrimsError(
                 "trims_ray is not running on this cluster: pass --store URI (or set "

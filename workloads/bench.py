@@ -55,7 +55,7 @@ from trims_ray._protect import release as release_protection
 from trims_ray._reader import read_blob
 from trims_ray._safetensors import tensors_from_buffer
 from trims_ray._store import materialize
-from trims_ray.actors.node_cache import Holder
+from trims_ray._protocol import Holder
 from workloads import local_ray
 
 RAW_BLOCK = 16 * 1024 * 1024
@@ -699,7 +699,7 @@ def _decorated_steps(name: str, n: int) -> dict[str, float]:
     """A decorated call taken apart, ``n`` times: the caller's steps timed here, the task's in
     the task; medians in seconds."""
     from trims_ray._routing import router
-    from trims_ray.actors.node_cache import Caller
+    from trims_ray._protocol import Caller
 
     task = ray.remote(_decorated_steps_task)
     samples: dict[str, list[float]] = {s: [] for s in OVERHEAD_STEPS}

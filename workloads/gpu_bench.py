@@ -37,17 +37,13 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from workloads import rayless
+import numpy as np
+import torch
+from torch import nn
 
-rayless.install()
-
-import numpy as np  # noqa: E402 - after the bare package is in place where Ray is missing
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from trims_ray._cuda import CudaDevice, HostRegistration, cuda_available  # noqa: E402
-from trims_ray._factory import assemble_module, resolve_factory  # noqa: E402
-from trims_ray._gpu_ipc import (  # noqa: E402
+from trims_ray._cuda import CudaDevice, HostRegistration, cuda_available
+from trims_ray._factory import assemble_module, resolve_factory
+from trims_ray._gpu_ipc import (
     DeviceIdentity,
     attach_layer_waits,
     materialize_views,
@@ -56,13 +52,13 @@ from trims_ray._gpu_ipc import (  # noqa: E402
     plan_layers,
     quiet_from_numpy,
 )
-from trims_ray._gpu_lease import GpuLease  # noqa: E402
-from trims_ray._manifest import Manifest  # noqa: E402
-from trims_ray._nvml import inventory  # noqa: E402
-from trims_ray._store import ModelStore  # noqa: E402
-from trims_ray.actors.gpu_tier import ArraySource, GpuTier, GpuTierConfig, gpu_grant_dict  # noqa: E402
-from workloads import zoo  # noqa: E402
-from workloads.zoo import ZOO, build, zoo_model  # noqa: E402
+from trims_ray._gpu_lease import GpuLease
+from trims_ray._manifest import Manifest
+from trims_ray._nvml import inventory
+from trims_ray._store import ModelStore
+from trims_ray.actors.gpu_tier import ArraySource, GpuTier, GpuTierConfig, gpu_grant_dict
+from workloads import zoo
+from workloads.zoo import ZOO, build, zoo_model
 
 MB = 1000 * 1000
 MiB = 1024 * 1024

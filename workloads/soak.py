@@ -57,7 +57,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import trims_ray
 from trims_ray._cluster import node_actor
-from trims_ray.actors.node_actor import NAMESPACE
+from trims_ray.actors._naming import NAMESPACE
 from workloads import local_ray, traces
 from workloads.replay import build_weights, forward_checksum
 

@@ -1,9 +1,5 @@
 """GPU tests (marked ``gpu``, skipped without a CUDA GPU). They need neither Ray nor a cluster:
-where Ray is missing (a GPU machine with torch alone), trims_ray's Ray-free modules are imported
-without its package ``__init__`` (see ``workloads.rayless``); processes these tests spawn import
-this package too, so they get the same.
+``import trims_ray`` loads nothing Ray-bound until a public name that needs Ray is used, so the
+GPU tier's plain classes, the CUDA device and the model store import where Ray is missing (a GPU
+machine with torch alone).
 """
-
-from workloads import rayless
-
-rayless.install()

@@ -23,7 +23,7 @@ from trims_ray._gpu_ipc import DeviceIdentity
 from trims_ray._nvml import inventory
 from trims_ray._store import ModelStore
 from trims_ray.actors.gpu_tier import ArraySource, GpuTier, GpuTierConfig, gpu_grant_dict
-from trims_ray.actors.node_cache import Holder
+from trims_ray._protocol import Holder
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
 

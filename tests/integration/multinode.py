@@ -14,8 +14,8 @@ from ray.cluster_utils import Cluster
 
 import trims_ray
 from trims_ray._cluster import placement_actor
-from trims_ray.actors.node_actor import NAMESPACE, node_actor_name
-from trims_ray.actors.node_cache import cache_key
+from trims_ray.actors._naming import NAMESPACE, node_actor_name
+from trims_ray._protocol import cache_key
 from workloads import local_ray
 
 MiB = 1024 * 1024

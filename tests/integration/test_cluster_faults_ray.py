@@ -13,9 +13,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import trims_ray
 from trims_ray._cluster import node_actor, placement_actor
-from trims_ray.actors.node_actor import node_actor_name, start_node_actor
+from trims_ray.actors._naming import node_actor_name
+from trims_ray.actors.node_actor import start_node_actor
 from trims_ray._routing import router
-from trims_ray.actors.node_cache import cache_key
+from trims_ray._protocol import cache_key
 
 from .conftest import wait_for
 from .multinode import (

@@ -14,7 +14,7 @@ import ray
 
 import trims_ray
 from trims_ray import CapacityError
-from trims_ray.actors.node_cache import cache_key
+from trims_ray._protocol import cache_key
 
 from .conftest import wait_for
 from .multinode import (

@@ -166,7 +166,7 @@ class GpuTierOnFakeDevice:
         from trims_ray._gpu_ipc import DeviceIdentity
         from trims_ray._metrics import export_gpu_tier
         from trims_ray.actors.gpu_tier import ArraySource, FakeDevice, GpuTier, GpuTierConfig
-        from trims_ray.actors.node_cache import Holder
+        from trims_ray._protocol import Holder
 
         store = trims_ray.ModelStore(f"memory://metrics-gpu-{node}")
         store.register("g", {"w": torch.ones(64 * 1024)}, tenant="default")

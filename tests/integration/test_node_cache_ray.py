@@ -20,7 +20,7 @@ import trims_ray
 from trims_ray import CapacityError, IntegrityError, ModelNotFoundError, TrimsError
 from trims_ray._cluster import forget_node_actor, node_actor, placement_actor
 from trims_ray._malloc import ACTOR_ENV
-from trims_ray.actors.node_cache import Holder
+from trims_ray._protocol import Holder
 
 from .conftest import HOST_BUDGET, wait_for
 

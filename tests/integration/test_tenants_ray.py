@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import trims_ray
 from trims_ray import AccessDeniedError, CapacityError, ModelNotFoundError
 from trims_ray._cluster import node_actor
-from trims_ray.actors.node_cache import cache_key
+from trims_ray._protocol import cache_key
 from trims_ray.cli import main as cli_main
 
 from .conftest import HOST_BUDGET, wait_for

@@ -42,7 +42,7 @@ from trims_ray._nvml import (
     visible_gpus,
 )
 from trims_ray.actors.gpu_tier import ArraySource, FakeDevice, GpuTier, GpuTierConfig
-from trims_ray.actors.node_cache import Caller, Holder, cache_key
+from trims_ray._protocol import Caller, Holder, cache_key
 from trims_ray.policy.lru import LRU
 
 from .test_node_cache import wait_for
@@ -741,7 +741,7 @@ def test_node_stats_sum_the_gpus_and_say_why_off():
     from dataclasses import asdict
 
     from trims_ray.actors.gpu_holder import combine_gpu_stats
-    from trims_ray.actors.node_cache import TierStats
+    from trims_ray._protocol import TierStats
 
     on = {"enabled": True, "reason": "", "tiers": {"gpu": asdict(TierStats(10, 100, 1, 2, 3, 1, 0, 0))}}
     off = {"enabled": False, "reason": "GPU 1: driver gone", "tiers": {"gpu": asdict(TierStats())}}

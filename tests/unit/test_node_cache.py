@@ -23,7 +23,8 @@ import torch
 from trims_ray import CapacityError, IntegrityError, ModelNotFoundError, ModelStore
 from trims_ray._protect import GUARD_BYTES
 from trims_ray._reader import copy_verified
-from trims_ray.actors.node_cache import BYPASS, Caller, Grant, Holder, NodeCache, cache_key, holder_alive, process_start
+from trims_ray._protocol import BYPASS, Caller, Grant, Holder, cache_key, holder_alive, process_start
+from trims_ray.actors.node_cache import NodeCache
 
 # A wedged load must fail the test, not hang the suite.
 pytestmark = pytest.mark.timeout(60)

@@ -29,8 +29,8 @@ from .._raycalls import call, get
 from .._nvml import GpuInfo, inventory, uuid_matches
 from .._store import ModelStore
 from .gpu_tier import GpuTier, GpuTierConfig, gpu_grant_dict, off_stats
-from .node_actor import NAMESPACE, node_actor_name
-from .node_cache import BYPASS, STORE, Caller, Holder, cache_key
+from ._naming import NAMESPACE, gpu_holder_name, node_actor_name
+from .._protocol import BYPASS, STORE, Caller, Holder, cache_key
 
 __all__ = [
     "gpu_holder_name",
@@ -46,11 +46,6 @@ log = logging.getLogger("trims_ray")
 
 # Enough threads that tasks waiting on a swap-in do not block hits on other models.
 _ACTOR_CONCURRENCY = 64
-
-
-def gpu_holder_name(node_id: str, label: str) -> str:
-    """The holder of Ray's GPU ``label`` (what ``ray.get_gpu_ids()`` says in a task) on a node."""
-    return f"trims_ray:gpu:{node_id}:{label}"
 
 
 def start_gpu_holder(

@@ -22,16 +22,17 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import ContextManager, Protocol
 
 import numpy as np
 
+from .._config import GpuTierConfig  # defined with the rest of the settings; re-exported
+from .._devices import CopyJob, DeviceMemory, GpuDevice, HostSource  # re-exported
 from .._errors import CapacityError, ModelNotFoundError
 from .._gpu_ipc import DeviceIdentity, LayerGroup, module_order, plan_layers
 from .._manifest import Manifest
 from ..policy import EvictionPolicy, choose_victims, make_policy
 from ._leases import LeaseTable
-from .node_cache import BYPASS, Caller, Holder, TierStats, cache_key, holder_alive
+from .._protocol import BYPASS, Caller, Holder, TierStats, cache_key, holder_alive
 
 __all__ = [
     "GPU",
@@ -56,124 +57,7 @@ MiB = 1024 * 1024
 _ASSUMED_SWAP_RATE = 20e9
 
 
-# -- what the tier needs of a device and of the host tier ----------------------------------------
-
-
-@dataclass(frozen=True)
-class DeviceMemory:
-    """Device memory in bytes: ``free`` counts every process's use of the GPU."""
-
-    total: int
-    free: int
-
-
-class CopyJob(Protocol):
-    """Copies enqueued by ``GpuDevice.copy_in``.
-
-    Attributes:
-        events: one exportable event per layer group (CUDA: the IPC handle bytes of an
-            interprocess event recorded after the group's copies), for pipelined grants; empty
-            when the device has none.
-    """
-
-    events: tuple
-
-    def wait(self) -> None:
-        """Blocks until every copy is done, calling the job's ``on_layer(i)`` as each group
-        completes, in order; then releases the host memory's registration. Raises what the
-        copies raised; releases the registration in any case."""
-
-
-class GpuDevice(Protocol):
-    """One GPU, as the tier uses it. Implementations: ``trims_ray._cuda.CudaDevice``,
-    ``FakeDevice``."""
-
-    def memory(self) -> DeviceMemory:
-        """Total and free device memory now."""
-
-    def footprint(self, nbytes: int) -> int:
-        """Bytes an allocation for ``nbytes`` really takes (what the tier accounts)."""
-
-    def allocate(self, nbytes: int) -> object:
-        """One buffer of at least ``nbytes`` bytes, the only one in its device allocation.
-
-        Raises:
-            MemoryError: the device has no room for it.
-        """
-
-    def copy_in(
-        self,
-        buffer: object,
-        host: np.ndarray,
-        groups: Sequence[LayerGroup],
-        on_layer: Callable[[int], None] | None = None,
-    ) -> CopyJob:
-        """Starts copying ``host`` (1-D uint8, the blob) into ``buffer`` at the same offsets,
-        group by group in order; returns at once where the device copies asynchronously."""
-
-    def export(self, buffer: object) -> object:
-        """A picklable handle through which another process on this GPU maps the whole
-        allocation (CUDA IPC); the same handle serves every task."""
-
-    def free(self, buffer: object) -> None:
-        """Frees the allocation, so that the device's free memory grows by its footprint."""
-
-
-class HostSource(Protocol):
-    """Where a swap-in reads a model's bytes: the node's host tier (a lease on its shared
-    object, held while the copy runs)."""
-
-    def open(self, manifest: Manifest) -> ContextManager[tuple[np.ndarray, str]]:
-        """Leases the blob: yields (read-only 1-D uint8 view of exactly ``manifest.nbytes``,
-        the tier it came from: "host" for a host hit, "disk"/"peer"/"store" when the host tier
-        loaded it) and ends the host lease on exit.
-
-        Raises:
-            ModelNotFoundError, CapacityError, IntegrityError: as the host tier's acquire.
-        """
-
-
 # -- configuration and grants --------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class GpuTierConfig:
-    """How a GPU tier sizes and manages one GPU.
-
-    Args:
-        budget_bytes: bytes of device memory the tier may hold; None means ``budget_fraction``
-            of the GPU's total memory (from NVML or the device).
-        budget_fraction: share of the GPU's memory for cached models when ``budget_bytes`` is
-            None; the rest stays for the tasks' activations and workspaces.
-        policy: eviction policy name (see ``trims_ray.policy.online_policies()``).
-        unclaimed_ttl_s: a lease nobody claimed is ended after this long.
-        lease_check_s: how often the holder reaps leases of dead processes.
-        min_layer_bytes: swap-in copies are grouped into layers of at least this many bytes,
-            each followed by an event that a pipelined task waits on.
-        swap_workers: swap-ins that may run at once (they share one host-to-device link).
-    """
-
-    budget_bytes: int | None = None
-    budget_fraction: float = 0.5
-    policy: str = "lru"
-    unclaimed_ttl_s: float = 600.0
-    lease_check_s: float = 1.0
-    min_layer_bytes: int = 4 * MiB
-    swap_workers: int = 2
-
-    def __post_init__(self) -> None:
-        if self.budget_bytes is not None and (type(self.budget_bytes) is not int or self.budget_bytes < 0):
-            raise ValueError(f"budget_bytes must be a non-negative int or None, got {self.budget_bytes!r}")
-        if not 0 < self.budget_fraction <= 1:
-            raise ValueError(f"budget_fraction must be in (0, 1], got {self.budget_fraction!r}")
-        if not isinstance(self.policy, str):
-            raise TypeError(f"policy must be a policy name, got {type(self.policy).__name__}")
-        if self.unclaimed_ttl_s <= 0 or self.lease_check_s <= 0:
-            raise ValueError("unclaimed_ttl_s and lease_check_s must be > 0")
-        if type(self.min_layer_bytes) is not int or self.min_layer_bytes < 0:
-            raise ValueError(f"min_layer_bytes must be an int >= 0, got {self.min_layer_bytes!r}")
-        if type(self.swap_workers) is not int or not 1 <= self.swap_workers <= 16:
-            raise ValueError(f"swap_workers must be an int in 1..16, got {self.swap_workers!r}")
 
 
 @dataclass(frozen=True)

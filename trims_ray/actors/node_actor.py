@@ -26,13 +26,12 @@ from .._metrics import export_node_cache
 from .._raycalls import get
 from .._reader import copy_verified
 from .._store import ModelStore
+from ._naming import NAMESPACE, PLACEMENT_NAME, node_actor_name
 from .gpu_tier import GPU
-from .node_cache import BYPASS, PEER, STORE, Caller, Grant, Holder, NodeCache, cache_key, holder_alive
+from .._protocol import BYPASS, PEER, STORE, Caller, Grant, Holder, cache_key, holder_alive
+from .node_cache import NodeCache
 
 __all__ = [
-    "NAMESPACE",
-    "PLACEMENT_NAME",
-    "node_actor_name",
     "start_node_actor",
     "grant_dict",
     "NodeCacheServer",
@@ -40,8 +39,6 @@ __all__ = [
 
 log = logging.getLogger("trims_ray")
 
-NAMESPACE = "trims_ray"
-PLACEMENT_NAME = "trims_ray:placement"
 
 # Enough threads that callers waiting on a load in flight do not block hits on other models.
 _ACTOR_CONCURRENCY = 64
@@ -49,10 +46,6 @@ _ACTOR_CONCURRENCY = 64
 # object transfer is assumed an order of magnitude faster than a cloud store.
 _DEFAULT_RATES = {PEER: 1e9, STORE: 0.1e9}
 
-
-
-def node_actor_name(node_id: str) -> str:
-    return f"trims_ray:node:{node_id}"
 
 
 def start_node_actor(

@@ -19,7 +19,8 @@ import ray
 from .._config import CacheConfig
 from .._malloc import ACTOR_ENV
 from .._metrics import record_decision
-from .node_actor import NAMESPACE, PLACEMENT_NAME, node_actor_name, start_node_actor
+from ._naming import NAMESPACE, PLACEMENT_NAME, node_actor_name
+from .node_actor import start_node_actor
 from .placement import NodeReport, Placement, Snapshot
 
 __all__ = ["PlacementServer", "start_placement_actor"]
