@@ -104,19 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    push = sub.add_parser("push", help="register a .safetensors file, a directory of shards or a zoo model")
+    push = sub.add_parser(
+        "push", help="register a .safetensors file, a directory of shards (Hugging Face's too) or a built model"
+    )
     push.add_argument(
         "source",
-        help="a .safetensors file, a directory of safetensors shards, an fsspec URI of either, or a zoo model name",
+        help="a .safetensors file, a directory of safetensors shards, an fsspec URI of either, or MODULE:ATTR, "
+        "a zero-argument factory whose model is built here with seeded weights (e.g. workloads.zoo:resnet50)",
     )
-    push.add_argument("--name", help="the model's name (default: the zoo name, or the file or directory name)")
+    push.add_argument("--name", help="the model's name (default: the factory's ATTR, or the file or directory name)")
+    push.add_argument("--seed", type=int, default=0, help="seed of a built model's weights (default 0)")
     _add_store(push, "the store to write to (default: $TRIMS_RAY_STORE or ~/.cache/trims_ray/store)")
     push.add_argument(
         "--tenant",
         help="whose model it is: your own (default; you are $TRIMS_RAY_TENANT or 'default') or 'public' to share it",
     )
     push.add_argument(
-        "--factory", metavar="MODULE:ATTR", help="builds the architecture (default for zoo models: the zoo's)"
+        "--factory", metavar="MODULE:ATTR", help="builds the architecture (default for a built model: its factory)"
     )
     push.add_argument(
         "--progress",
@@ -189,7 +193,7 @@ def _add_cluster(parser: argparse.ArgumentParser) -> None:
 
 def _push(args: argparse.Namespace) -> int:
     tenant = _api.tenant_for_write(args.tenant)  # refused before any weights are read or built
-    weights, default_name, factory = _resolve_source(args.source)
+    weights, default_name, factory = _resolve_source(args.source, args.seed)
     name = args.name or default_name
     if args.name is None:  # a name taken from a file name gets a hint on how to choose another
         try:
@@ -203,27 +207,38 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve_source(source: str) -> tuple[object, str, str | None]:
+def _resolve_source(source: str, seed: int) -> tuple[object, str, str | None]:
     """What ``push SOURCE`` registers: ``(weights, default name, default factory)``.
 
-    A URI or an existing path wins over a zoo model of the same name.
+    A URI or an existing path wins over a factory reference of the same spelling. A factory's
+    model is built here, its initialisers drawing from ``seed`` (the global RNG is left as it
+    was), and registered with that factory.
 
     Raises:
-        TrimsError: ``source`` is neither a file, a directory, a URI nor a zoo model.
+        TrimsError: ``source`` is neither a file, a directory, a URI nor a factory that builds.
     """
     if "://" in source:
         return source, _stem(source.rstrip("/").rsplit("/", 1)[-1]), None
     path = Path(source).expanduser()
     if path.exists():
         return str(path), _stem(path.resolve().name), None
-    from workloads.zoo import ZOO, build
+    from ._factory import check_factory_ref, resolve_factory
 
-    if source in ZOO:
-        return build(source), source, ZOO[source].factory
-    raise TrimsError(
-        f"{source!r} is not a file, a directory or a zoo model: give the path of a .safetensors "
-        f"file or of a directory of shards, a URI, or one of {', '.join(ZOO)}"
-    )
+    try:
+        factory = resolve_factory({"import": check_factory_ref(source)})
+    except (TypeError, ValueError) as exc:
+        detail = f" ({exc})" if ":" in source else ""
+        raise TrimsError(
+            f"{source!r} is not a file, a directory, a URI or a factory{detail}: give the path of a "
+            ".safetensors file or of a directory of shards, a URI, or MODULE:ATTR (e.g. "
+            "workloads.zoo:resnet50)"
+        ) from None
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = factory()
+    return model.eval(), source.rsplit(":", 1)[1].rsplit(".", 1)[-1], source
 
 
 def _stem(filename: str) -> str:

@@ -96,11 +96,13 @@ def test_push_directory_of_shards(tmp_path, capsys):
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items()) and len(loaded) == len(tensors)
 
 
-def test_push_zoo_model_with_progress_bar(tmp_path, capsys):
+def test_push_a_model_built_by_a_factory_with_progress_bar(tmp_path, capsys):
     from workloads.zoo import build
 
     store = (tmp_path / "s").as_uri()
-    code, out, err = cli(capsys, "push", "resnet50", "--store", store, "--name", "rn50", "--progress")
+    code, out, err = cli(
+        capsys, "push", "workloads.zoo:resnet50", "--store", store, "--name", "rn50", "--progress"
+    )
     assert code == 0, err
     manifest = trims_ray.ModelStore(store).manifest("rn50", tenant="default")
     assert manifest.factory == {"import": "workloads.zoo:resnet50"}
@@ -114,9 +116,13 @@ def test_push_zoo_model_with_progress_bar(tmp_path, capsys):
     assert torch.equal(model.fc.weight, build("resnet50").fc.weight)
 
 
-def test_push_unknown_zoo_name_lists_the_zoo(tmp_path, capsys):
+def test_push_of_neither_a_path_nor_a_factory_says_what_push_takes(tmp_path, capsys):
     code, _, err = cli(capsys, "push", "resnet5O", "--store", (tmp_path / "s").as_uri())
-    assert_one_line_error(code, err, 1, "'resnet5O' is not a file, a directory or a zoo model", "resnet50")
+    assert_one_line_error(
+        code, err, 1, "'resnet5O' is not a file, a directory, a URI or a factory", "workloads.zoo:resnet50"
+    )
+    code, _, err = cli(capsys, "push", "workloads.zoo:resnet5O", "--store", (tmp_path / "s").as_uri())
+    assert_one_line_error(code, err, 1, "cannot be imported here", "workloads.zoo:resnet50")
 
 
 def test_push_for_another_tenant_is_denied(tmp_path, weights_file, capsys):

@@ -142,7 +142,6 @@ def test_no_module_imports_from_a_layer_above_its_own():
     assert upward == []
 
 
-@pytest.mark.xfail(strict=True, reason="the CLI's `push <zoo name>` imports workloads.zoo (issue 15)")
 def test_the_package_never_imports_the_workloads():
     offenders = sorted(
         str(path.relative_to(PACKAGE.parent))
