@@ -7,6 +7,7 @@ anything that could escape that root or alias another entry is rejected here, on
 from __future__ import annotations
 
 import re
+import reprlib
 
 __all__ = ["PUBLIC_TENANT", "DEFAULT_TENANT", "check_name", "check_tenant"]
 
@@ -17,6 +18,10 @@ DEFAULT_TENANT = "default"
 # allows the characters model names use in practice (bert-base, gpt2.medium, llama_3-8b).
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+# Names come from outside (a manifest in the store, a command line): quoted in a message they are
+# cut short, so that a hostile one cannot make the message itself huge.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = 80
 
 
 def check_name(name: object) -> str:
@@ -31,7 +36,7 @@ def check_name(name: object) -> str:
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
     if not _NAME_RE.fullmatch(name) or ".." in name:
         raise ValueError(
-            f"invalid model name {name!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
+            f"invalid model name {_SHOWN.repr(name)}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit, without '..'"
         )
     return name
@@ -48,7 +53,7 @@ def check_tenant(tenant: object) -> str:
         raise TypeError(f"tenant must be a str, got {type(tenant).__name__}")
     if not _TENANT_RE.fullmatch(tenant):
         raise ValueError(
-            f"invalid tenant {tenant!r}: use 1-64 characters from a-z 0-9 _ -, "
+            f"invalid tenant {_SHOWN.repr(tenant)}: use 1-64 characters from a-z 0-9 _ -, "
             "starting with a letter or digit"
         )
     return tenant

@@ -178,3 +178,11 @@ def test_public_names_exist():
     for cls in ERROR_CLASSES:
         assert getattr(trims_ray, cls.__name__) is cls
         assert cls.__name__ in trims_ray.__all__
+
+
+@pytest.mark.parametrize("check", [check_name, check_tenant])
+def test_an_absurdly_long_invalid_name_gives_a_short_message(check):
+    with pytest.raises(ValueError) as raised:
+        check("x/" * 5000)
+    assert len(str(raised.value)) < 300
+    assert "'x/x/" in str(raised.value)
