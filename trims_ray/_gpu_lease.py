@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._gpu_ipc import DeviceIdentity, attach_layer_waits, materialize_views, module_waits
-from ._protocol import BYPASS, Holder
+from ._protocol import GpuGrant, Holder
 
 __all__ = ["model_from_grant", "GpuLease", "acquire_gpu", "task_gpu_label"]
 
@@ -43,7 +43,7 @@ def _cuda_waiter(events: tuple, device: DeviceIdentity) -> Callable[[int], None]
 
 
 def model_from_grant(
-    grant: dict,
+    grant: GpuGrant,
     *,
     open_buffer: Callable[[object, DeviceIdentity], Any] = _cuda_buffer,
     layer_waiter: Callable[[tuple, DeviceIdentity], Callable[[int], None]] = _cuda_waiter,
@@ -51,7 +51,7 @@ def model_from_grant(
     """The model of a GPU grant: (module or state dict whose tensors are views of the holder's
     allocation, that allocation as a uint8 tensor, hooks to remove when done).
 
-    For a pipelined grant (``grant["events"]`` not empty), each module waits for its layer's
+    For a pipelined grant (``grant.events`` not empty), each module waits for its layer's
     event before it runs, so the first layers compute while later ones still transfer.
 
     Args:
@@ -63,17 +63,17 @@ def model_from_grant(
     Raises:
         TrimsError: this process does not see the grant's GPU.
     """
-    manifest, device = grant["manifest"], grant["device"]
-    buffer = open_buffer(grant["handle"], device)
-    blob = buffer[grant["offset"] : grant["offset"] + manifest.nbytes]
+    manifest, device = grant.manifest, grant.device
+    buffer = open_buffer(grant.handle, device)
+    blob = buffer[grant.offset : grant.offset + manifest.nbytes]
     model = materialize_views(manifest, blob)
     hooks: list = []
-    if grant["events"]:
-        wait = layer_waiter(grant["events"], device)
+    if grant.events:
+        wait = layer_waiter(grant.events, device)
         if isinstance(model, dict):
-            wait(len(grant["events"]) - 1)  # no modules to hook: wait for the last layer
+            wait(len(grant.events) - 1)  # no modules to hook: wait for the last layer
         else:
-            hooks = attach_layer_waits(model, module_waits(manifest, grant["groups"]), wait)
+            hooks = attach_layer_waits(model, module_waits(manifest, grant.groups), wait)
     return model, buffer, hooks
 
 
@@ -84,7 +84,7 @@ class GpuLease:
     must finish before the holder may free them), drops its views and ends the lease.
     """
 
-    def __init__(self, grant: dict, release: Callable[[], object], **model_options: Any) -> None:
+    def __init__(self, grant: GpuGrant, release: Callable[[], object], **model_options: Any) -> None:
         self.grant = grant
         self._release = release
         self._options = model_options
@@ -94,7 +94,7 @@ class GpuLease:
 
     @property
     def tier(self) -> str:
-        return self.grant["tier"]
+        return self.grant.tier
 
     def __enter__(self) -> Any:
         try:
@@ -182,6 +182,6 @@ def acquire_gpu(name: str, tenant: str, *, pipelined: bool = False) -> GpuLease 
             _holders.pop((node_id, label), None)
         log.warning("trims_ray: GPU holder %s of node %s is gone: using the host tier", label, node_id)
         return None
-    if grant is None or grant["tier"] == BYPASS:
+    if grant is None or grant.bypass:
         return None
-    return GpuLease(grant, lambda: holder.release.remote(grant["lease_id"]))
+    return GpuLease(grant, lambda: holder.release.remote(grant.lease_id))

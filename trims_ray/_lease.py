@@ -26,7 +26,7 @@ from ._errors import TrimsError
 from ._gpu_lease import acquire_gpu
 from ._names import check_name
 from ._protect import protect_array, release
-from ._protocol import BYPASS, Caller, Holder, cache_key
+from ._protocol import Caller, Holder, HostGrant, cache_key
 from ._store import materialize
 
 __all__ = ["open", "function", "ModelFunction"]
@@ -104,17 +104,17 @@ def _open_as(name: str, tenant: str) -> Iterator[Any]:
         forget_node_actor()
         actor = node_actor()
         grant = _wait(call, actor.acquire.remote(name, tenant, _this_holder()))
-    _note_served(grant["tier"])
-    if grant["tier"] == BYPASS:
+    _note_served(grant.tier)
+    if grant.bypass:
         yield _own_copy(grant)
         return
     try:
-        with _read_only_model(grant, _wait(get, grant["refs"][0])) as model:
+        with _read_only_model(grant, _wait(get, grant.ref)) as model:
             yield model
     finally:
         # Fire and forget: if this message is lost or the process dies first, the node's reaper
         # ends the lease when it sees the process gone.
-        actor.release.remote(grant["lease_id"])
+        actor.release.remote(grant.lease_id)
 
 
 def _own_node_actor() -> ray.actor.ActorHandle:
@@ -133,20 +133,19 @@ def _own_node_actor() -> ray.actor.ActorHandle:
         time.sleep(0.2)
 
 
-def _own_copy(grant: dict) -> Any:
+def _own_copy(grant: HostGrant) -> Any:
     """The model of a miss the node's cache did not keep: read (verified) by this process from
     the node's store."""
-    manifest = grant["manifest"]
-    uri, storage_options = grant["store"]
-    buffer, _ = _api.store_for(uri, storage_options).read(manifest)
+    manifest = grant.manifest
+    buffer, _ = _api.store_for(grant.store_uri, grant.storage_options).read(manifest)
     return materialize(manifest, buffer)
 
 
 @contextlib.contextmanager
-def _read_only_model(grant: dict, obj) -> Iterator[Any]:
+def _read_only_model(grant: HostGrant, obj) -> Iterator[Any]:
     """The model of a granted lease (``obj``: its object), its pages read-only while in use."""
-    manifest = grant["manifest"]
-    blob = obj[grant["offset"] : grant["offset"] + manifest.nbytes]
+    manifest = grant.manifest
+    blob = obj[grant.offset : grant.offset + manifest.nbytes]
     token = protect_array(blob)
     try:
         yield materialize(manifest, blob)
@@ -276,7 +275,7 @@ def _wait(get: Callable[[ray.ObjectRef], Any], ref: ray.ObjectRef) -> Any:
     return _waiter.submit(get, ref).result()
 
 
-def _granted(boxed: list | None) -> tuple[dict, Any] | None:
+def _granted(boxed: list | None) -> tuple[HostGrant, Any] | None:
     """The lease taken for this task at submit time and its object, or None when it cannot be
     used here: the task runs on another node than the lease's (its node died and Ray retried it
     elsewhere, or the soft affinity gave way), or that node's cache died (with its objects).
@@ -289,12 +288,12 @@ def _granted(boxed: list | None) -> tuple[dict, Any] | None:
         raise  # the model's own fault (not found, too big, corrupt): the same on every node
     except ray.exceptions.RayError:
         return None
-    if grant["node"] != ray.get_runtime_context().get_node_id():
+    if grant.node != ray.get_runtime_context().get_node_id():
         return None
-    if grant["tier"] == BYPASS:
+    if grant.bypass:
         return grant, None
     try:
-        return grant, _wait(get, grant["refs"][0])
+        return grant, _wait(get, grant.ref)
     except ray.exceptions.RayError:
         return None  # the cache actor died after granting: its objects died with it
 
@@ -307,7 +306,7 @@ def _make_remote(fn: Callable, model: str, options: dict):
             with _open_as(model, tenant) as leased:
                 return fn(leased, *args, **kwargs)
         grant, obj = granted
-        _note_served(grant["tier"])
+        _note_served(grant.tier)
         if obj is None:  # the node did not keep this miss: the task loads its own copy
             return fn(_own_copy(grant), *args, **kwargs)
         with _read_only_model(grant, obj) as leased:

@@ -1,8 +1,10 @@
 """The vocabulary that crosses processes and layers: tier and source names, cache keys, who
 holds a lease, grants, and the statistics a node reports.
 
-It sits at the bottom of the package: it imports nothing of trims_ray (the manifest is named in
-annotations only), so the store, the cache core, the actors and the client all speak it.
+It sits at the bottom of the package: it imports nothing of trims_ray (the manifest and the GPU
+identities are named in annotations only), so the store, the cache core, the actors and the
+client all speak it. A grant that crosses a process is a frozen dataclass (``HostGrant`` from a
+node's cache to a task, ``GpuGrant`` from a GPU holder to a task), read by attribute.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import ray
+
+    from ._gpu_ipc import DeviceIdentity, LayerGroup
     from ._manifest import Manifest, ModelInfo
 
 __all__ = [
@@ -28,6 +33,8 @@ __all__ = [
     "process_start",
     "holder_alive",
     "Grant",
+    "HostGrant",
+    "GpuGrant",
     "TierStats",
     "TenantStats",
 ]
@@ -96,13 +103,120 @@ def holder_alive(holder: Holder | Caller) -> bool:
 
 @dataclass(frozen=True)
 class Grant:
-    """What ``acquire`` hands a task: the lease, the shared object, where the blob lies in it."""
+    """What the node cache's ``acquire`` (or ``lend``) hands its actor, in the actor's process:
+    the lease, the shared object, where the blob lies in it. The actor sends the task a
+    ``HostGrant`` made from it.
+
+    Attributes:
+        lease_id: release it with ``NodeCache.release``.
+        handle: the host tier's handle of the model's object (a Ray ObjectRef in the actor);
+            None for a bypass.
+        manifest: the model's manifest.
+        offset: where the blob starts in the object.
+        tier: where it was found: "host" (hit), "disk", "peer" or "store" (loaded), or "bypass".
+    """
 
     lease_id: int | str
     handle: object
     manifest: Manifest
     offset: int
-    tier: str  # where it was found: "host" (hit), "disk", "peer" or "store" (loaded), or "bypass"
+    tier: str
+
+    @property
+    def bypass(self) -> bool:
+        """The host tier's policy did not admit this miss: no lease, no object; the task reads
+        the model itself."""
+        return self.tier == BYPASS
+
+
+@dataclass(frozen=True)
+class HostGrant:
+    """What a task (or a GPU holder, or a peer node) receives from a node's cache actor for a
+    host-tier lease: ``acquire`` and ``lend`` return it across processes (Ray pickles it).
+
+    Attributes:
+        lease_id: the lease; end it with the actor's ``release(lease_id)``.
+        ref: the Ray ObjectRef of the node's shared object that holds the blob (``ray.get`` gives
+            a zero-copy, read-only uint8 array); None for a bypass. Nested in this object, so
+            Ray hands the receiver the ref, not the value, and the receiver decides when to get.
+        manifest: the model's manifest: dtype, shape and offset of every tensor, sha256, nbytes.
+        offset: where the blob starts in the object (the blob is ``obj[offset:offset+nbytes]``).
+        tier: where the node's cache found the model: "host" (a hit), "disk", "peer" or "store"
+            (loaded for this request), or "bypass" (see ``bypass``). The value the replay
+            records per request (``trims_ray._lease.served_tier``).
+        node: the Ray node (hex) whose cache granted it; its object lives in that node's store.
+        store_uri: for a bypass, the URI of the store the task reads the model from itself (its
+            own process may not know the store, when Ray was started before trims_ray.init);
+            None otherwise.
+        storage_options: for a bypass, the fsspec options of that store (None: none).
+    """
+
+    lease_id: int | str
+    ref: ray.ObjectRef | None
+    manifest: Manifest
+    offset: int
+    tier: str
+    node: str
+    store_uri: str | None = None
+    storage_options: dict | None = None
+
+    @classmethod
+    def of(
+        cls, grant: Grant, node: str, store_uri: str | None = None, storage_options: dict | None = None
+    ) -> HostGrant:
+        """The message for the node cache's ``grant`` on ``node`` (the store only for a bypass)."""
+        return cls(
+            grant.lease_id, grant.handle, grant.manifest, grant.offset, grant.tier, node, store_uri, storage_options
+        )
+
+    @property
+    def bypass(self) -> bool:
+        """The host tier's policy did not admit this miss: there is no lease to end and no
+        object; the task reads the model, verified, from ``store_uri`` itself."""
+        return self.tier == BYPASS
+
+
+@dataclass(frozen=True)
+class GpuGrant:
+    """What a GPU tier's ``acquire`` hands out: in the holder's process, and as the message its
+    holder actor returns to a task on the same GPU (Ray pickles it; the handle and the events
+    are plain picklable data).
+
+    Attributes:
+        lease_id: the lease; end it with ``GpuTier.release`` (the holder actor's ``release``).
+        handle: the device's handle of the model's allocation (a CUDA IPC handle; None for a
+            bypass).
+        manifest: the model's manifest: dtype, shape and offset of every tensor.
+        offset: where the blob starts in the allocation.
+        device: the GPU, for mapping to the task's own device index; ``device.node_id`` is
+            the node (see ``node``).
+        tier: "gpu" (resident: a hit, or joined a swap-in), or for the swap-in's leader where
+            its bytes came from ("host", "disk", "peer", "store"); "bypass" when the policy did
+            not admit the model (no lease: the task loads it onto its GPU itself).
+        groups: for a pipelined grant of a swap-in still in flight, the layer groups; else ().
+        events: one event handle per group (a task waits on event i before using group i's
+            layers); () when every byte is already on the device.
+    """
+
+    lease_id: int | str
+    handle: object
+    manifest: Manifest
+    offset: int
+    device: DeviceIdentity
+    tier: str
+    groups: tuple[LayerGroup, ...] = ()
+    events: tuple = ()
+
+    @property
+    def node(self) -> str:
+        """The Ray node (hex) of the GPU, "" when unknown."""
+        return self.device.node_id
+
+    @property
+    def bypass(self) -> bool:
+        """The GPU policy did not admit the model: no lease and no handle (``acquire_gpu`` then
+        returns None, and the task is served by the host tier)."""
+        return self.tier == BYPASS
 
 
 @dataclass

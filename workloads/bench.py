@@ -405,10 +405,10 @@ def _host_steps_task(name: str) -> dict:
     marks.append(time.perf_counter())
     grant = call(actor.acquire.remote(name, caller_tenant(), Holder.this_process()))
     marks.append(time.perf_counter())
-    obj = ray.get(grant["refs"][0])
+    obj = ray.get(grant.ref)
     marks.append(time.perf_counter())
-    manifest = grant["manifest"]
-    blob = obj[grant["offset"] : grant["offset"] + manifest.nbytes]
+    manifest = grant.manifest
+    blob = obj[grant.offset : grant.offset + manifest.nbytes]
     token = protect_array(blob)
     marks.append(time.perf_counter())
     tensors = tensors_from_buffer(blob, manifest.layout)
@@ -425,14 +425,14 @@ def _host_steps_task(name: str) -> dict:
     del module, tensors
     release_protection(token)
     marks.append(time.perf_counter())
-    actor.release.remote(grant["lease_id"])
+    actor.release.remote(grant.lease_id)
     marks.append(time.perf_counter())
     steps = {step: b - a for step, a, b in zip(HOST_STEPS, marks, marks[1:])}
     started = time.perf_counter()
     with trims_ray.open(name) as model:
         second = time.perf_counter() - started
         assert touch_every_page(model) == check
-    return {"steps": steps, "second_open": second, "tier": grant["tier"]}
+    return {"steps": steps, "second_open": second, "tier": grant.tier}
 
 
 @dataclass
@@ -679,10 +679,10 @@ def _decorated_steps_task(boxed: list) -> list[float]:
     marks = [time.perf_counter()]
     grant = call(boxed[0])
     marks.append(time.perf_counter())
-    obj = ray.get(grant["refs"][0])
+    obj = ray.get(grant.ref)
     marks.append(time.perf_counter())
-    manifest = grant["manifest"]
-    blob = obj[grant["offset"] : grant["offset"] + manifest.nbytes]
+    manifest = grant.manifest
+    blob = obj[grant.offset : grant.offset + manifest.nbytes]
     token = protect_array(blob)
     marks.append(time.perf_counter())
     model = materialize(manifest, blob)

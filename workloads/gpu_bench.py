@@ -56,7 +56,7 @@ from trims_ray._gpu_lease import GpuLease
 from trims_ray._manifest import Manifest
 from trims_ray._nvml import inventory
 from trims_ray._store import ModelStore
-from trims_ray.actors.gpu_tier import ArraySource, GpuTier, GpuTierConfig, gpu_grant_dict
+from trims_ray.actors.gpu_tier import ArraySource, GpuTier, GpuTierConfig
 from workloads import zoo
 from workloads.zoo import ZOO, build, zoo_model
 
@@ -224,7 +224,7 @@ class Tasks:
         if method == HIT:
             grant = bench.tier.acquire(manifest, None, force=True)
             leases.append(grant.lease_id)
-            job["grant"] = gpu_grant_dict(grant)
+            job["grant"] = grant
         elif method == SWAP:
             bench.evict(name)
         elif method == DISK_COLD:
@@ -245,7 +245,7 @@ class Tasks:
                     break
                 grant = bench.tier.acquire(manifest, None, force=True)
                 leases.append(grant.lease_id)
-                here.send(gpu_grant_dict(grant))
+                here.send(grant)
         finally:
             proc.join(60)
             for lease in leases:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from trims_ray._gpu_lease import GpuLease
+from trims_ray._protocol import GpuGrant
 
 
 class Stack(nn.Module):
@@ -38,7 +39,7 @@ def example_ids() -> torch.Tensor:
     return torch.arange(64).reshape(2, 32) % 512
 
 
-def use_grant(grant: dict, env: dict, results, write: bool = False) -> None:
+def use_grant(grant: GpuGrant, env: dict, results, write: bool = False) -> None:
     """A task: maps the grant, checks that every weight lies inside the holder's allocation,
     runs the model, optionally writes one weight in place (to show the memory is shared),
     and sends back what it saw."""

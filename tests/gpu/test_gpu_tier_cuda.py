@@ -22,7 +22,7 @@ from trims_ray._errors import CapacityError
 from trims_ray._gpu_ipc import DeviceIdentity
 from trims_ray._nvml import inventory
 from trims_ray._store import ModelStore
-from trims_ray.actors.gpu_tier import ArraySource, GpuTier, GpuTierConfig, gpu_grant_dict
+from trims_ray.actors.gpu_tier import ArraySource, GpuTier, GpuTierConfig
 from trims_ray._protocol import Holder
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
@@ -62,7 +62,7 @@ def in_task(grant, env=None, write=False) -> dict:
     """Runs ``use_grant`` in a fresh process (a task) and returns what it reported."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    proc = ctx.Process(target=use_grant, args=(gpu_grant_dict(grant), env or {}, results, write))
+    proc = ctx.Process(target=use_grant, args=(grant, env or {}, results, write))
     proc.start()
     try:
         out = results.get(timeout=240)

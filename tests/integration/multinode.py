@@ -98,9 +98,9 @@ def corrupt_resident_copy(node: str, key: str) -> None:
     actor = ray.get_actor(node_actor_name(node), namespace=NAMESPACE)
     grant = ray.get(actor.lend.remote(key))
     try:
-        obj = ray.get(grant["refs"][0])
-        address = obj.ctypes.data + grant["offset"] + grant["manifest"].nbytes - 1
+        obj = ray.get(grant.ref)
+        address = obj.ctypes.data + grant.offset + grant.manifest.nbytes - 1
         old = ctypes.c_uint8.from_address(address).value
         ctypes.c_uint8.from_address(address).value = old ^ 0xFF
     finally:
-        actor.release.remote(grant["lease_id"])
+        actor.release.remote(grant.lease_id)

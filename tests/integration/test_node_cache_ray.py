@@ -113,14 +113,14 @@ def test_zero_copy_every_parameter_lies_in_the_shared_object(cache):
         actor = node_actor()
         grant = ray.get(actor.acquire.remote("small", "default", Holder.this_process()))
         try:
-            obj = ray.get(grant["refs"][0])
+            obj = ray.get(grant.ref)
             lo, hi = obj.ctypes.data, obj.ctypes.data + obj.nbytes
             with trims_ray.open("small") as model:
                 tensors = list(model.parameters()) + list(model.buffers())
                 inside = [lo <= t.data_ptr() and t.data_ptr() + t.nbytes <= hi for t in tensors]
             return len(inside), all(inside), obj.flags.writeable
         finally:
-            actor.release.remote(grant["lease_id"])
+            actor.release.remote(grant.lease_id)
 
     count, all_inside, writeable = ray.get(check.remote())
     assert count == 4 and all_inside and not writeable

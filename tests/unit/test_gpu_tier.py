@@ -7,6 +7,7 @@ mapping, NVML parsing, and the tier being off (with its reason) on a machine wit
 from __future__ import annotations
 
 import inspect
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from trims_ray._nvml import (
     visible_gpus,
 )
 from trims_ray.actors.gpu_tier import ArraySource, FakeDevice, GpuTier, GpuTierConfig
-from trims_ray._protocol import Caller, Holder, cache_key
+from trims_ray._protocol import Caller, GpuGrant, Holder, cache_key
 from trims_ray.policy.lru import LRU
 
 from .test_node_cache import wait_for
@@ -432,10 +433,10 @@ def test_module_from_grant_is_views_of_the_allocation(models):
     device = FakeDevice(64 << 20)
     tier = make_tier(models, device)
     grant = tier.acquire(m, ME)
-    as_dict = {"manifest": grant.manifest, "device": grant.device, "handle": grant.handle,
-               "offset": grant.offset, "groups": grant.groups, "events": grant.events, "tier": grant.tier}
+    received = pickle.loads(pickle.dumps(grant))  # as a task gets it from the holder actor
+    assert received == grant and not received.bypass and received.node == "node-a"
     released = []
-    lease = GpuLease(as_dict, lambda: released.append(grant.lease_id),
+    lease = GpuLease(received, lambda: released.append(grant.lease_id),
                      open_buffer=lambda handle, _d: torch.from_numpy(device.open(handle)))
     with lease as model:
         alloc = device.open(grant.handle)
@@ -453,8 +454,8 @@ def test_pipelined_module_waits_per_layer_in_order(models, store):
     m = Models(store).add_tied()
     groups = plan_layers(m, module_order(m), min_bytes=0)
     waited: list[int] = []
-    grant = {"manifest": m, "device": GPU0, "handle": None, "offset": 0, "groups": groups,
-             "events": tuple(range(len(groups)))}
+    grant = GpuGrant(lease_id=1, handle=None, manifest=m, offset=0, device=GPU0, tier="host", groups=groups,
+                     events=tuple(range(len(groups))))
     buffer = torch.from_numpy(store.read(m)[0].copy())
     model, _, hooks = model_from_grant(grant, open_buffer=lambda h, d: buffer,
                                        layer_waiter=lambda events, d: waited.append)

@@ -28,9 +28,9 @@ from .._metrics import export_gpu_tier
 from .._raycalls import call, get
 from .._nvml import GpuInfo, inventory, uuid_matches
 from .._store import ModelStore
-from .gpu_tier import GpuTier, GpuTierConfig, gpu_grant_dict, off_stats
+from .gpu_tier import GpuTier, GpuTierConfig, off_stats
 from ._naming import NAMESPACE, gpu_holder_name, node_actor_name
-from .._protocol import BYPASS, STORE, Caller, Holder, cache_key
+from .._protocol import STORE, Caller, GpuGrant, Holder, cache_key
 
 __all__ = [
     "gpu_holder_name",
@@ -169,23 +169,23 @@ class _NodeHostSource:
         except ray.exceptions.RayActorError:
             self._actor = None  # replaced since: look it up again next time
             raise
-        if grant["tier"] == BYPASS:
+        if grant.bypass:
             # The host tier's policy did not keep it: read it here, verified, for this copy only.
             buffer, _ = self.store.read(manifest)
             yield buffer, STORE
             return
         try:
-            if grant["manifest"].sha256 != manifest.sha256:
+            if grant.manifest.sha256 != manifest.sha256:
                 raise TrimsError(
                     f"{manifest.tenant}/{manifest.name} was re-registered while being swapped in "
                     "(its blob changed): retry"
                 )
-            obj = get(grant["refs"][0])
-            offset = grant["offset"]
-            yield obj[offset : offset + manifest.nbytes], grant["tier"]
+            obj = get(grant.ref)
+            offset = grant.offset
+            yield obj[offset : offset + manifest.nbytes], grant.tier
         finally:
             obj = None  # the plasma mapping must be gone before the object can be freed
-            self._node().release.remote(grant["lease_id"])
+            self._node().release.remote(grant.lease_id)
 
 
 class GpuHolderServer:
@@ -256,7 +256,7 @@ class GpuHolderServer:
 
     def acquire(
         self, name: str, tenant: str, holder: Holder | None, lease_id: str | None = None, pipelined: bool = False
-    ) -> dict | None:
+    ) -> GpuGrant | None:
         """Leases a model on this GPU for ``holder`` (a task's process on this node), swapping it
         in on a miss. None when the GPU tier is off here (the task uses the host tier).
 
@@ -268,7 +268,7 @@ class GpuHolderServer:
             raise TypeError("a GPU lease is held by the task's own process (Holder), not by its caller")
         if self.tier is None:
             return None
-        return gpu_grant_dict(self.tier.acquire(self._resolve(name, tenant), holder, lease_id, pipelined=pipelined))
+        return self.tier.acquire(self._resolve(name, tenant), holder, lease_id, pipelined=pipelined)
 
     def claim(self, lease_id: int | str, holder: Holder) -> bool:
         return self.tier is not None and self.tier.claim(lease_id, holder)

@@ -32,7 +32,7 @@ from .._gpu_ipc import DeviceIdentity, LayerGroup, module_order, plan_layers
 from .._manifest import Manifest
 from ..policy import EvictionPolicy, choose_victims, make_policy
 from ._leases import LeaseTable
-from .._protocol import BYPASS, Caller, Holder, TierStats, cache_key, holder_alive
+from .._protocol import BYPASS, Caller, GpuGrant, Holder, TierStats, cache_key, holder_alive  # GpuGrant re-exported
 
 __all__ = [
     "GPU",
@@ -42,7 +42,6 @@ __all__ = [
     "HostSource",
     "GpuTierConfig",
     "GpuGrant",
-    "gpu_grant_dict",
     "GpuTier",
     "FakeDevice",
     "ArraySource",
@@ -57,50 +56,7 @@ MiB = 1024 * 1024
 _ASSUMED_SWAP_RATE = 20e9
 
 
-# -- configuration and grants --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GpuGrant:
-    """What ``GpuTier.acquire`` hands a task.
-
-    Attributes:
-        lease_id: release it with ``GpuTier.release``.
-        handle: the device's handle of the model's allocation (None for "bypass").
-        manifest: the model's manifest: dtype, shape and offset of every tensor.
-        offset: where the blob starts in the allocation.
-        device: the GPU, for mapping to the task's own device index.
-        tier: "gpu" (resident: a hit, or joined a swap-in), or for the swap-in's leader where
-            its bytes came from ("host", "disk", "peer", "store"); "bypass" when the policy did
-            not admit the model (no lease: the task loads it onto its GPU itself).
-        groups: for a pipelined grant of a swap-in still in flight, the layer groups; else ().
-        events: one event handle per group (a task waits on event i before using group i's
-            layers); () when every byte is already on the device.
-    """
-
-    lease_id: int | str
-    handle: object
-    manifest: Manifest
-    offset: int
-    device: DeviceIdentity
-    tier: str
-    groups: tuple[LayerGroup, ...] = ()
-    events: tuple = ()
-
-
-def gpu_grant_dict(grant: GpuGrant) -> dict:
-    """A grant as the task receives it (plain data; the handle and events are bytes)."""
-    return {
-        "lease_id": grant.lease_id,
-        "handle": grant.handle,
-        "manifest": grant.manifest,
-        "offset": grant.offset,
-        "device": grant.device,
-        "tier": grant.tier,
-        "groups": grant.groups,
-        "events": grant.events,
-        "node": grant.device.node_id,
-    }
+# -- resident models -----------------------------------------------------------------------------
 
 
 @dataclass(eq=False)  # entries are compared by identity

@@ -28,12 +28,11 @@ from .._reader import copy_verified
 from .._store import ModelStore
 from ._naming import NAMESPACE, PLACEMENT_NAME, node_actor_name
 from .gpu_tier import GPU
-from .._protocol import BYPASS, PEER, STORE, Caller, Grant, Holder, cache_key, holder_alive
+from .._protocol import PEER, STORE, Caller, Holder, HostGrant, cache_key, holder_alive
 from .node_cache import NodeCache
 
 __all__ = [
     "start_node_actor",
-    "grant_dict",
     "NodeCacheServer",
 ]
 
@@ -68,18 +67,6 @@ def start_node_actor(
         )
         .remote(node_id, store_uri, storage_options, config)
     )
-
-
-def grant_dict(grant: Grant, node_id: str) -> dict:
-    # The ref travels inside a list so that Ray hands the caller the ref, not the value.
-    return {
-        "lease_id": grant.lease_id,
-        "refs": [grant.handle],
-        "manifest": grant.manifest,
-        "offset": grant.offset,
-        "tier": grant.tier,
-        "node": node_id,
-    }
 
 
 class _PlasmaMemory:
@@ -179,21 +166,21 @@ class NodeCacheServer:
     def claim(self, lease_id: int, holder: Holder) -> bool:
         return self.cache.claim(lease_id, holder)
 
-    def acquire(self, name: str, tenant: str, holder: Holder | Caller | None, lease_id: str | None = None) -> dict:
-        grant = grant_dict(self.cache.acquire(name, tenant, holder, lease_id), self.node_id)
-        if grant["tier"] == BYPASS:
+    def acquire(self, name: str, tenant: str, holder: Holder | Caller | None, lease_id: str | None = None) -> HostGrant:
+        grant = self.cache.acquire(name, tenant, holder, lease_id)
+        if grant.bypass:
             # The task reads the model itself: tell it from where (its own process may not know
             # the store, when Ray was started before trims_ray.init).
-            grant["store"] = self._store_spec
-        return grant
+            return HostGrant.of(grant, self.node_id, *self._store_spec)
+        return HostGrant.of(grant, self.node_id)
 
     def release(self, lease_id: int | str) -> bool:
         return self.cache.release(lease_id)
 
-    def lend(self, key: str) -> dict | None:
+    def lend(self, key: str) -> HostGrant | None:
         """A lease on a blob this node holds in memory, for a peer copying it (None: not here)."""
         grant = self.cache.lend(key)
-        return None if grant is None else grant_dict(grant, self.node_id)
+        return None if grant is None else HostGrant.of(grant, self.node_id)
 
     def drain(self) -> None:
         """Waits until disk copies of earlier loads are written (for tests and benchmarks)."""
@@ -373,8 +360,8 @@ class NodeCacheServer:
             try:
                 # Ray's object manager pulls the object into this node's store; the copy into our
                 # own buffer makes the host copy ours (an object dies with its owner).
-                obj = get(grant["refs"][0], timeout=max(30.0, manifest.nbytes / 50e6))
-                blob = obj[grant["offset"] : grant["offset"] + manifest.nbytes]
+                obj = get(grant.ref, timeout=max(30.0, manifest.nbytes / 50e6))
+                blob = obj[grant.offset : grant.offset + manifest.nbytes]
                 copy_verified(blob, out, manifest.chunks, source=f"peer {peer}")
                 del blob, obj
                 return True
@@ -384,7 +371,7 @@ class NodeCacheServer:
                     continue
                 raise
             finally:
-                lender.release.remote(grant["lease_id"])
+                lender.release.remote(grant.lease_id)
         return False
 
 
