@@ -42,7 +42,8 @@ from trims_ray._nvml import (
     uuid_matches,
     visible_gpus,
 )
-from trims_ray.actors.gpu_tier import ArraySource, FakeDevice, GpuTier, GpuTierConfig
+from trims_ray.actors.gpu_testing import ArraySource, FakeDevice
+from trims_ray.actors.gpu_tier import GpuTier, GpuTierConfig
 from trims_ray._protocol import Caller, GpuGrant, Holder, cache_key
 from trims_ray.policy.lru import LRU
 

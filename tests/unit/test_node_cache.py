@@ -783,18 +783,18 @@ def test_a_bad_disk_copy_is_dropped_and_reloaded_from_the_store(
 
 def test_the_first_invocation_does_not_wait_for_the_disk_copy(make_cache, file_store, disk_dir, monkeypatch):
     """Write-through runs after the model is served: a slow disk delays no one."""
-    from trims_ray.actors import node_cache as node_cache_module
+    from trims_ray.actors import host_loader as host_loader_module
 
     info = file_store.register("m", weights(60), tenant=TENANT)
     cache = make_cache()
     gate = threading.Event()
-    real_write = node_cache_module.write_atomically
+    real_write = host_loader_module.write_atomically
 
     def slow_write(*args, **kwargs):
         assert gate.wait(20), "the test never opened the gate"
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(node_cache_module, "write_atomically", slow_write)
+    monkeypatch.setattr(host_loader_module, "write_atomically", slow_write)
     grant = cache.acquire("m", TENANT, ME)  # returns while the disk write is held
     assert grant.tier == "store" and served(grant) == blob(file_store, info.sha256)
     assert not (disk_dir / TENANT / f"{info.sha256}.safetensors").exists()
@@ -845,6 +845,22 @@ def test_a_callers_lease_can_be_released_before_it_is_granted(make_cache, file_s
     now[0] = 31.0
     cache.reap()
     assert cache._released_early == {}
+
+
+def test_a_release_from_before_a_restart_ends_no_lease_of_the_restarted_cache(make_cache, file_store, memory):
+    # The node cache actor restarts while a task holds a lease; the task's release comes to the
+    # new incarnation, which has since granted a lease of its own to another task. The old id
+    # must end nothing: were ids counted from 1 in each incarnation, it would end that lease.
+    file_store.register("m", weights(101), tenant=TENANT)
+    before = make_cache()
+    stale = before.acquire("m", TENANT, ME).lease_id
+    before.close()
+    restarted = make_cache(memory=FakeSharedMemory())
+    held = restarted.acquire("m", TENANT, ME)
+    assert restarted.release(stale) is False
+    assert restarted.leases() == 1
+    assert restarted.evict("m", TENANT, "host")["host"] == "deferred"  # still leased
+    assert restarted.release(held.lease_id) is True and restarted.leases() == 0
 
 
 def test_callers_leases_are_reaped_when_the_actor_finds_the_caller_dead(make_cache, file_store):
@@ -934,8 +950,8 @@ def test_an_evict_cancels_the_disk_copy_still_queued(make_cache, file_store, dis
     info = file_store.register("m", weights(77), tenant=TENANT)
     cache = make_cache()
     gate = threading.Event()
-    real = cache._write_through
-    monkeypatch.setattr(cache, "_write_through", lambda key, data: (gate.wait(10), real(key, data)))
+    real = cache._disk_copies.write
+    monkeypatch.setattr(cache._disk_copies, "write", lambda key, data: (gate.wait(10), real(key, data)))
     grant = cache.acquire("m", TENANT, ME)
     cache.release(grant.lease_id)
     assert cache.evict("m", TENANT) == {"host": "evicted", "disk": "absent"}

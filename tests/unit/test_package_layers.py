@@ -26,7 +26,10 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "_store", "_manifest_cache", "_protect",
     ),
     "devices": ("_nvml", "_cuda", "_gpu_ipc", "_devices"),
-    "cache core": ("actors._leases", "actors.node_cache", "actors.gpu_tier", "actors.placement"),
+    "cache core": (
+        "actors._leases", "actors.quotas", "actors.disk_tier", "actors.host_tier", "actors.host_loader",
+        "actors.scrub", "actors.node_cache", "actors.gpu_tier", "actors.gpu_testing", "actors.placement",
+    ),
     "actors": (
         "_raycalls", "_metrics", "actors", "actors._naming", "actors.node_actor", "actors.gpu_holder",
         "actors.placement_actor",

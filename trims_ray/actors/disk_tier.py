@@ -1,0 +1,217 @@
+"""The disk tier of a node: verified, content-addressed blobs in a local directory under a byte
+budget, kept across restarts. Cache core, no Ray: ``node_cache.NodeCache`` owns one, keeps its
+bookkeeping under its own lock, and reads and writes the files outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from fsspec.implementations.local import LocalFileSystem
+
+from .._protocol import TierStats
+from ..policy import EvictionPolicy, choose_victims
+from .quotas import tenant_of, victims_within_quota
+
+__all__ = ["DiskTier", "LOCAL_FS"]
+
+log = logging.getLogger("trims_ray")
+
+# The filesystem the disk tier's files are read and written through (the verified reader and
+# the atomic writer take an fsspec filesystem).
+LOCAL_FS = LocalFileSystem()
+
+
+class DiskTier:
+    """Verified blobs in a directory, one file per cache key: ``<tenant>/<sha256>.safetensors``,
+    under a byte budget and optional per-tenant quotas.
+
+    Files are per tenant like host entries, because a disk hit is as visible a timing signal as
+    a host hit: identical weights of two tenants are two files (see ``cache_key``). Files found
+    at start-up are adopted (the tier persists across restarts); they are verified when read,
+    like everything else. Not thread-safe on its own: NodeCache calls it under its lock for
+    bookkeeping and does the I/O outside.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        budget: int,
+        policy: EvictionPolicy,
+        on_change: Callable[[], None] = lambda: None,
+        quota: Callable[[str], int | None] = lambda tenant: None,
+    ) -> None:
+        self.directory = directory
+        self.budget = budget
+        self.policy = policy
+        self.on_change = on_change
+        self.quota = quota  # tenant -> the bytes it may hold here, None: no quota
+        self.sizes: dict[str, int] = {}
+        self.reserved: dict[str, int] = {}  # writes in flight count against the budget too
+        self.stats = TierStats(capacity=budget)
+        self.quota_denied: dict[str, int] = {}  # per tenant: disk copies its quota refused
+        directory.mkdir(parents=True, exist_ok=True)
+        self._directory_id = _directory_id(directory)  # to notice it deleted or replaced
+        # Files directly in the directory are named as before tenants (by sha256 alone): whose
+        # they are is unknown, so they go.
+        stale = [*directory.glob("*.safetensors"), *directory.glob(".*.part"), *directory.glob("*/.*.part")]
+        for path in stale:  # ...and temp files of writes that a crash interrupted
+            path.unlink(missing_ok=True)
+        for path in sorted(directory.glob("*/*.safetensors")):
+            key = f"{path.parent.name}/{path.name.removesuffix('.safetensors')}"
+            size = path.stat().st_size
+            quota = self.quota(path.parent.name) if _is_cache_key(key) else None
+            if (
+                not _is_cache_key(key)
+                or self.used + size > budget  # over a (smaller) new budget
+                or (quota is not None and self.tenant_used(path.parent.name) + size > quota)
+            ):
+                path.unlink(missing_ok=True)
+                continue
+            self._track(key, size)
+
+    @property
+    def used(self) -> int:
+        return sum(self.sizes.values()) + sum(self.reserved.values())
+
+    def tenant_used(self, tenant: str) -> int:
+        """Bytes of ``tenant``'s blobs here, writes in flight included."""
+        return sum(n for held in (self.sizes, self.reserved) for k, n in held.items() if tenant_of(k) == tenant)
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.safetensors"
+
+    def _track(self, key: str, size: int) -> None:
+        self.sizes[key] = size
+        self.policy.on_insert(key, size, 0.0)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.stats.bytes_used, self.stats.models = self.used, len(self.sizes)
+        self.on_change()
+
+    def forget(self, key: str, *, evicted: bool) -> None:
+        if key in self.sizes:
+            del self.sizes[key]
+            self.policy.on_remove(key)
+            self.path(key).unlink(missing_ok=True)
+            self.stats.evictions += evicted
+            self._refresh()
+
+    def reserve(self, key: str, nbytes: int, cost: float | None) -> bool:
+        """Claims room for a write about to start (evicting if needed); False if it can't fit,
+        the blob is already here or on its way, or the policy does not admit it at the price of
+        its victims (``cost``: what a disk hit saves, seconds; None: admit in any case)."""
+        self.check_directory()
+        if key in self.sizes or key in self.reserved or not self.make_room(nbytes, key, cost):
+            return False
+        self.reserved[key] = nbytes
+        self._refresh()
+        return True
+
+    def unreserve(self, key: str) -> None:
+        del self.reserved[key]
+        self._refresh()
+
+    def make_room(self, nbytes: int, key: str, cost: float | None) -> bool:
+        """Evicts least valuable blobs until ``nbytes`` fit; False (nothing evicted) if they
+        can't, or if the policy would rather keep them than ``key``.
+
+        A tenant over its quota makes room from its own blobs only: another tenant's are never
+        evicted to let one exceed its share (a disk copy it cannot have is skipped, counted in
+        ``quota_denials``; the load it came from is not failed).
+        """
+        if nbytes > self.budget:
+            return False
+        tenant = tenant_of(key)
+        quota, used = self.quota(tenant), self.tenant_used(tenant)
+        own = victims_within_quota(self.policy, tenant, nbytes, quota, used, self.sizes, lambda k: True)
+        if own is None:
+            self.stats.quota_denials += 1
+            self.quota_denied[tenant] = self.quota_denied.get(tenant, 0) + 1
+            return False
+        freed = sum(self.sizes[k] for k in own)
+        rest = choose_victims(self.policy, nbytes, self.budget - self.used + freed, self.sizes, lambda k: k not in own)
+        victims = None if rest is None else own + rest
+        if victims is None or (victims and cost is not None and not self.policy.admit(key, nbytes, cost, victims)):
+            if victims:
+                self.stats.bypasses += 1
+            return False
+        for victim in victims:
+            self.forget(victim, evicted=True)
+        return True
+
+    def adopt(self, key: str, size: int) -> None:
+        self._track(key, size)
+        self.stats.loads += 1
+
+    # -- faults: the disk full, the directory deleted, a file gone or bad ----------------------
+
+    def read_failed(self, key: str) -> None:
+        """A blob's file could not be read or failed verification: forgets it, counts the
+        error, and recovers in case the whole directory went."""
+        self.forget(key, evicted=False)
+        self._failed()
+
+    def write_failed(self, key: str) -> None:
+        """A write reserved with ``reserve`` failed (disk full, file-size limit, directory
+        deleted): releases its room, counts the error, and recovers."""
+        self.unreserve(key)
+        self._failed()
+
+    def check_directory(self) -> None:
+        """Recovers if the directory was deleted or replaced since it was last seen (a cheap
+        stat, done before every write so that the blobs that went with it are not counted)."""
+        if _directory_id(self.directory) != self._directory_id:
+            log.warning("trims_ray: disk tier directory %s was deleted or replaced", self.directory)
+            self._failed()
+
+    def recover(self) -> int:
+        """Recreates the directory if it is gone and forgets every blob whose file is missing or
+        has changed size, so that the budget and stats count what is really there. Returns how
+        many blobs were forgotten.
+
+        Raises:
+            OSError: the directory cannot be recreated.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._directory_id = _directory_id(self.directory)
+        gone = [key for key, size in self.sizes.items() if _file_size(self.path(key)) != size]
+        for key in gone:
+            self.forget(key, evicted=False)
+        if gone:
+            log.warning("trims_ray: disk tier %s: forgot %d blob(s) whose files are gone", self.directory, len(gone))
+        return len(gone)
+
+    def _failed(self) -> None:
+        self.stats.errors += 1
+        try:
+            self.recover()
+        except OSError as exc:  # tried again at the next failure or write
+            log.warning("trims_ray: disk tier %s cannot recover yet: %s", self.directory, exc)
+        self._refresh()
+
+
+def _directory_id(directory: Path) -> tuple[int, int] | None:
+    try:
+        st = directory.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+_KEY_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}/[0-9a-f]{64}")
+
+
+def _is_cache_key(key: str) -> bool:
+    return _KEY_RE.fullmatch(key) is not None

@@ -1,0 +1,225 @@
+"""The host tier of a node: one shared-memory object per model, under a byte budget that counts
+loads in flight, with per-tenant quotas. Cache core, no Ray: ``node_cache.NodeCache`` owns one
+and calls it under its own lock; the loads themselves (I/O) run outside, in the node cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .._errors import CapacityError
+from .._manifest import Manifest
+from .._protect import GUARD_BYTES
+from .._protocol import TierStats, cache_key
+from ..policy import EvictionPolicy, choose_victims
+from .quotas import victims_within_quota
+
+__all__ = ["HostMemory", "HostEntry", "HostTier"]
+
+
+class HostMemory(Protocol):
+    """Where host-tier objects live. The Ray actor implements it with ``ray.put``."""
+
+    def publish(self, buffer: np.ndarray) -> object:
+        """Copies ``buffer`` into shared memory; the returned handle keeps it alive.
+
+        An implementation whose handle is not the array itself also defines
+        ``view(handle) -> np.ndarray`` (the published bytes, for ``NodeCache.scrub``).
+        """
+
+
+@dataclass(eq=False)  # entries are told apart by identity (a key may have a dropped one and a new one)
+class HostEntry:
+    manifest: Manifest
+    nbytes: int  # accounted bytes: the blob and its guard pages
+    handle: object | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    leases: int = 0  # leases held, and requests waiting for its load
+    evict_when_idle: bool = False
+    source: str = ""  # where the load read from: "disk", "peer" or "store"
+
+
+class HostTier:
+    """The host tier's entries and their bytes: which models are here or loading, which corrupt
+    copies still wait for their last lease, what may be evicted to admit a load, and the
+    tier's counters. Not thread-safe: the node cache calls it under its lock.
+
+    Args:
+        budget: bytes the tier may hold, guard pages included.
+        policy: the tier's eviction policy.
+        on_change: called whenever residency, usage or leases change.
+        quota: tenant -> the bytes it may hold here, None: no quota.
+    """
+
+    def __init__(
+        self,
+        budget: int,
+        policy: EvictionPolicy,
+        on_change: Callable[[], None],
+        quota: Callable[[str], int | None],
+    ) -> None:
+        self.budget = budget
+        self.policy = policy
+        self.on_change = on_change
+        self.quota = quota
+        self.entries: dict[str, HostEntry] = {}  # by cache key, ready or loading
+        # Copies scrub found corrupt while leased: out of the table (no new lease gets them),
+        # their bytes still counted, freed when their last lease ends.
+        self.condemned: dict[int, HostEntry] = {}
+        self.stats = TierStats(capacity=budget)
+        self.quota_denied: dict[str, int] = {}  # tenant -> loads its quota refused
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    def held(self) -> list[HostEntry]:
+        """Every entry that holds host bytes: in the table (ready or loading) or condemned."""
+        return [*self.entries.values(), *self.condemned.values()]
+
+    @property
+    def used(self) -> int:
+        return sum(e.nbytes for e in self.held())
+
+    def tenant_used(self, tenant: str) -> int:
+        """Bytes of ``tenant``'s entries here, loads in flight included."""
+        return sum(e.nbytes for e in self.held() if e.manifest.tenant == tenant)
+
+    def refresh(self) -> None:
+        self.stats.bytes_used = self.used
+        self.stats.models = sum(1 for e in self.entries.values() if e.ready.is_set())
+        self.on_change()
+
+    # -- admission -----------------------------------------------------------------------------
+
+    def admit(self, manifest: Manifest, force: bool, miss_cost: float) -> HostEntry | None:
+        """Reserves host bytes for a load (evicting idle models if needed) and returns its entry,
+        or None when the policy does not admit it. ``miss_cost``: what a miss of this model
+        costs (seconds), which the policy weighs against its victims; ``force``: admit anyway.
+
+        Raises:
+            CapacityError: it cannot fit the budget or its tenant's quota, even after evicting
+                what is idle (or, with ``force``, when what would make room is in use).
+        """
+        need = manifest.nbytes + 2 * GUARD_BYTES
+        self.stats.misses += 1
+        if not self._make_room(need, manifest, force, miss_cost):
+            self.stats.bypasses += 1
+            return None
+        entry = HostEntry(manifest, need)
+        self.entries[cache_key(manifest)] = entry
+        self.refresh()
+        return entry
+
+    def _make_room(self, need: int, manifest: Manifest, force: bool, miss_cost: float) -> bool:
+        what = f"{manifest.tenant}/{manifest.name}"
+        if need > self.budget:
+            raise CapacityError(
+                f"model {what} needs {need} bytes in the host tier, whose budget is "
+                f"{self.budget}: raise CacheConfig.host_bytes (or host_fraction) or use a "
+                "smaller model"
+            )
+        sizes = {k: e.nbytes for k, e in self.entries.items() if e.ready.is_set()}
+
+        def idle(k: str) -> bool:
+            return self.entries[k].leases == 0
+
+        # A tenant over its quota makes room from its own models first: no other tenant's model
+        # is evicted to let one tenant exceed its share.
+        tenant, quota = manifest.tenant, self.quota(manifest.tenant)
+        used = self.tenant_used(tenant)
+        own = victims_within_quota(self.policy, tenant, need, quota, used, sizes, idle)
+        if own is None:
+            self.stats.quota_denials += 1
+            self.quota_denied[tenant] = self.quota_denied.get(tenant, 0) + 1
+            if need > quota:
+                raise CapacityError(
+                    f"model {what} needs {need} bytes in the host tier, over the host quota of "
+                    f"tenant {tenant!r} ({quota} bytes): raise its quota (CacheConfig.tenant_quotas "
+                    "or tenant_share) or use a smaller model"
+                )
+            raise CapacityError(
+                f"model {what} needs {need} bytes in the host tier, which would put tenant "
+                f"{tenant!r} over its host quota of {quota} bytes ({used} in use, not enough of "
+                "them idle): retry when its models are released, or raise its quota "
+                "(CacheConfig.tenant_quotas or tenant_share)"
+            )
+        freed = sum(sizes[k] for k in own)
+        free = self.budget - self.used + freed
+        victims = choose_victims(self.policy, need, free, sizes, lambda k: idle(k) and k not in own)
+        if victims is not None:
+            victims = own + victims
+        if victims is None:
+            if not force:
+                # Everything that could make room is leased or loading (a burst): the request is
+                # served from the task's own copy (a bypass) rather than failed; the model can be
+                # cached on a later miss, when leases have ended.
+                return False
+            busy = self.used - sum(s for k, s in sizes.items() if self.entries[k].leases == 0)
+            raise CapacityError(
+                f"model {what} needs {need} bytes in the host tier, but {busy} of its "
+                f"{self.budget} bytes are leased or loading: retry when they are released, "
+                "or raise the host budget"
+            )
+        if victims and not force and not self.policy.admit(cache_key(manifest), need, miss_cost, victims):
+            return False
+        for key in victims:
+            self.drop(key, evicted=True)
+        return True
+
+    # -- the end of a load ---------------------------------------------------------------------
+
+    def loaded(self, entry: HostEntry, handle: object, seconds: float) -> None:
+        """An admitted entry's load published its object: waiters may have it."""
+        entry.handle = handle
+        # The miss cost a cost-aware policy weighs: what this load took.
+        self.policy.on_insert(cache_key(entry.manifest), entry.nbytes, max(0.0, seconds))
+        self.stats.loads += 1
+        entry.ready.set()
+        self.refresh()
+
+    def failed(self, entry: HostEntry, error: BaseException) -> None:
+        """An admitted entry's load failed: it leaves the table, and its waiters get ``error``."""
+        entry.error = error
+        key = cache_key(entry.manifest)
+        if self.entries.get(key) is entry:
+            del self.entries[key]
+        self.refresh()
+        entry.ready.set()
+
+    # -- leaving the tier ----------------------------------------------------------------------
+
+    def drop(self, key: str, *, evicted: bool) -> None:
+        """Forgets a ready, unleased entry; dropping the handle frees the object."""
+        entry = self.entries.pop(key)
+        self.policy.on_remove(key)
+        entry.handle = None
+        self.stats.evictions += evicted
+        self.refresh()
+
+    def condemn(self, key: str, entry: HostEntry) -> None:
+        """Takes a corrupt copy out of the table; its bytes count until its leases end. The
+        caller holds a lease on it."""
+        del self.entries[key]
+        self.policy.on_remove(key)
+        entry.evict_when_idle = True
+        self.condemned[id(entry)] = entry
+        self.stats.corrupt += 1
+        self.refresh()
+
+    def unlease(self, entry: HostEntry) -> None:
+        """One lease of ``entry`` (or a request waiting for its load) ends; the entry goes when
+        that was its last and it is to be evicted."""
+        entry.leases -= 1
+        if entry.leases == 0 and entry.evict_when_idle:
+            key = cache_key(entry.manifest)
+            if self.entries.get(key) is entry:
+                self.drop(key, evicted=True)
+            elif self.condemned.pop(id(entry), None) is not None:
+                entry.handle = None  # a corrupt copy: its last holder is done with it
+                self.refresh()
+        self.on_change()
