@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from ._manifest import Manifest, ModelInfo
 
 __all__ = [
+    "ASSUMED_LOAD_RATES",
+    "ASSUMED_SWAP_RATE",
     "HOST",
     "DISK",
     "PEER",
@@ -40,6 +42,11 @@ __all__ = [
 ]
 
 HOST, DISK, PEER, STORE = "host", "disk", "peer", "store"
+# Load rates assumed before a node measured its own (bytes/s), to price misses and choose where to
+# load: a local disk, a peer's memory over Ray's object transfer (an order of magnitude faster
+# than a cloud store), the cloud store; and host to GPU, about PCIe 4 x16.
+ASSUMED_LOAD_RATES = {DISK: 0.5e9, PEER: 1e9, STORE: 0.1e9}
+ASSUMED_SWAP_RATE = 20e9
 # The grant of a miss the host tier's policy did not admit: the task loads the model itself,
 # and nothing is kept or evicted for it.
 BYPASS = "bypass"

@@ -29,7 +29,7 @@ from .._errors import CapacityError
 from .._gpu_ipc import DeviceIdentity, LayerGroup, module_order, plan_layers
 from .._manifest import Manifest
 from ..policy import EvictionPolicy, choose_victims, make_policy
-from .._protocol import BYPASS, Caller, GpuGrant, Holder, TierStats, cache_key, holder_alive  # GpuGrant re-exported
+from .._protocol import ASSUMED_SWAP_RATE, BYPASS, Caller, GpuGrant, Holder, TierStats, cache_key, holder_alive  # GpuGrant re-exported
 from ._leases import LeaseTable
 
 __all__ = [
@@ -48,8 +48,6 @@ log = logging.getLogger("trims_ray")
 
 GPU = "gpu"
 MiB = 1024 * 1024
-# Host-to-GPU rate assumed before a swap-in was measured (bytes/s): about PCIe 4 x16.
-_ASSUMED_SWAP_RATE = 20e9
 
 
 # -- resident models -----------------------------------------------------------------------------
@@ -317,7 +315,7 @@ class GpuTier:
     def expected_swap_s(self, nbytes: int) -> float:
         """What swapping ``nbytes`` in is expected to take, by the measured rate: the miss
         cost the policy weighs."""
-        return nbytes / (self.swap_rate or _ASSUMED_SWAP_RATE)
+        return nbytes / (self.swap_rate or ASSUMED_SWAP_RATE)
 
     def _drop(self, entry: _Resident, dropped: list[_Resident], *, evicted: bool) -> None:
         """Takes an entry out of the tier; its memory stays counted until ``_free`` frees it.

@@ -18,7 +18,7 @@ import numpy as np
 from .._errors import IntegrityError
 from .._fsio import write_atomically
 from .._manifest import Manifest
-from .._protocol import DISK, PEER, STORE, cache_key
+from .._protocol import ASSUMED_LOAD_RATES, DISK, PEER, STORE, cache_key
 from .._reader import read_blob
 from .._store import ModelStore
 from .disk_tier import LOCAL_FS, DiskTier
@@ -27,8 +27,6 @@ __all__ = ["HostLoader", "WriteBehind"]
 
 log = logging.getLogger("trims_ray")
 
-# Load rates assumed before any load from a source was measured (bytes/s), to price misses.
-_ASSUMED_RATES = {DISK: 0.5e9, PEER: 1e9, STORE: 0.1e9}
 
 
 class HostLoader:
@@ -54,7 +52,7 @@ class HostLoader:
 
     def expected_load_s(self, nbytes: int, source: str) -> float:
         """What loading ``nbytes`` from ``source`` is expected to take, by measured rates."""
-        return nbytes / self.rates.get(source, _ASSUMED_RATES[source])
+        return nbytes / self.rates.get(source, ASSUMED_LOAD_RATES[source])
 
     def read(
         self, manifest: Manifest, out: np.ndarray, peer_read: Callable[[Manifest, np.ndarray], bool] | None

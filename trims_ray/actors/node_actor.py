@@ -28,7 +28,7 @@ from .._reader import copy_verified
 from .._store import ModelStore
 from ._naming import NAMESPACE, PLACEMENT_NAME, node_actor_name
 from .gpu_tier import GPU
-from .._protocol import PEER, STORE, Caller, Holder, HostGrant, cache_key, holder_alive
+from .._protocol import ASSUMED_LOAD_RATES, PEER, STORE, Caller, Holder, HostGrant, cache_key, holder_alive
 from .node_cache import NodeCache
 
 __all__ = [
@@ -41,10 +41,6 @@ log = logging.getLogger("trims_ray")
 
 # Enough threads that callers waiting on a load in flight do not block hits on other models.
 _ACTOR_CONCURRENCY = 64
-# Expected rates before this node has measured its own (bytes/s): a peer's memory over Ray's
-# object transfer is assumed an order of magnitude faster than a cloud store.
-_DEFAULT_RATES = {PEER: 1e9, STORE: 0.1e9}
-
 
 
 def start_node_actor(
@@ -337,7 +333,7 @@ class NodeCacheServer:
     def _peer_read(self, manifest: Manifest, out: np.ndarray) -> bool:
         """Copies the blob from a peer that holds it in memory, when that is expected to be
         faster than the store; verifies every chunk. False when no peer can serve it."""
-        rates = {**_DEFAULT_RATES, **self.cache.rates}
+        rates = {**ASSUMED_LOAD_RATES, **self.cache.rates}
         if self._peer_mode == "auto" and rates[PEER] <= rates[STORE]:
             return False
         try:

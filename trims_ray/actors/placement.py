@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .._errors import CapacityError
+from .._protocol import ASSUMED_LOAD_RATES
 
 __all__ = ["Placement", "NodeInfo", "NodeReport", "Route", "Snapshot", "TIERS", "LOADING"]
 
@@ -103,7 +104,7 @@ class Placement:
         default_factory=lambda: {"gpu": 0.002, "host": 0.01, "disk": 0.01, LOADING: 0.01}
     )
     load_bytes_per_s: dict[str, float] = field(
-        default_factory=lambda: {"disk": 0.5e9, "peer": 1e9, "store": 0.1e9}
+        default_factory=lambda: dict(ASSUMED_LOAD_RATES)
     )
     load_overhead_s: float = 0.05
     service_s: float = 0.05
