@@ -1,8 +1,9 @@
 """Trace-driven cache simulator: one byte budget, one eviction policy, no Ray.
 
 It replays a trace (workloads.traces) through a policy exactly as a node cache tier uses it
-(choose_victims, then admit, then evict and insert), so hit-ratio-vs-size curves for every
-policy, Belady included, take seconds. ``python -m workloads.simulate curves|speed``.
+(the one admission sequence, ``trims_ray.policy.decide_admission``, then evict and insert), so
+hit-ratio-vs-size curves for every policy, Belady included, take seconds.
+``python -m workloads.simulate curves|speed``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from trims_ray.policy import available_policies, choose_victims, make_policy, policy_class
+from trims_ray.policy import (
+    Outcome,
+    available_policies,
+    decide_admission,
+    make_policy,
+    policy_class,
+)
 from workloads import traces
 
 __all__ = ["Requests", "SimResult", "main", "simulate"]
@@ -167,18 +174,15 @@ def _next_use_oracle(keys: list[Hashable], cursor: _Cursor) -> Callable[[Hashabl
     return next_use
 
 
-def _always(_key: Hashable) -> bool:
-    return True
-
-
 def simulate(trace: Requests | pa.Table, budget: int, policy: str, **policy_kwargs) -> SimResult:
     """Replays trace through a cache of budget bytes run by the named policy.
 
     Each request is a hit if its key is resident; otherwise it loads (its cost counts as
-    load time) and, unless larger than the budget, the cache asks choose_victims for room and
-    the policy's admit whether to keep it, then evicts the victims and inserts the key, as
-    the node cache does. Leases are not modelled (nothing is in use between requests). The
-    policy's clock is the trace's time; Belady is given the trace's future.
+    load time) and, unless larger than the budget, the cache asks decide_admission whether to
+    keep it and what to evict for it (the policy's admit weighs a key against its victims
+    when there are any), then evicts the victims and inserts the key, as the node cache does.
+    Leases are not modelled (nothing is in use between requests). The policy's clock is the
+    trace's time; Belady is given the trace's future.
 
     Args:
         trace: Requests, or a trace table (TRACE_SCHEMA).
@@ -203,12 +207,7 @@ def simulate(trace: Requests | pa.Table, budget: int, policy: str, **policy_kwar
     if policy_class(policy).offline:
         policy_kwargs["next_use"] = _next_use_oracle(keys, cursor)
     cache = make_policy(policy, clock=cursor, **policy_kwargs)
-    on_access, on_insert, on_remove, admit = (
-        cache.on_access,
-        cache.on_insert,
-        cache.on_remove,
-        cache.admit,
-    )
+    on_access, on_insert, on_remove = cache.on_access, cache.on_insert, cache.on_remove
 
     resident: dict[Hashable, int] = {}
     used = peak = hits = bytes_hit = evictions = refused = oversize = 0
@@ -224,17 +223,20 @@ def simulate(trace: Requests | pa.Table, budget: int, policy: str, **policy_kwar
             continue
         cost = costs[i]
         load_seconds += cost
-        if size > budget:
-            oversize += 1
+        decision = decide_admission(
+            cache, key, size, cost, budget=budget, used=used, sizes=resident
+        )
+        if not decision.kept:
+            if decision.outcome is Outcome.TOO_BIG:
+                oversize += 1
+            elif decision.outcome is Outcome.REFUSED:
+                refused += 1
+            else:  # impossible without leases or quotas: every key is evictable
+                raise RuntimeError(
+                    f"no room for {size} bytes in a budget of {budget} with nothing leased"
+                )
             continue
-        victims = choose_victims(cache, size, budget - used, resident, _always)
-        if victims is None:  # impossible without leases: every key is evictable
-            raise RuntimeError(
-                f"no room for {size} bytes in a budget of {budget} with nothing leased"
-            )
-        if not admit(key, size, cost, victims):
-            refused += 1
-            continue
+        victims = decision.victims
         for victim in victims:
             on_remove(victim)
             used -= resident.pop(victim)

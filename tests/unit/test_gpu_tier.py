@@ -382,6 +382,22 @@ def test_policy_admission_is_asked_after_choosing_victims(models):
     assert tier.resident() == {cache_key(b): "gpu"}
 
 
+def test_a_miss_the_policy_refuses_is_a_bypass_even_when_the_device_is_short(models):
+    # The policy is asked before the device's free memory is checked: a refused miss
+    # allocates nothing on this GPU, so other processes' memory does not fail it.
+    device = FakeDevice(1_000_000)
+    tier = make_tier(models, device, budget=300_000, policy=Refuses())
+    a, b = models.add(200_000), models.add(250_000)
+    tier.release(tier.acquire(a, ME).lease_id)
+    device.external = 900_000  # the tasks' own tensors: evicting a frees too little for b
+    grant = tier.acquire(b, ME)
+    assert grant.tier == "bypass" and tier.stats().bypasses == 1
+    # Kept whatever admission says (prefetch), it does need the memory: CapacityError.
+    with pytest.raises(CapacityError, match="other processes"):
+        tier.prefetch(b)
+    assert tier.resident() == {cache_key(a): "gpu"} and device.freed == []
+
+
 # -- pipelined swap-in and failures ------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "protocol": (
         "_errors", "_names", "_config", "_protocol", "_malloc", "_torchvision_ops",
         "policy", "policy.base", "policy._heap", "policy.lru", "policy.lfu", "policy.fifo",
-        "policy.gdsf", "policy.cost", "policy.belady",
+        "policy.gdsf", "policy.cost", "policy.belady", "policy.admission",
     ),
     "formats and storage": (
         "_hashing", "_safetensors", "_fsio", "_factory", "_hf", "_manifest", "_reader", "_ingest",
@@ -34,7 +34,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "_raycalls", "_metrics", "actors", "actors._naming", "actors.node_actor", "actors.gpu_holder",
         "actors.placement_actor",
     ),
-    "client": ("_api", "_routing", "_cluster", "_lease", "_gpu_lease", "cli", "__init__"),
+    "client": ("_api", "_routing", "_cluster", "_lease", "_gpu_lease", "_cli_output", "cli", "__init__"),
 }  # fmt: skip
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
 

@@ -132,9 +132,9 @@ class Recorder(LRU):
 
 
 def test_the_simulator_calls_the_policy_as_the_node_cache_does(monkeypatch):
-    # admit comes after choose_victims for every miss that fits (also with free room), and
-    # before the victims go; a refused key is neither inserted nor evicts anything. The
-    # policy's clock shows each request's time.
+    # admit is asked only for a miss that would evict (x: a is its victim), never for one that
+    # fits in free room (a, b), and before the victims go; a refused key is neither inserted
+    # nor evicts anything. The policy's clock shows each request's time.
     monkeypatch.setitem(POLICIES, "recorder", f"{__name__}:Recorder")
     sizes = {"a": 1, "b": 1, "x": 1}
     trace = Requests.from_keys(
@@ -142,9 +142,7 @@ def test_the_simulator_calls_the_policy_as_the_node_cache_does(monkeypatch):
     )
     result = simulate(trace, 2, "recorder")
     assert Recorder.last.log == [
-        ("admit", "a", [], 0.0),
         ("insert", "a", 1, 0.5, 0.0),
-        ("admit", "b", [], 1.0),
         ("insert", "b", 1, 0.5, 1.0),
         ("admit", "x", ["a"], 2.0),
         ("access", "a", 3.0),

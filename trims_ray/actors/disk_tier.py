@@ -13,8 +13,8 @@ from pathlib import Path
 from fsspec.implementations.local import LocalFileSystem
 
 from .._protocol import TierStats
-from ..policy import EvictionPolicy, choose_victims
-from .quotas import tenant_of, victims_within_quota
+from ..policy import EvictionPolicy, Outcome, decide_admission
+from .quotas import tenant_of, tenant_quota
 
 __all__ = ["DiskTier", "LOCAL_FS"]
 
@@ -124,23 +124,26 @@ class DiskTier:
         evicted to let one exceed its share (a disk copy it cannot have is skipped, counted in
         ``quota_denials``; the load it came from is not failed).
         """
-        if nbytes > self.budget:
-            return False
         tenant = tenant_of(key)
-        quota, used = self.quota(tenant), self.tenant_used(tenant)
-        own = victims_within_quota(self.policy, tenant, nbytes, quota, used, self.sizes, lambda k: True)
-        if own is None:
+        decision = decide_admission(
+            self.policy,
+            key,
+            nbytes,
+            0.0 if cost is None else cost,
+            budget=self.budget,
+            used=self.used,
+            sizes=self.sizes,  # writes in flight are not in it: every blob here is idle
+            quota=tenant_quota(tenant, self.quota(tenant), self.tenant_used(tenant)),
+            force=cost is None,
+        )
+        if decision.outcome is Outcome.OVER_QUOTA:
             self.stats.quota_denials += 1
             self.quota_denied[tenant] = self.quota_denied.get(tenant, 0) + 1
+        elif decision.outcome is Outcome.REFUSED:
+            self.stats.bypasses += 1
+        if not decision.kept:
             return False
-        freed = sum(self.sizes[k] for k in own)
-        rest = choose_victims(self.policy, nbytes, self.budget - self.used + freed, self.sizes, lambda k: k not in own)
-        victims = None if rest is None else own + rest
-        if victims is None or (victims and cost is not None and not self.policy.admit(key, nbytes, cost, victims)):
-            if victims:
-                self.stats.bypasses += 1
-            return False
-        for victim in victims:
+        for victim in decision.victims:
             self.forget(victim, evicted=True)
         return True
 

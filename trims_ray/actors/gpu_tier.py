@@ -28,7 +28,7 @@ from .._devices import CopyJob, DeviceMemory, GpuDevice, HostSource  # re-export
 from .._errors import CapacityError
 from .._gpu_ipc import DeviceIdentity, LayerGroup, module_order, plan_layers
 from .._manifest import Manifest
-from ..policy import EvictionPolicy, choose_victims, make_policy
+from ..policy import EvictionPolicy, Outcome, decide_admission, make_policy
 from .._protocol import ASSUMED_SWAP_RATE, BYPASS, Caller, GpuGrant, Holder, TierStats, cache_key, holder_alive  # GpuGrant re-exported
 from ._leases import LeaseTable
 
@@ -273,39 +273,50 @@ class GpuTier:
         key, what = cache_key(manifest), f"{manifest.tenant}/{manifest.name}"
         need = self.device.footprint(manifest.nbytes)
         self._stats.misses += 1
-        if need > self.budget:
+        sizes = {k: e.nbytes for k, e in self._resident.items() if e.ready.is_set()}
+
+        def idle(k: str) -> bool:
+            return self._resident[k].leases == 0
+
+        decision = decide_admission(
+            self.policy,
+            key,
+            need,
+            self.expected_swap_s(manifest.nbytes),
+            budget=self.budget,
+            used=self._used(),
+            sizes=sizes,
+            evictable=idle,
+            force=force,
+        )
+        if decision.outcome is Outcome.TOO_BIG:
             raise CapacityError(
                 f"model {what} needs {need} bytes on GPU {self.identity.label}, whose budget is "
                 f"{self.budget}: raise the GPU budget (budget_bytes or budget_fraction) or run it "
                 "from the host tier"
             )
-        sizes = {k: e.nbytes for k, e in self._resident.items() if e.ready.is_set()}
-        victims = choose_victims(
-            self.policy, need, self.budget - self._used(), sizes, lambda k: self._resident[k].leases == 0
-        )
-        if victims is None:
-            busy = self._used() - sum(s for k, s in sizes.items() if self._resident[k].leases == 0)
+        if decision.outcome is Outcome.NO_ROOM:
+            busy = self._used() - sum(s for k, s in sizes.items() if idle(k))
             raise CapacityError(
                 f"model {what} needs {need} bytes on GPU {self.identity.label}, but {busy} of its "
                 f"{self.budget} budget bytes are leased or being swapped in: retry when they are "
                 "released, or raise the GPU budget"
             )
+        if not decision.kept:  # REFUSED: a bypass; the tier allocates nothing, so no device check
+            self._stats.bypasses += 1
+            return None
         # Other processes (the tasks' own tensors) share the GPU: the budget alone does not
         # promise the memory, so check what the device has, counting what evicting will free
         # and what admitted swap-ins have not allocated yet.
         pending = sum(e.nbytes for e in self._resident.values() if e.buffer is None)
-        room = self.device.memory().free + self._freeing + sum(sizes[k] for k in victims) - pending
+        room = self.device.memory().free + self._freeing + sum(sizes[k] for k in decision.victims) - pending
         if room < need:
             raise CapacityError(
                 f"model {what} needs {need} bytes on GPU {self.identity.label}, which has {room} "
                 "free for it now (other processes use the rest): retry later, or lower the GPU "
                 "budget so that tasks keep their memory"
             )
-        if victims and not force:
-            if not self.policy.admit(key, need, self.expected_swap_s(manifest.nbytes), victims):
-                self._stats.bypasses += 1
-                return None
-        for victim in victims:
+        for victim in decision.victims:
             self._drop(self._resident[victim], victims_out, evicted=True)
         entry = _Resident(manifest, need)
         self._resident[key] = entry

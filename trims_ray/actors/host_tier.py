@@ -16,8 +16,8 @@ from .._errors import CapacityError
 from .._manifest import Manifest
 from .._protect import GUARD_BYTES
 from .._protocol import TierStats, cache_key
-from ..policy import EvictionPolicy, choose_victims
-from .quotas import victims_within_quota
+from ..policy import EvictionPolicy, Outcome, decide_admission
+from .quotas import tenant_quota
 
 __all__ = ["HostMemory", "HostEntry", "HostTier"]
 
@@ -116,13 +116,7 @@ class HostTier:
         return entry
 
     def _make_room(self, need: int, manifest: Manifest, force: bool, miss_cost: float) -> bool:
-        what = f"{manifest.tenant}/{manifest.name}"
-        if need > self.budget:
-            raise CapacityError(
-                f"model {what} needs {need} bytes in the host tier, whose budget is "
-                f"{self.budget}: raise CacheConfig.host_bytes (or host_fraction) or use a "
-                "smaller model"
-            )
+        what, tenant = f"{manifest.tenant}/{manifest.name}", manifest.tenant
         sizes = {k: e.nbytes for k, e in self.entries.items() if e.ready.is_set()}
 
         def idle(k: str) -> bool:
@@ -130,10 +124,26 @@ class HostTier:
 
         # A tenant over its quota makes room from its own models first: no other tenant's model
         # is evicted to let one tenant exceed its share.
-        tenant, quota = manifest.tenant, self.quota(manifest.tenant)
-        used = self.tenant_used(tenant)
-        own = victims_within_quota(self.policy, tenant, need, quota, used, sizes, idle)
-        if own is None:
+        quota, used = self.quota(tenant), self.tenant_used(tenant)
+        decision = decide_admission(
+            self.policy,
+            cache_key(manifest),
+            need,
+            miss_cost,
+            budget=self.budget,
+            used=self.used,
+            sizes=sizes,
+            evictable=idle,
+            quota=tenant_quota(tenant, quota, used),
+            force=force,
+        )
+        if decision.outcome is Outcome.TOO_BIG:
+            raise CapacityError(
+                f"model {what} needs {need} bytes in the host tier, whose budget is "
+                f"{self.budget}: raise CacheConfig.host_bytes (or host_fraction) or use a "
+                "smaller model"
+            )
+        if decision.outcome is Outcome.OVER_QUOTA:
             self.stats.quota_denials += 1
             self.quota_denied[tenant] = self.quota_denied.get(tenant, 0) + 1
             if need > quota:
@@ -148,12 +158,7 @@ class HostTier:
                 "them idle): retry when its models are released, or raise its quota "
                 "(CacheConfig.tenant_quotas or tenant_share)"
             )
-        freed = sum(sizes[k] for k in own)
-        free = self.budget - self.used + freed
-        victims = choose_victims(self.policy, need, free, sizes, lambda k: idle(k) and k not in own)
-        if victims is not None:
-            victims = own + victims
-        if victims is None:
+        if decision.outcome is Outcome.NO_ROOM:
             if not force:
                 # Everything that could make room is leased or loading (a burst): the request is
                 # served from the task's own copy (a bypass) rather than failed; the model can be
@@ -165,9 +170,9 @@ class HostTier:
                 f"{self.budget} bytes are leased or loading: retry when they are released, "
                 "or raise the host budget"
             )
-        if victims and not force and not self.policy.admit(cache_key(manifest), need, miss_cost, victims):
+        if not decision.kept:  # REFUSED: the policy keeps its victims; served as a bypass
             return False
-        for key in victims:
+        for key in decision.victims:
             self.drop(key, evicted=True)
         return True
 

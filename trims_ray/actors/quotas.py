@@ -1,15 +1,14 @@
-"""Tenant quotas: the one rule by which the host tier (``host_tier.HostTier``) and the disk tier
-(``disk_tier.DiskTier``) keep a tenant within its share of a tier's bytes. Cache core, no Ray;
-the node cache (``node_cache.NodeCache``) decides each tenant's quota.
+"""Tenant quotas: how the host tier (``host_tier.HostTier``) and the disk tier
+(``disk_tier.DiskTier``) tell the one admission sequence (``policy.admission``) a tenant's share
+of their bytes. Cache core, no Ray; the node cache (``node_cache.NodeCache``) decides each
+tenant's quota.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from ..policy import Quota
 
-from ..policy import EvictionPolicy, choose_victims
-
-__all__ = ["tenant_of", "victims_within_quota"]
+__all__ = ["tenant_of", "tenant_quota"]
 
 
 def tenant_of(key: str) -> str:
@@ -17,21 +16,9 @@ def tenant_of(key: str) -> str:
     return key.split("/", 1)[0]
 
 
-def victims_within_quota(
-    policy: EvictionPolicy,
-    tenant: str,
-    need: int,
-    quota: int | None,
-    used: int,
-    sizes: Mapping[str, int],
-    evictable: Callable[[str], bool],
-) -> list[str] | None:
-    """The tenant's own victims that bring it back within ``quota`` once ``need`` more bytes are
-    in: ``[]`` when no quota applies or it fits, None when even all its evictable entries are
-    not enough (or ``need`` alone is over the quota)."""
-    if quota is None or used + need <= quota:
-        return []
-    if need > quota:
+def tenant_quota(tenant: str, limit: int | None, used: int) -> Quota | None:
+    """``tenant``'s quota in a tier as the admission sequence takes it: ``limit`` bytes, of
+    which it holds ``used``, over the cache keys of that tenant; None when no quota applies."""
+    if limit is None:
         return None
-    mine = {k: n for k, n in sizes.items() if tenant_of(k) == tenant}
-    return choose_victims(policy, used + need - quota, 0, mine, lambda k: k in mine and evictable(k))
+    return Quota(limit, used, lambda key: tenant_of(key) == tenant)

@@ -1,8 +1,9 @@
 """Eviction policies: pure Python, no Ray, weighted by bytes and told each entry's miss cost.
 
-Each node cache tier asks its policy which keys to evict and whether a miss is worth keeping;
-the policy is chosen by name in config through the registry below, which imports a policy's
-module only when it is first asked for. "belady" is offline (simulation only).
+Each node cache tier asks its policy which keys to evict and whether a miss is worth keeping,
+through the one admission sequence (``decide_admission``, in admission.py); the policy is
+chosen by name in config through the registry below, which imports a policy's module only when
+it is first asked for. "belady" is offline (simulation only).
 """
 
 from __future__ import annotations
@@ -10,13 +11,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from trims_ray.policy.admission import Admission, Outcome, Quota, decide_admission
 from trims_ray.policy.base import EvictionPolicy, choose_victims
 
 __all__ = [
     "POLICIES",
+    "Admission",
     "EvictionPolicy",
+    "Outcome",
+    "Quota",
     "available_policies",
     "choose_victims",
+    "decide_admission",
     "make_policy",
     "online_policies",
     "policy_class",

@@ -113,12 +113,16 @@ class EvictionPolicy(abc.ABC):
     def admit(self, key: Key, nbytes: int, cost: float, victims: Sequence[Key]) -> bool:
         """Decides whether a key that missed is worth keeping at the price of its victims.
 
-        The cache calls this for every load it would keep, after :func:`choose_victims` picked
-        the victims and before it evicts any, also when victims is ``[]`` (so that the policy
-        sees every miss). On True it evicts the victims (``on_remove`` each) and calls
-        ``on_insert(key, ...)``; on False it serves the load once, keeps nothing and evicts
-        nothing. This is how a one-off request for a huge model is kept from flushing a hot
-        working set. The default admits every key; it never changes the eviction order.
+        Asked by :func:`~trims_ray.policy.admission.decide_admission` (the one admission
+        sequence) only for a miss whose keeping would evict something: after
+        :func:`choose_victims` picked the victims and before any is evicted; not for a load
+        kept whatever the policy says (a prefetch). On True the cache evicts the victims
+        (``on_remove`` each) and calls ``on_insert(key, ...)``; on False it serves the load
+        once, keeps nothing and evicts nothing. This is how a one-off request for a huge model
+        is kept from flushing a hot working set. With no victims nothing is traded: admit
+        returns True without consulting the rule (a kept miss reaches the policy through
+        ``on_insert`` anyway). The default admits every key; admit never changes the eviction
+        order.
 
         Args:
             key: The key that missed; not tracked.
@@ -140,6 +144,8 @@ class EvictionPolicy(abc.ABC):
                 "there is nothing to admit; call admit only for a miss"
             )
         nbytes, cost = _check_nbytes(nbytes), _check_cost(cost)
+        if not victims:
+            return True
         for victim in victims:
             self._require(victim, "admit")
         return bool(self._admit(key, nbytes, cost, victims))
@@ -193,7 +199,8 @@ class EvictionPolicy(abc.ABC):
         """Yields every tracked key once, evict-first first, without changing any state."""
 
     def _admit(self, key: Key, nbytes: int, cost: float, victims: Sequence[Key]) -> bool:
-        """Admission rule (validated call: key untracked, victims tracked); default: admit."""
+        """Admission rule (validated call: key untracked, victims tracked and never empty);
+        default: admit."""
         return True
 
     def _require(self, key: Key, call: str) -> None:

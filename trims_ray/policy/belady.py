@@ -75,6 +75,4 @@ class Belady(EvictionPolicy):
         return iter(self._heap)
 
     def _admit(self, key: Hashable, nbytes: int, cost: float, victims: Sequence[Hashable]) -> bool:
-        if not victims:
-            return True
         return self._when(key) < min(-self._heap.priority(v) for v in victims)

@@ -105,7 +105,7 @@ class CostAware(EvictionPolicy):
         return iter(self._heap)
 
     def _admit(self, key: Hashable, nbytes: int, cost: float, victims: Sequence[Hashable]) -> bool:
-        if not victims or not self._admission:
+        if not self._admission:
             return True
         now = self._clock()
         seen = self._bumped(self._ghosts.get(key))

@@ -76,7 +76,7 @@ class GDSF(EvictionPolicy):
         return iter(self._heap)
 
     def _admit(self, key: Hashable, nbytes: int, cost: float, victims: Sequence[Hashable]) -> bool:
-        if not victims or not self._admission:
+        if not self._admission:
             return True
         requests, entries = self._requests, self._entries
         kept = (requests.get(key, 0) + 1) * cost / max(nbytes, 1)  # + 1: this request
