@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._gpu_ipc import DeviceIdentity, attach_layer_waits, materialize_views, module_waits
-from ._protocol import GpuGrant, Holder
+from ._protocol import GpuGrant, Holder, Resolved
 
 __all__ = ["model_from_grant", "GpuLease", "acquire_gpu", "task_gpu_label"]
 
@@ -152,12 +152,18 @@ def _holder(node_id: str, label: str):
     return handle
 
 
-def acquire_gpu(name: str, tenant: str, *, pipelined: bool = False) -> GpuLease | None:
-    """Leases ``name`` from the GPU holder of this task's GPU; None when the GPU tier cannot
-    serve it here (the task has no GPU, its node has no holder for it, the tier is off, or the
-    GPU policy did not admit the model): the caller then uses the host tier.
+def acquire_gpu(
+    name: str, tenant: str, *, hint: Resolved | None = None, pipelined: bool = False
+) -> tuple[GpuLease | None, Resolved | None]:
+    """Leases ``name`` from the GPU holder of this task's GPU.
 
-    Use as ``with lease as model:``; the lease ends when the block does.
+    Returns:
+        (lease, hint). The lease is None when the GPU tier cannot serve the model here (the task
+        has no GPU, its node has no holder for it, the tier is off, or the GPU policy did not
+        admit the model): the caller then uses the host tier, passing it ``hint``, what the name
+        resolved to so far (the one given, or the holder's resolution), so that the host tier
+        does not resolve the name again. Use a lease as ``with lease as model:``; the lease ends
+        when the block does.
 
     Raises:
         ModelNotFoundError: no such model for ``tenant``.
@@ -170,18 +176,20 @@ def acquire_gpu(name: str, tenant: str, *, pipelined: bool = False) -> GpuLease 
 
     label = task_gpu_label()
     if label is None:
-        return None
+        return None, hint
     node_id = ray.get_runtime_context().get_node_id()
     holder = _holder(node_id, label)
     if holder is None:
-        return None
+        return None, hint
     try:
-        grant = call(holder.acquire.remote(name, tenant, Holder.this_process(), None, pipelined))
+        grant = call(holder.acquire.remote(name, tenant, Holder.this_process(), None, pipelined, hint))
     except ray.exceptions.RayActorError:
         with _holders_lock:
             _holders.pop((node_id, label), None)
         log.warning("trims_ray: GPU holder %s of node %s is gone: using the host tier", label, node_id)
-        return None
-    if grant is None or grant.bypass:
-        return None
-    return GpuLease(grant, lambda: holder.release.remote(grant.lease_id))
+        return None, hint
+    if grant is None:
+        return None, hint
+    if grant.bypass:  # it carries the manifest the holder served: the host tier needs no other
+        return None, Resolved.of(grant.manifest)
+    return GpuLease(grant, lambda: holder.release.remote(grant.lease_id)), hint

@@ -26,7 +26,7 @@ from ._errors import TrimsError
 from ._gpu_lease import acquire_gpu
 from ._names import check_name
 from ._protect import protect_array, release
-from ._protocol import Caller, Holder, HostGrant, cache_key
+from ._protocol import Caller, Holder, HostGrant, Resolved, cache_key
 from ._store import materialize
 
 __all__ = ["open", "function", "ModelFunction"]
@@ -88,9 +88,13 @@ def open(name: str, *, tenant: str | None = None) -> Iterator[Any]:  # noqa: A00
 
 
 @contextlib.contextmanager
-def _open_as(name: str, tenant: str) -> Iterator[Any]:
-    """``open`` for a tenant already checked (a decorated task gets its submitter's tenant)."""
-    gpu_lease = acquire_gpu(name, tenant)  # None unless this task has a GPU with a holder
+def _open_as(name: str, tenant: str, hint: Resolved | None = None) -> Iterator[Any]:
+    """``open`` for a tenant already checked (a decorated task gets its submitter's tenant).
+
+    ``hint``: what the name resolved to for ``tenant`` (a decorated task's caller resolved it),
+    or None: then the first cache asked resolves it and passes it on."""
+    # No lease unless this task has a GPU with a holder that admits the model.
+    gpu_lease, hint = acquire_gpu(name, tenant, hint=hint)
     if gpu_lease is not None:
         _note_served("gpu")
         with gpu_lease as model:
@@ -98,12 +102,12 @@ def _open_as(name: str, tenant: str) -> Iterator[Any]:
         return
     actor = _own_node_actor()
     try:
-        grant = _wait(call, actor.acquire.remote(name, tenant, _this_holder()))
+        grant = _wait(call, actor.acquire.remote(name, tenant, _this_holder(), None, hint))
     except ray.exceptions.RayActorError:
         # This process cached the handle of a cache actor that has since been replaced.
         forget_node_actor()
         actor = node_actor()
-        grant = _wait(call, actor.acquire.remote(name, tenant, _this_holder()))
+        grant = _wait(call, actor.acquire.remote(name, tenant, _this_holder(), None, hint))
     _note_served(grant.tier)
     if grant.bypass:
         yield _own_copy(grant)
@@ -202,16 +206,18 @@ class ModelFunction:
         tenant = _api.caller_tenant()
         router = _routing.router()
         manifest, route = router.route(self._model, tenant)
+        # The name is resolved here, once: the caches downstream are told what it resolved to.
+        hint = Resolved.of(manifest)
         if "scheduling_strategy" in self._options:
             # The caller placed the task itself: it leases from whatever node it runs on.
-            return self._remote.remote(tenant, None, *args, **kwargs)
+            return self._remote.remote(tenant, None, hint, *args, **kwargs)
         if _wants_gpu(self._options) or router.queued(route.node):
             # No lease taken here; the task leases when it starts. With a GPU, the holder of the
             # task's own GPU serves it (known only then), and a host lease would be wasted on a
             # GPU hit. Behind the node's busy slots, a lease taken now would pin its model (or
             # the budget of its load) for the whole wait: with a burst queued, every byte of the
             # host tier was leased and misses could only bypass it (measured in the replay).
-            ref = self._placed_on(route.node).remote(tenant, None, *args, **kwargs)
+            ref = self._placed_on(route.node).remote(tenant, None, hint, *args, **kwargs)
             # Counted in flight on its node and timed like any invocation; no lease to end.
             router.track(ref, cache_key(manifest), route.node, _no_lease, labels=(tenant, self._model))
             return ref
@@ -219,8 +225,8 @@ class ModelFunction:
         # The caller holds the lease until the task's result exists, then ends it (the task
         # sends nothing: each message from a worker costs it most of a millisecond).
         lease_id = router.new_lease_id()
-        grant = actor.acquire.remote(self._model, tenant, Caller(router.id), lease_id)
-        ref = self._placed_on(route.node).remote(tenant, [grant], *args, **kwargs)
+        grant = actor.acquire.remote(self._model, tenant, Caller(router.id), lease_id, hint)
+        ref = self._placed_on(route.node).remote(tenant, [grant], hint, *args, **kwargs)
         release = functools.partial(actor.release.remote, lease_id)
         router.track(ref, cache_key(manifest), route.node, release, labels=(tenant, self._model))
         return ref
@@ -299,11 +305,11 @@ def _granted(boxed: list | None) -> tuple[HostGrant, Any] | None:
 
 
 def _make_remote(fn: Callable, model: str, options: dict):
-    def run_with_model(tenant: str, boxed: list | None, *args, **kwargs):
+    def run_with_model(tenant: str, boxed: list | None, hint: Resolved, *args, **kwargs):
         _mark_task_start()
         granted = _granted(boxed)
         if granted is None:
-            with _open_as(model, tenant) as leased:
+            with _open_as(model, tenant, hint) as leased:
                 return fn(leased, *args, **kwargs)
         grant, obj = granted
         _note_served(grant.tier)

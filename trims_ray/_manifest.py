@@ -8,6 +8,8 @@ validates every field and raises ModelFormatError rather than trusting the docum
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import re
@@ -97,6 +99,14 @@ class Manifest:
     def layout(self) -> BlobLayout:
         return BlobLayout(self.tensors, self.data_start, self.nbytes)
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 (hex) of this manifest's document (``to_json``, or the bytes ``from_json``
+        read): what tells two registrations of one blob apart (another factory, name or
+        ``created``) where the cache key (``<tenant>/<sha256>``) does not. Equal fingerprints
+        mean equal manifests. Computed once per object."""
+        return hashlib.sha256(self.to_json()).hexdigest()
+
     @property
     def info(self) -> ModelInfo:
         factory = None
@@ -151,10 +161,15 @@ class Manifest:
                 f"{FORMAT_VERSION}: upgrade trims_ray or re-register the model"
             )
         try:
-            return cls._from_doc(doc, source)
+            manifest = cls._from_doc(doc, source)
         # RecursionError: re-encoding an absurdly nested tensor index for the header check.
         except (KeyError, TypeError, ValueError, RecursionError) as exc:
             raise ModelFormatError(f"{source}: invalid manifest: {exc!s}") from None
+        # The fingerprint of the document as read: what ``to_json`` gives for every document
+        # ``register`` wrote, without re-encoding the tensor index (milliseconds in Python's
+        # JSON encoder). A hand-formatted one differs only in costing its holders a store read.
+        manifest.__dict__["fingerprint"] = hashlib.sha256(data).hexdigest()
+        return manifest
 
     @classmethod
     def _from_doc(cls, doc: dict, source: str) -> Manifest:

@@ -1,5 +1,6 @@
-"""Resolved manifests, trusted for a while: what a model name means for a tenant, as the caller's
-router, each node cache and each GPU holder look it up on every invocation.
+"""Resolved manifests, trusted for a while: what a model name means for a tenant, as the first
+process of an invocation that needs it looks it up (the caller's router, else the node cache or
+the GPU holder a task asks).
 
 A name is resolved through the store (two or three reads: reachability, the tenant's manifest,
 then the public one), which costs tens of milliseconds on S3: in the replay it was most of a
@@ -8,6 +9,13 @@ trusted for ``ttl_s`` and, while it is being used, read again in the background 
 expires (``refresh``): a model in steady use never waits for the store, and a re-registered name
 is still seen within ``ttl_s`` of its registration. A manifest not used since its last read is left
 to expire; its next use reads the store itself.
+
+A name is resolved once per invocation: each later hop gets a ``Resolved`` hint and serves,
+without reading the store, its own trusted manifest of the name, else the manifest of a copy it
+holds (resolved by itself when the copy was taken) whose fingerprint the hint names, when that
+manifest is the asking tenant's or public. Anything else is resolved as if no hint had come: a
+hint cannot name another tenant's private model nor a manifest this process never resolved. A
+caller's hint is at most ``ttl_s`` old, so a re-registered name is still seen within ``ttl_s``.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from dataclasses import dataclass
 
 from ._errors import ModelNotFoundError
 from ._manifest import Manifest
+from ._names import PUBLIC_TENANT
+from ._protocol import Resolved
 
 __all__ = ["ManifestCache"]
 
@@ -51,8 +61,22 @@ class ManifestCache:
         self._lock = threading.Lock()
         self._entries: dict[tuple[str, str], _Resolved] = {}
 
-    def get(self, name: str, tenant: str) -> Manifest:
+    def get(
+        self,
+        name: str,
+        tenant: str,
+        *,
+        hint: Resolved | None = None,
+        held: Callable[[str], Manifest | None] | None = None,
+    ) -> Manifest:
         """The manifest ``name`` means for ``tenant``, read from the store unless trusted.
+
+        Args:
+            hint: what an earlier hop of the same invocation resolved ``name`` to for ``tenant``.
+                When this cache has no trusted manifest of the name, the hint saves the read if
+                ``held`` vouches for it.
+            held: ``held(cache_key)``: the manifest of the copy this process holds under that
+                key (one it resolved itself before keeping the copy), or None.
 
         Raises:
             whatever ``read`` raises (ModelNotFoundError, ModelFormatError, ...).
@@ -62,8 +86,23 @@ class ManifestCache:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and now - entry.read_at < self.ttl_s:
-                entry.used = True
+                # Our own read outranks a hint. A hinted use does not keep the entry refreshed:
+                # the caller that resolved the name keeps its own fresh.
+                if hint is None:
+                    entry.used = True
                 return entry.manifest
+        if hint is not None and held is not None:
+            copy = held(hint.key)
+            # A copy of the very manifest the caller resolved (this process's own read of it),
+            # of a tenant the caller may see. Anything else, another tenant's private model
+            # included, is resolved below: that one is then not found, as a missing name is.
+            if (
+                copy is not None
+                and copy.fingerprint == hint.fingerprint
+                and copy.name == name
+                and copy.tenant in (tenant, PUBLIC_TENANT)
+            ):
+                return copy
         manifest = self._read(name, tenant)
         if self.ttl_s > 0:
             with self._lock:

@@ -30,6 +30,7 @@ __all__ = [
     "NOT_FOUND",
     "DENIED",
     "cache_key",
+    "Resolved",
     "Holder",
     "Caller",
     "process_start",
@@ -64,6 +65,29 @@ def cache_key(model: Manifest | ModelInfo) -> str:
     A public model's owner is "public", so its one copy serves every tenant.
     """
     return f"{model.tenant}/{model.sha256}"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a model name resolved to, as one hop of an invocation passes it to the next (the
+    caller to the node's cache and the task, a task to its GPU holder, a holder to the node's
+    cache), so that the name is resolved once per invocation. A hint, not a proof: the hop that
+    receives it serves a manifest it can vouch for itself, else resolves the name as without
+    it (``ManifestCache.get``). The manifest itself stays behind: its tensor index and chunk
+    digests are kilobytes, pickled on every call.
+
+    Attributes:
+        key: the manifest's ``cache_key`` (``<tenant>/<sha256>``).
+        fingerprint: the manifest's ``fingerprint`` (sha256 of its document): two registrations
+            of one blob share the key, not this.
+    """
+
+    key: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> Resolved:
+        return cls(cache_key(manifest), manifest.fingerprint)
 
 
 @dataclass(frozen=True)

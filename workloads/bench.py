@@ -699,7 +699,7 @@ def _decorated_steps(name: str, n: int) -> dict[str, float]:
     """A decorated call taken apart, ``n`` times: the caller's steps timed here, the task's in
     the task; medians in seconds."""
     from trims_ray._routing import router
-    from trims_ray._protocol import Caller
+    from trims_ray._protocol import Caller, Resolved
 
     task = ray.remote(_decorated_steps_task)
     samples: dict[str, list[float]] = {s: [] for s in OVERHEAD_STEPS}
@@ -707,11 +707,11 @@ def _decorated_steps(name: str, n: int) -> dict[str, float]:
     tenant = caller_tenant()
     for _ in range(n):
         marks = [time.perf_counter()]
-        _, route = routes.route(name, tenant)
+        manifest, route = routes.route(name, tenant)
         marks.append(time.perf_counter())
         actor = node_actor(route.node)
         lease_id = routes.new_lease_id()
-        grant = actor.acquire.remote(name, tenant, Caller(routes.id), lease_id)
+        grant = actor.acquire.remote(name, tenant, Caller(routes.id), lease_id, Resolved.of(manifest))
         marks.append(time.perf_counter())
         ref = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(route.node, soft=True)).remote([grant])
         marks.append(time.perf_counter())

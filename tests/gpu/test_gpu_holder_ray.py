@@ -21,7 +21,7 @@ def _task_body() -> dict:
 
     from trims_ray._gpu_lease import acquire_gpu
 
-    lease = acquire_gpu("stack", "default")
+    lease, _ = acquire_gpu("stack", "default")
     if lease is None:
         return {"lease": None}
     with lease as model:

@@ -44,7 +44,7 @@ from trims_ray._nvml import (
 )
 from trims_ray.actors.gpu_testing import ArraySource, FakeDevice
 from trims_ray.actors.gpu_tier import GpuTier, GpuTierConfig
-from trims_ray._protocol import Caller, GpuGrant, Holder, cache_key
+from trims_ray._protocol import Caller, GpuGrant, Holder, Resolved, cache_key
 from trims_ray.policy.lru import LRU
 
 from .test_node_cache import wait_for
@@ -752,7 +752,10 @@ def test_a_process_without_a_gpu_gets_no_gpu_lease():
     from trims_ray._gpu_lease import acquire_gpu, task_gpu_label
 
     assert task_gpu_label() is None  # no Ray here, hence no GPU from Ray
-    assert acquire_gpu("m", TENANT) is None
+    assert acquire_gpu("m", TENANT) == (None, None)
+    # The caller's hint comes back for the host tier to use.
+    hint = Resolved(f"{TENANT}/{'0' * 64}", "f" * 64)
+    assert acquire_gpu("m", TENANT, hint=hint) == (None, hint)
 
 
 def test_node_stats_sum_the_gpus_and_say_why_off():

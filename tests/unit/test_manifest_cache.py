@@ -13,6 +13,7 @@ import torch
 
 from trims_ray import ModelFormatError, ModelNotFoundError, ModelStore
 from trims_ray._manifest_cache import ManifestCache
+from trims_ray._protocol import Resolved, cache_key
 
 TENANT = "t1"
 TTL = 4.0
@@ -190,3 +191,106 @@ def test_the_background_thread_refreshes_and_stops(store):
             break
         time.sleep(0.05)
     assert not any(t.name == "test-refresher" for t in threading.enumerate())
+
+
+# -- a caller's hint: the name resolved once per invocation ------------------------------------
+
+
+class OneMatrix(torch.nn.Module):
+    """An architecture for ``weights``: registering it as a factory changes the manifest, not
+    the blob."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.empty(16, 16))
+
+
+class Held(dict):
+    """``held`` for ManifestCache.get: the manifests of the copies a process holds, by key."""
+
+    def add(self, manifest) -> None:
+        self[cache_key(manifest)] = manifest
+
+    def __call__(self, key: str):
+        return self.get(key)
+
+
+def test_a_hint_for_a_held_copy_is_served_without_a_read(cache, store, reads):
+    store.register("m", weights(1), tenant=TENANT)
+    resolved = store.manifest("m", tenant=TENANT)  # the caller's resolution
+    held = Held()
+    held.add(store.manifest("m", tenant=TENANT))  # this process's own, when it took the copy
+    served = cache.get("m", TENANT, hint=Resolved.of(resolved), held=held)
+    assert served == resolved and served is held[cache_key(resolved)]
+    assert reads == []
+    # The copy's manifest was not made this cache's own: a use by name still reads.
+    cache.get("m", TENANT)
+    assert reads == [(TENANT, "m")]
+
+
+def test_a_hint_is_resolved_as_a_name_when_nothing_here_vouches_for_it(cache, store, reads):
+    old = store.register("m", weights(1), tenant=TENANT)
+    stale = store.manifest("m", tenant=TENANT)
+    held = Held()
+    held.add(stale)
+    # The same blob registered again with a factory: same key, another manifest.
+    store.register("m", weights(1), tenant=TENANT, factory=OneMatrix)
+    current = store.manifest("m", tenant=TENANT)
+    assert cache_key(current) == cache_key(stale) == f"{TENANT}/{old.sha256}"
+    assert current.fingerprint != stale.fingerprint
+    assert cache.get("m", TENANT, hint=Resolved.of(current), held=held) == current
+    assert reads == [(TENANT, "m")]
+    # No copy held, a made-up fingerprint, another name: each one read, as without a hint.
+    for hint, name, copies in [
+        (Resolved.of(current), "m", Held()),
+        (Resolved(cache_key(current), "0" * 64), "m", held),
+    ]:
+        reads.clear()
+        fresh = ManifestCache(counting_reader(store, reads), TTL)
+        assert fresh.get(name, TENANT, hint=hint, held=copies) == current
+        assert reads == [(TENANT, name)]
+    store.register("other", weights(1), tenant=TENANT)
+    reads.clear()
+    fresh = ManifestCache(counting_reader(store, reads), TTL)
+    assert fresh.get("other", TENANT, hint=Resolved.of(stale), held=held).name == "other"
+    assert reads == [(TENANT, "other")]
+
+
+def test_a_hint_for_another_tenants_private_copy_is_not_found_like_a_missing_name(cache, store, reads):
+    store.register("secret", weights(1), tenant="alice")
+    alices = store.manifest("secret", tenant="alice")
+    held = Held()
+    held.add(alices)  # alice's copy is here
+    with pytest.raises(ModelNotFoundError) as refused:
+        cache.get("secret", "bob", hint=Resolved.of(alices), held=held)
+    with pytest.raises(ModelNotFoundError) as missing:
+        store.manifest("secret", tenant="bob")
+    assert str(refused.value) == str(missing.value)
+    assert reads == [("bob", "secret")]
+
+
+def test_a_hint_for_a_public_copy_is_served_to_any_tenant(cache, store, reads):
+    store.register("shared", weights(1), tenant="public")
+    public = store.manifest("shared", tenant="public")
+    held = Held()
+    held.add(public)
+    for tenant in ("alice", "bob", "public"):
+        assert cache.get("shared", tenant, hint=Resolved.of(public), held=held) is public
+    assert reads == []
+
+
+def test_this_caches_own_manifest_outranks_a_hint_and_hinted_uses_do_not_keep_it(cache, store, reads, clock):
+    store.register("m", weights(1), tenant=TENANT)
+    own = cache.get("m", TENANT)
+    new = store.register("m", weights(2), tenant=TENANT)
+    hinted = store.manifest("m", tenant=TENANT)
+    assert hinted.sha256 == new.sha256 != own.sha256
+    held = Held()
+    held.add(hinted)
+    # Trusted for its ttl: what this process resolved is served, whatever a caller says.
+    assert cache.get("m", TENANT, hint=Resolved.of(hinted), held=held) == own
+    clock.now += TTL / 2
+    assert cache.refresh() == 0  # a hinted use does not keep it refreshed; a use by name would
+    clock.now += TTL / 2
+    assert cache.get("m", TENANT, hint=Resolved.of(hinted), held=held) is hinted
+    assert reads == [(TENANT, "m")]

@@ -30,7 +30,7 @@ from .._nvml import GpuInfo, inventory, uuid_matches
 from .._store import ModelStore
 from .gpu_tier import GpuTier, GpuTierConfig, off_stats
 from ._naming import NAMESPACE, gpu_holder_name, node_actor_name
-from .._protocol import STORE, Caller, GpuGrant, Holder, cache_key
+from .._protocol import STORE, Caller, GpuGrant, Holder, Resolved, cache_key
 
 __all__ = [
     "gpu_holder_name",
@@ -162,10 +162,23 @@ class _NodeHostSource:
             self._actor = ray.get_actor(node_actor_name(self.node_id), namespace=NAMESPACE)
         return self._actor
 
+    def held_manifest(self, key: str) -> Manifest | None:
+        """The manifest of the node's host copy under ``key`` (``NodeCache.held_manifest``), or
+        None: no copy there, or the node's cache cannot be asked now."""
+        try:
+            return call(self._node().held_manifest.remote(key))
+        except (ray.exceptions.RayError, ValueError) as exc:  # ValueError: no such actor now
+            self._actor = None  # replaced since, perhaps: look it up again next time
+            log.debug("trims_ray: node cache %s not asked for %s: %s", self.node_id, key, exc)
+            return None
+
     @contextlib.contextmanager
     def open(self, manifest: Manifest) -> Iterator[tuple[np.ndarray, str]]:
         try:
-            grant = call(self._node().acquire.remote(manifest.name, manifest.tenant, Holder.this_process()))
+            # The hint spares the node a resolution of the name: its host copy, if it has one,
+            # is of this very manifest. Asked as the manifest's owner, which may see it.
+            hint = Resolved.of(manifest)
+            grant = call(self._node().acquire.remote(manifest.name, manifest.tenant, Holder.this_process(), None, hint))
         except ray.exceptions.RayActorError:
             self._actor = None  # replaced since: look it up again next time
             raise
@@ -214,6 +227,8 @@ class GpuHolderServer:
         self.config = config
         self.store = ModelStore(store_uri, storage_options=storage_options)
         self.manifests = ManifestCache(lambda name, tenant: self.store.manifest(name, tenant=tenant), manifest_ttl_s)
+        # Swap-ins read the node's host tier, whose copies also vouch for a task's hint.
+        self.host = _NodeHostSource(node_id, self.store)
         gpu = inventory().by_uuid(uuid)
         index = gpu.index if gpu is not None else (int(label) if label.isdigit() else 0)
         self.identity = DeviceIdentity(uuid, index, label, node_id)
@@ -230,7 +245,7 @@ class GpuHolderServer:
             self.tier = GpuTier(
                 device=device,
                 identity=self.identity,
-                host=_NodeHostSource(node_id, self.store),
+                host=self.host,
                 config=config,
             )
         except TrimsError as exc:
@@ -246,8 +261,15 @@ class GpuHolderServer:
             self.tier.reap()
             export_gpu_tier(self.node_id, self.tier)  # Ray metrics, tier "gpu"; never raises
 
-    def _resolve(self, name: str, tenant: str) -> Manifest:
-        return self.manifests.get(name, tenant)
+    def _resolve(self, name: str, tenant: str, hint: Resolved | None = None) -> Manifest:
+        """The manifest ``name`` means for ``tenant``: what this holder resolved lately, else the
+        task's ``hint`` when this GPU or the node's host tier holds that very manifest (a miss
+        swapped in from the host tier resolves nothing), else resolved here."""
+        return self.manifests.get(name, tenant, hint=hint, held=self._held_manifest)
+
+    def _held_manifest(self, key: str) -> Manifest | None:
+        on_gpu = self.tier.held_manifest(key) if self.tier is not None else None
+        return on_gpu if on_gpu is not None else self.host.held_manifest(key)
 
     # -- the calls tasks make ------------------------------------------------------------------
 
@@ -255,10 +277,17 @@ class GpuHolderServer:
         return self.identity.uuid
 
     def acquire(
-        self, name: str, tenant: str, holder: Holder | None, lease_id: str | None = None, pipelined: bool = False
+        self,
+        name: str,
+        tenant: str,
+        holder: Holder | None,
+        lease_id: str | None = None,
+        pipelined: bool = False,
+        hint: Resolved | None = None,
     ) -> GpuGrant | None:
         """Leases a model on this GPU for ``holder`` (a task's process on this node), swapping it
         in on a miss. None when the GPU tier is off here (the task uses the host tier).
+        ``hint``: what the task's caller resolved ``name`` to (checked, see ``_resolve``).
 
         Raises:
             TypeError: a Caller as holder (a GPU lease is held by the task that maps it).
@@ -268,7 +297,7 @@ class GpuHolderServer:
             raise TypeError("a GPU lease is held by the task's own process (Holder), not by its caller")
         if self.tier is None:
             return None
-        return self.tier.acquire(self._resolve(name, tenant), holder, lease_id, pipelined=pipelined)
+        return self.tier.acquire(self._resolve(name, tenant, hint), holder, lease_id, pipelined=pipelined)
 
     def claim(self, lease_id: int | str, holder: Holder) -> bool:
         return self.tier is not None and self.tier.claim(lease_id, holder)

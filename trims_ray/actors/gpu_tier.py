@@ -217,6 +217,14 @@ class GpuTier:
             raise error
         return grant
 
+    def held_manifest(self, key: str) -> Manifest | None:
+        """The manifest of the model on this GPU under ``key`` (ready or swapping in), or None:
+        what a holder checks a task's ``Resolved`` hint against (``ManifestCache.get``), since
+        every manifest acquired here was resolved by the holder first."""
+        with self._lock:
+            entry = self._resident.get(key)
+            return None if entry is None else entry.manifest
+
     def claim(self, lease_id: int | str, holder: Holder) -> bool:
         """Names the process that uses a lease taken on its behalf; False if the lease is gone."""
         with self._lock:

@@ -28,7 +28,7 @@ from .._reader import copy_verified
 from .._store import ModelStore
 from ._naming import NAMESPACE, PLACEMENT_NAME, node_actor_name
 from .gpu_tier import GPU
-from .._protocol import ASSUMED_LOAD_RATES, PEER, STORE, Caller, Holder, HostGrant, cache_key, holder_alive
+from .._protocol import ASSUMED_LOAD_RATES, PEER, STORE, Caller, Holder, HostGrant, Resolved, cache_key, holder_alive
 from .node_cache import NodeCache
 
 __all__ = [
@@ -162,8 +162,16 @@ class NodeCacheServer:
     def claim(self, lease_id: int, holder: Holder) -> bool:
         return self.cache.claim(lease_id, holder)
 
-    def acquire(self, name: str, tenant: str, holder: Holder | Caller | None, lease_id: str | None = None) -> HostGrant:
-        grant = self.cache.acquire(name, tenant, holder, lease_id)
+    def acquire(
+        self,
+        name: str,
+        tenant: str,
+        holder: Holder | Caller | None,
+        lease_id: str | None = None,
+        hint: Resolved | None = None,
+    ) -> HostGrant:
+        """NodeCache.acquire; ``hint``: what the caller resolved ``name`` to (it is checked)."""
+        grant = self.cache.acquire(name, tenant, holder, lease_id, hint=hint)
         if grant.bypass:
             # The task reads the model itself: tell it from where (its own process may not know
             # the store, when Ray was started before trims_ray.init).
@@ -172,6 +180,11 @@ class NodeCacheServer:
 
     def release(self, lease_id: int | str) -> bool:
         return self.cache.release(lease_id)
+
+    def held_manifest(self, key: str) -> Manifest | None:
+        """The manifest of this node's host copy under ``key`` (None: none here), for a GPU
+        holder to check a task's hint against (NodeCache.held_manifest)."""
+        return self.cache.held_manifest(key)
 
     def lend(self, key: str) -> HostGrant | None:
         """A lease on a blob this node holds in memory, for a peer copying it (None: not here)."""

@@ -40,6 +40,7 @@ from .._protocol import (
     Caller,
     Grant,
     Holder,
+    Resolved,
     TenantStats,
     TierStats,
     cache_key,
@@ -167,18 +168,30 @@ class NodeCache:
 
     # -- resolving names -----------------------------------------------------------------------
 
-    def resolve(self, name: str, tenant: str) -> Manifest:
+    def resolve(self, name: str, tenant: str, hint: Resolved | None = None) -> Manifest:
         """The manifest ``name`` means for ``tenant``, trusted for ``manifest_ttl_s``.
+
+        ``hint``: what the caller resolved the name to. It is served without a store read when
+        this node resolved the name itself lately, or holds a host copy of that very manifest
+        (``ManifestCache.get``) that ``tenant`` may see; otherwise the name is resolved here.
 
         Raises:
             ModelNotFoundError, ModelFormatError, ValueError: as ModelStore.manifest.
         """
         try:
-            return self.manifests.get(name, tenant)
+            return self.manifests.get(name, tenant, hint=hint, held=self.held_manifest)
         except ModelNotFoundError:
             # Missing and another tenant's are one case to the store, so one count here.
             self.count_refusal(NOT_FOUND, tenant)
             raise
+
+    def held_manifest(self, key: str) -> Manifest | None:
+        """The manifest of the host copy under ``key`` (ready or loading), or None: what a hint
+        is checked against, here and by the node's GPU holders. Every copy's manifest was
+        resolved by this node (``resolve``) before the copy was admitted."""
+        with self._lock:
+            entry = self.host.entries.get(key)
+            return None if entry is None else entry.manifest
 
     def count_refusal(self, kind: str, tenant: str) -> None:
         """Counts a refusal ``tenant`` met: NOT_FOUND (a name it cannot see) or DENIED (it named
@@ -203,9 +216,13 @@ class NodeCache:
         holder: Holder | Caller | None,
         lease_id: str | None = None,
         *,
+        hint: Resolved | None = None,
         force: bool = False,
     ) -> Grant:
         """Leases the model for ``holder``, loading it into the host tier first on a miss.
+
+        ``hint``: what the caller already resolved ``name`` to, so that a hit resolves nothing
+        again here (see ``resolve``).
 
         ``holder`` is the process that will use the model, or the Caller that submits a task
         and ends the lease when the task's result exists (then ``lease_id`` is the caller's own
@@ -228,7 +245,7 @@ class NodeCache:
         """
         if lease_id is not None and not isinstance(lease_id, str):
             raise TypeError(f"a caller's lease_id must be a str, got {type(lease_id).__name__}")
-        return self._acquire(self.resolve(name, tenant), holder, lease_id, force)
+        return self._acquire(self.resolve(name, tenant, hint), holder, lease_id, force)
 
     def _acquire(self, manifest: Manifest, holder: Holder | Caller | None, lease_id: str | None, force: bool) -> Grant:
         key = cache_key(manifest)
