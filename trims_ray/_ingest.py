@@ -79,9 +79,11 @@ def collect_weights(
         return _with_factory(_from_state_dict(weights, "<state dict>"), factory)
     if isinstance(weights, (str, os.PathLike)):
         fs, path = open_fs(weights, storage_options)
-        architecture = _pretrained_architecture(factory)
-        if fs.isfile(f"{path}/{CONFIG_FILE}") and (factory is None or architecture is not None):
-            if factory is not None or _have_transformers():
+        # Only a Hugging Face directory asks what the factory builds (a meta build): with no
+        # factory transformers reads it; with one, only if it builds a transformers model.
+        if fs.isfile(f"{path}/{CONFIG_FILE}"):
+            architecture = _pretrained_architecture(factory)
+            if architecture is not None or (factory is None and _have_transformers()):
                 module = load_pretrained(fs, path, fs.unstrip_protocol(path), architecture)
                 weights_in = _from_module(module, factory)
                 weights_in.source = fs.unstrip_protocol(path)
