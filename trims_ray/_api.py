@@ -40,9 +40,13 @@ _stores: dict[tuple[str, str], ModelStore] = {}
 
 
 def set_session(store: ModelStore | None, tenant: str | None) -> None:
-    """Makes ``store`` and ``tenant`` this process's (``init``); None and None forget them."""
+    """Makes ``store`` and ``tenant`` this process's (``init``); None and None forget them, and
+    the stores opened so far (``shutdown``: a later ``init`` may name other storage options)."""
     _session["store"] = store
     _session["tenant"] = tenant
+    if store is None:
+        with _lock:
+            _stores.clear()
 
 
 def current_store() -> ModelStore:
@@ -116,9 +120,9 @@ def note_refusal(kind: str, tenant: str) -> None:
 
         if not ray.is_initialized():
             return
-        from .actors._naming import node_actor  # imports Ray: only where a refusal is counted
+        from .actors._naming import node_cache_actor  # imports Ray: only where a refusal is counted
 
-        node_actor().count_refusal.remote(kind, tenant)
+        node_cache_actor().count_refusal.remote(kind, tenant)
     except Exception as exc:  # no cache on this node, or trims_ray not running here
         log.debug("trims_ray: refusal not counted: %s", exc)
 

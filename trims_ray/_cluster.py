@@ -1,5 +1,5 @@
 """The driver's side of trims_ray on a Ray cluster: ``init``, ``shutdown``, ``stats``,
-``prefetch`` and ``evict``; the actors' lookups (``node_actor``, ``placement_actor``) are
+``prefetch`` and ``evict``; the actors' lookups (``node_cache_actor``, ``placement_actor``) are
 ``actors._naming``'s, re-exported.
 
 ``init`` connects to Ray if needed and creates the placement actor and one node cache actor per
@@ -24,16 +24,16 @@ from ._raycalls import call, get  # re-exported: callers of the driver's side us
 from ._protocol import TenantStats, TierStats
 from ._store import ModelStore
 from .actors._naming import (
-    NAMESPACE,
-    PLACEMENT_NAME,
-    forget_node_actor,
-    forget_node_actors,
-    node_actor,
+    PLACEMENT_ACTOR_NAME,
+    forget_all_actors,
+    forget_node_cache_actor,
+    kill_actor,
+    node_cache_actor,
     our_actor_names,
     placement_actor,
-    remember_node_actors,
+    remember_node_cache_actors,
 )
-from .actors.node_actor import start_node_actor
+from .actors.node_cache_actor import start_node_cache_actor
 from .actors.placement_actor import start_placement_actor
 
 __all__ = [
@@ -46,9 +46,9 @@ __all__ = [
     "prefetch",
     "evict",
     "scrub",
-    "node_actor",
+    "node_cache_actor",
     "placement_actor",
-    "forget_node_actor",
+    "forget_node_cache_actor",
     "get",
     "call",
 ]
@@ -132,11 +132,11 @@ def init(
         )
     _api.set_session(model_store, tenant)
     handles = {
-        node: start_node_actor(node, model_store.uri, storage_options, config)
+        node: start_node_cache_actor(node, model_store.uri, storage_options, config)
         for node in ray.get(placement.sync.remote())
     }
     ray.get([h.ping.remote() for h in handles.values()])
-    remember_node_actors(handles)
+    remember_node_cache_actors(handles)
     # Routing needs every cache's first report: wait for them (they come within report_s).
     deadline = time.monotonic() + 30
     while set(ray.get(placement.members.remote())) < set(handles) and time.monotonic() < deadline:
@@ -145,18 +145,16 @@ def init(
 
 
 def shutdown() -> None:
-    """Kills this library's actors (their cached objects go with them); Ray keeps running."""
-    forget_node_actors()
+    """Kills this library's actors (their cached objects go with them) and forgets what this
+    process kept of them: actor handles, the router, the session and the stores. Ray keeps running."""
+    forget_all_actors()
     _routing.reset()
     _api.set_session(None, None)
     if not ray.is_initialized():
         return
     # Placement first: it gives caches to nodes without one, and must not replace those killed.
-    for name in sorted(our_actor_names(), key=lambda n: n != PLACEMENT_NAME):
-        try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-        except ValueError:
-            pass  # already gone
+    for name in sorted(our_actor_names(), key=lambda n: n != PLACEMENT_ACTOR_NAME):
+        kill_actor(name)  # False: already gone
     # ray.kill is asynchronous: wait until the names are free, or a following init() would
     # get the dying actors back from get_if_exists.
     deadline = time.monotonic() + 30
@@ -178,7 +176,7 @@ def _nodes(nodes: list[str] | None) -> list[str]:
 
 def _on_each_node(nodes: list[str] | None, method: str, *args) -> dict[str, object]:
     """Calls ``method`` on the cache actor of every node in ``nodes`` (default: all) at once."""
-    refs = {n: getattr(node_actor(n), method).remote(*args) for n in _nodes(nodes)}
+    refs = {n: getattr(node_cache_actor(n), method).remote(*args) for n in _nodes(nodes)}
     return {n: call(ref) for n, ref in refs.items()}
 
 

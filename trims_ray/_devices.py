@@ -1,5 +1,5 @@
 """What the GPU tier needs of a device and of the host tier, as protocols: the CUDA device
-(``_cuda.CudaDevice``) and the test double (``actors.gpu_tier.FakeDevice``) implement them.
+(``_cuda.CudaDevice``) and the test double (``cache.gpu_tier.FakeDevice``) implement them.
 
 The devices layer's vocabulary: it names no implementation, so the cache core and CUDA both
 import it from below.

@@ -10,7 +10,6 @@ GPU policy did not admit the model). Ray and CUDA are imported only when used.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -21,8 +20,6 @@ __all__ = ["model_from_grant", "GpuLease", "acquire_gpu", "task_gpu_label"]
 
 log = logging.getLogger("trims_ray")
 
-_holders: dict[tuple[str, str], Any] = {}
-_holders_lock = threading.Lock()
 
 
 def _cuda_buffer(handle, device: DeviceIdentity):
@@ -135,21 +132,9 @@ def task_gpu_label() -> str | None:
 
 
 def _holder(node_id: str, label: str):
-    import ray
+    from .actors._naming import gpu_tier_actor
 
-    from .actors._naming import NAMESPACE, gpu_holder_name
-
-    key = (node_id, label)
-    with _holders_lock:
-        handle = _holders.get(key)
-    if handle is None:
-        try:
-            handle = ray.get_actor(gpu_holder_name(node_id, label), namespace=NAMESPACE)
-        except ValueError:
-            return None
-        with _holders_lock:
-            _holders[key] = handle
-    return handle
+    return gpu_tier_actor(node_id, label)
 
 
 def acquire_gpu(
@@ -184,8 +169,9 @@ def acquire_gpu(
     try:
         grant = call(holder.acquire.remote(name, tenant, Holder.this_process(), None, pipelined, hint))
     except ray.exceptions.RayActorError:
-        with _holders_lock:
-            _holders.pop((node_id, label), None)
+        from .actors._naming import forget_gpu_tier_actor
+
+        forget_gpu_tier_actor(node_id, label)
         log.warning("trims_ray: GPU holder %s of node %s is gone: using the host tier", label, node_id)
         return None, hint
     if grant is None:

@@ -21,7 +21,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import _api, _routing
-from ._cluster import call, forget_node_actor, get, node_actor, placement_actor
+from ._cluster import call, forget_node_cache_actor, get, node_cache_actor
+from .actors._naming import require_running
 from ._errors import TrimsError
 from ._gpu_lease import acquire_gpu
 from ._names import check_name
@@ -105,8 +106,8 @@ def _open_as(name: str, tenant: str, hint: Resolved | None = None) -> Iterator[A
         grant = _wait(call, actor.acquire.remote(name, tenant, _this_holder(), None, hint))
     except ray.exceptions.RayActorError:
         # This process cached the handle of a cache actor that has since been replaced.
-        forget_node_actor()
-        actor = node_actor()
+        forget_node_cache_actor()
+        actor = node_cache_actor()
         grant = _wait(call, actor.acquire.remote(name, tenant, _this_holder(), None, hint))
     _note_served(grant.tier)
     if grant.bypass:
@@ -129,11 +130,11 @@ def _own_node_actor() -> ray.actor.ActorHandle:
     deadline = time.monotonic() + _NEW_NODE_WAIT_S
     while True:
         try:
-            return node_actor()
+            return node_cache_actor()
         except TrimsError:
             if time.monotonic() > deadline:
                 raise
-        placement_actor()  # raises at once where trims_ray is not running at all
+        require_running()  # raises at once where trims_ray is not running at all
         time.sleep(0.2)
 
 
@@ -221,7 +222,7 @@ class ModelFunction:
             # Counted in flight on its node and timed like any invocation; no lease to end.
             router.track(ref, cache_key(manifest), route.node, _no_lease, labels=(tenant, self._model))
             return ref
-        actor = node_actor(route.node)
+        actor = node_cache_actor(route.node)
         # The caller holds the lease until the task's result exists, then ends it (the task
         # sends nothing: each message from a worker costs it most of a millisecond).
         lease_id = router.new_lease_id()

@@ -26,8 +26,8 @@ from ._manifest import Manifest
 from ._manifest_cache import ManifestCache
 from ._protect import GUARD_BYTES
 from ._protocol import cache_key
-from .actors._naming import NAMESPACE, PLACEMENT_NAME
-from .actors.placement import Placement, Route, Snapshot
+from .actors._naming import placement_actor
+from .cache.placement import Placement, Route, Snapshot
 
 __all__ = ["Router", "router", "refresh", "reset"]
 
@@ -76,12 +76,7 @@ class Router:
     """Routes invocations on a cached, versioned copy of the placement table."""
 
     def __init__(self) -> None:
-        if not ray.is_initialized():
-            raise TrimsError("Ray is not initialized: call trims_ray.init() first")
-        try:
-            self._actor = ray.get_actor(PLACEMENT_NAME, namespace=NAMESPACE)
-        except ValueError:
-            raise TrimsError("trims_ray is not running on this cluster: call trims_ray.init() first") from None
+        self._actor = placement_actor()  # raises TrimsError where trims_ray is not running
         self._lock = threading.Lock()
         # Who this process is to the node caches: it holds the leases of the tasks it submits
         # until their results exist, and stays alive to them by polling placement.

@@ -48,7 +48,7 @@ from torch import nn
 import trims_ray
 from trims_ray import ModelStore
 from trims_ray._api import caller_tenant
-from trims_ray._cluster import call, node_actor
+from trims_ray._cluster import call, node_cache_actor
 from trims_ray._factory import build_on_meta, resolve_factory
 from trims_ray._protect import GUARD_BYTES, protect_array
 from trims_ray._protect import release as release_protection
@@ -399,7 +399,7 @@ def _host_steps_task(name: str) -> dict:
     node actor ("1st actor call", not part of ``open``) comes before the acquire, so that the cost
     of a new process's first call to the actor shows apart from the acquire's own."""
     marks = [time.perf_counter()]
-    actor = node_actor()
+    actor = node_cache_actor()
     marks.append(time.perf_counter())
     ray.get(actor.ping.remote())
     marks.append(time.perf_counter())
@@ -709,7 +709,7 @@ def _decorated_steps(name: str, n: int) -> dict[str, float]:
         marks = [time.perf_counter()]
         manifest, route = routes.route(name, tenant)
         marks.append(time.perf_counter())
-        actor = node_actor(route.node)
+        actor = node_cache_actor(route.node)
         lease_id = routes.new_lease_id()
         grant = actor.acquire.remote(name, tenant, Caller(routes.id), lease_id, Resolved.of(manifest))
         marks.append(time.perf_counter())
@@ -798,7 +798,7 @@ def bench_routing(models: int, nodes: int, calls: int, seed: int = 0) -> dict[st
     cold, and each node reports a few invocations in flight. Pure Python, no Ray."""
     import random
 
-    from trims_ray.actors.placement import TIERS, NodeReport, Placement
+    from trims_ray.cache.placement import TIERS, NodeReport, Placement
 
     rng = random.Random(seed)
     placement = Placement()

@@ -23,7 +23,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import trims_ray
-from trims_ray._cluster import node_actor
+from trims_ray._cluster import node_cache_actor
 
 from .bench import MiB, _ms, drop_page_cache, ray_with_trims, synthetic_weights
 
@@ -50,15 +50,15 @@ def _first_invocation_on(fn, c: str, name: str, peer: bool, path: str | None) ->
     """Seconds from submit to result of an invocation on node ``c`` that misses, and where its
     cache loaded from."""
     trims_ray.evict(name, nodes=[c])
-    ray.get(node_actor(c).configure.remote(peer_fetch="always" if peer else "never"))
+    ray.get(node_cache_actor(c).configure.remote(peer_fetch="always" if peer else "never"))
     if path is not None:
         drop_page_cache(path)
-    before = ray.get(node_actor(c).stats.remote())["tiers"]["host"]["loads"]
+    before = ray.get(node_cache_actor(c).stats.remote())["tiers"]["host"]["loads"]
     pinned = fn.options(model=name, scheduling_strategy=NodeAffinitySchedulingStrategy(c, soft=False))
     started = time.perf_counter()
     ray.get(pinned.remote())
     elapsed = time.perf_counter() - started
-    after = ray.get(node_actor(c).stats.remote())
+    after = ray.get(node_cache_actor(c).stats.remote())
     assert after["tiers"]["host"]["loads"] == before + 1, "the timed invocation did not miss"
     return elapsed, after["last_load_source"]
 

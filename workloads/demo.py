@@ -27,7 +27,7 @@ import torch
 
 import trims_ray
 from trims_ray import ModelStore
-from trims_ray._cluster import node_actor
+from trims_ray._cluster import node_cache_actor
 from trims_ray._fsio import is_local
 from workloads.bench import drop_page_cache
 from workloads.local_ray import init_local
@@ -116,7 +116,7 @@ def run_demo(names: list[str], invocations: int, seed: int, store: ModelStore, t
         trims_ray.evict(name)
         drop_file_caches(name)
         cold, _, cold_ms = timed(lambda: fn.remote(x))
-        ray.get(node_actor().drain.remote())  # the disk copy is written after the cold call
+        ray.get(node_cache_actor().drain.remote())  # the disk copy is written after the cold call
         trims_ray.evict(name, tier="host")
         drop_file_caches(name)
         disk, _, disk_ms = timed(lambda: fn.remote(x))

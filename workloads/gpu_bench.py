@@ -56,8 +56,8 @@ from trims_ray._gpu_lease import GpuLease
 from trims_ray._manifest import Manifest
 from trims_ray._nvml import inventory
 from trims_ray._store import ModelStore
-from trims_ray.actors.gpu_testing import ArraySource
-from trims_ray.actors.gpu_tier import GpuTier, GpuTierConfig
+from trims_ray.cache.gpu_testing import ArraySource
+from trims_ray.cache.gpu_tier import GpuTier, GpuTierConfig
 from workloads import zoo
 from workloads.zoo import ZOO, build, zoo_model
 

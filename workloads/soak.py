@@ -56,7 +56,7 @@ from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import trims_ray
-from trims_ray._cluster import node_actor
+from trims_ray._cluster import node_cache_actor
 from trims_ray.actors._naming import NAMESPACE
 from workloads import local_ray, traces
 from workloads.replay import build_weights, forward_checksum
@@ -580,7 +580,7 @@ def _faults(cluster: Cluster, config: SoakConfig, start: float, result: SoakResu
                 result.added_node = added.node_id
                 log(f"added node {added.node_id[:8]}")
             else:
-                ray.kill(node_actor(cache_node.node_id), no_restart=False)
+                ray.kill(node_cache_actor(cache_node.node_id), no_restart=False)
                 log(f"killed the node cache of {cache_node.node_id[:8]} (it restarts)")
         except Exception as exc:  # a fault that could not be made is reported, not hidden
             log(f"FAILED to {action}: {type(exc).__name__}: {exc}")

@@ -37,8 +37,8 @@ def test_task_leases_from_the_holder_of_its_gpu(tmp_path):
     import torch
 
     import trims_ray
-    from trims_ray.actors.gpu_holder import start_gpu_holders
-    from trims_ray.actors.gpu_tier import GpuTierConfig
+    from trims_ray.actors.gpu_tier_actor import start_gpu_tier_actors
+    from trims_ray.cache.gpu_tier import GpuTierConfig
     from workloads.local_ray import init_local
 
     init_local(num_cpus=2, num_gpus=1, object_store_memory=512 * 1024**2, include_dashboard=False,
@@ -51,7 +51,7 @@ def test_task_leases_from_the_holder_of_its_gpu(tmp_path):
         reference = stack()
         trims_ray.register("stack", reference, factory="tests.gpu._workers:stack")
         node = ray.get_runtime_context().get_node_id()
-        holders, reason = start_gpu_holders(node, store, None, GpuTierConfig(budget_fraction=0.2),
+        holders, reason = start_gpu_tier_actors(node, store, None, GpuTierConfig(budget_fraction=0.2),
                                             visible=os.environ.get("CUDA_VISIBLE_DEVICES"), ray_gpus=1)
         assert holders, reason
         task = ray.remote(num_gpus=1)(_task_body)

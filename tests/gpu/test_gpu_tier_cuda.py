@@ -22,8 +22,8 @@ from trims_ray._errors import CapacityError
 from trims_ray._gpu_ipc import DeviceIdentity
 from trims_ray._nvml import inventory
 from trims_ray._store import ModelStore
-from trims_ray.actors.gpu_testing import ArraySource
-from trims_ray.actors.gpu_tier import GpuTier, GpuTierConfig
+from trims_ray.cache.gpu_testing import ArraySource
+from trims_ray.cache.gpu_tier import GpuTier, GpuTierConfig
 from trims_ray._protocol import Holder
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]

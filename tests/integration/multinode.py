@@ -14,7 +14,7 @@ from ray.cluster_utils import Cluster
 
 import trims_ray
 from trims_ray._cluster import placement_actor
-from trims_ray.actors._naming import NAMESPACE, node_actor_name
+from trims_ray.actors._naming import NAMESPACE, node_cache_actor_name
 from trims_ray._protocol import cache_key
 from workloads import local_ray
 
@@ -95,7 +95,7 @@ def corrupt_resident_copy(node: str, key: str) -> None:
     import ctypes
 
     # Looked up afresh: this worker may hold the handle of an earlier test's (killed) cache.
-    actor = ray.get_actor(node_actor_name(node), namespace=NAMESPACE)
+    actor = ray.get_actor(node_cache_actor_name(node), namespace=NAMESPACE)
     grant = ray.get(actor.lend.remote(key))
     try:
         obj = ray.get(grant.ref)

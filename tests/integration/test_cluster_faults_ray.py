@@ -12,9 +12,9 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import trims_ray
-from trims_ray._cluster import node_actor, placement_actor
-from trims_ray.actors._naming import node_actor_name
-from trims_ray.actors.node_actor import start_node_actor
+from trims_ray._cluster import node_cache_actor, placement_actor
+from trims_ray.actors._naming import node_cache_actor_name
+from trims_ray.actors.node_cache_actor import start_node_cache_actor
 from trims_ray._routing import router
 from trims_ray._protocol import cache_key
 
@@ -82,13 +82,13 @@ def test_a_task_on_a_node_whose_cache_is_not_up_yet_waits_for_it(own_cluster, tm
     w = weights(1, seed=7)
     trims_ray.register("m", w)
     node = nodes[1]
-    ray.kill(node_actor(node), no_restart=True)
-    wait_for(lambda: node_actor_name(node) not in _named_actors(), what="the killed cache's name freed")
+    ray.kill(node_cache_actor(node), no_restart=True)
+    wait_for(lambda: node_cache_actor_name(node) not in _named_actors(), what="the killed cache's name freed")
     on_node = NodeAffinitySchedulingStrategy(node, soft=False)
     ref = _open_and_sum.options(scheduling_strategy=on_node).remote("m")
     time.sleep(5.0)  # the task is up and waiting by now (or still starting: then it proves less)
     store = ray.get(placement_actor().store_spec.remote())
-    start_node_actor(node, *store, multinode_config(tmp_path))
+    start_node_cache_actor(node, *store, multinode_config(tmp_path))
     assert ray.get(ref, timeout=60) == expected_sum(w)
 
 
@@ -108,7 +108,7 @@ def test_killing_a_node_cache_during_a_stream_loses_nothing(own_cluster):
     trims_ray.register("m", w)
     trims_ray.prefetch("m", nodes=[nodes[1]])
     fn = trims_ray.function(model="m", num_cpus=1)(where_and_sum)
-    results = run_stream(fn, w, 60, during=lambda: ray.kill(node_actor(nodes[1]), no_restart=False), at=15)
+    results = run_stream(fn, w, 60, during=lambda: ray.kill(node_cache_actor(nodes[1]), no_restart=False), at=15)
     assert len(results) == 60
     # The restarted cache (its host tier empty at first) served invocations again.
     assert nodes[1] in {node for node, _ in results[30:]}

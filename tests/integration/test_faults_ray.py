@@ -27,7 +27,7 @@ import torch
 
 import trims_ray
 from trims_ray import StoreUnavailableError
-from trims_ray._cluster import node_actor
+from trims_ray._cluster import node_cache_actor
 
 from ..conftest import s3_options
 from ..flaky_proxy import FlakyProxy
@@ -58,12 +58,12 @@ def node_stats(node: str) -> trims_ray.NodeStats:
 
 def actor_stats(node: str) -> dict:
     """The node cache's raw stats (with the source of its last load)."""
-    return ray.get(node_actor(node).stats.remote())
+    return ray.get(node_cache_actor(node).stats.remote())
 
 
 def drain(node: str) -> None:
     """Waits until the disk copies of earlier loads are written (or failed)."""
-    ray.get(node_actor(node).drain.remote())
+    ray.get(node_cache_actor(node).drain.remote())
 
 
 def files_under(directory: Path) -> list[Path]:
@@ -170,7 +170,7 @@ def test_store_going_away_mid_load_fails_cleanly_and_the_next_request_succeeds(r
 
 
 def actor_pid(node: str) -> int:
-    return ray.get(node_actor(node).__ray_call__.remote(lambda _: os.getpid()))
+    return ray.get(node_cache_actor(node).__ray_call__.remote(lambda _: os.getpid()))
 
 
 def test_failing_disk_writes_are_counted_and_loads_go_on(cache_dir, ray_node):

@@ -165,8 +165,8 @@ class GpuTierOnFakeDevice:
 
         from trims_ray._gpu_ipc import DeviceIdentity
         from trims_ray._metrics import export_gpu_tier
-        from trims_ray.actors.gpu_testing import ArraySource, FakeDevice
-        from trims_ray.actors.gpu_tier import GpuTier, GpuTierConfig
+        from trims_ray.cache.gpu_testing import ArraySource, FakeDevice
+        from trims_ray.cache.gpu_tier import GpuTier, GpuTierConfig
         from trims_ray._protocol import Holder
 
         store = trims_ray.ModelStore(f"memory://metrics-gpu-{node}")

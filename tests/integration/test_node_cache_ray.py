@@ -18,7 +18,7 @@ from torch import nn
 
 import trims_ray
 from trims_ray import CapacityError, IntegrityError, ModelNotFoundError, TrimsError
-from trims_ray._cluster import forget_node_actor, node_actor, placement_actor
+from trims_ray._cluster import forget_node_cache_actor, node_cache_actor, placement_actor
 from trims_ray._malloc import ACTOR_ENV
 from trims_ray._protocol import Holder
 
@@ -63,7 +63,7 @@ def test_function_gets_a_working_module_and_hits_after_the_first_call(cache, ray
         assert torch.equal(ray.get(classify.remote(x)), expected)
     host = node_stats(ray_node).tiers["host"]
     assert (host.loads, host.misses, host.hits, host.models) == (1, 1, 2, 1)
-    ray.get(node_actor(ray_node).drain.remote())  # the disk copy is written in the background
+    ray.get(node_cache_actor(ray_node).drain.remote())  # the disk copy is written in the background
     assert node_stats(ray_node).tiers["disk"].models == 1
 
 
@@ -109,8 +109,8 @@ def test_zero_copy_every_parameter_lies_in_the_shared_object(cache):
 
     @ray.remote
     def check():
-        forget_node_actor()  # this worker may have served an earlier test's (killed) cache
-        actor = node_actor()
+        forget_node_cache_actor()  # this worker may have served an earlier test's (killed) cache
+        actor = node_cache_actor()
         grant = ray.get(actor.acquire.remote("small", "default", Holder.this_process()))
         try:
             obj = ray.get(grant.ref)
@@ -402,6 +402,32 @@ def test_api_after_shutdown_says_to_init(ray_node, tmp_path):
             pass
 
 
+def test_shutdown_forgets_every_handle_and_the_next_init_works(ray_node, tmp_path):
+    """What this process kept of trims_ray (actor handles, router, session, stores) goes with
+    shutdown, so that an init on the same Ray serves again from the new actors."""
+    from trims_ray import _api, _routing
+    from trims_ray.actors import _naming
+
+    store = str(tmp_path / "store")
+    config = trims_ray.CacheConfig(host_bytes=HOST_BUDGET, disk_dir=str(tmp_path / "disk"))
+    expected = weights(0.5)["w"][:4]
+
+    @trims_ray.function(model="w")
+    def first(m):
+        return m["w"][:4].clone()
+
+    for _ in range(2):
+        trims_ray.init(store=store, config=config)
+        try:
+            trims_ray.register("w", weights(0.5))
+            assert torch.equal(ray.get(first.remote()), expected)
+            assert _naming._handles and _routing._router is not None and _api._stores
+        finally:
+            trims_ray.shutdown()
+        assert not _naming._handles and _routing._router is None and not _api._stores
+        assert _api._session == {"store": None, "tenant": None}
+
+
 def test_without_a_gpu_the_gpu_tier_is_off_and_says_why(cache):
     trims_ray.register("tiny", {"w": torch.ones(8)})
     node = trims_ray.stats().nodes[ray.get_runtime_context().get_node_id()]
@@ -428,7 +454,7 @@ class _AnswersLikeAGpuHolder:
 def test_a_node_reports_a_dead_gpu_holder_off_and_serves_nothing_from_it(ray_node):
     # What the node actor asks its GPU holders (stats, residency) on a machine without a GPU: a
     # holder that died is reported off with why, and placement is told nothing is on it.
-    from trims_ray.actors.gpu_holder import node_gpu_residency, node_gpu_stats
+    from trims_ray.actors.gpu_tier_actor import node_gpu_residency, node_gpu_stats
 
     alive, dead = _AnswersLikeAGpuHolder.remote(), _AnswersLikeAGpuHolder.remote()
     ray.get([alive.report.remote(), dead.report.remote()])
@@ -448,5 +474,5 @@ def test_trims_ray_actors_start_with_few_malloc_arenas(cache):
         return {k: os.environ.get(k) for k in ACTOR_ENV}
 
     node = ray.get_runtime_context().get_node_id()
-    for actor in (node_actor(node), placement_actor()):
+    for actor in (node_cache_actor(node), placement_actor()):
         assert ray.get(actor.__ray_call__.remote(environment)) == ACTOR_ENV

@@ -12,7 +12,7 @@ import ray
 import torch
 
 import trims_ray
-from trims_ray._cluster import node_actor
+from trims_ray._cluster import node_cache_actor
 from workloads import zoo
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def put_in_tier(name: str, tier: str, node_id: str) -> None:
         trims_ray.evict(name)
     elif tier == "disk":
         trims_ray.prefetch(name, tier="disk")
-        ray.get(node_actor(node_id).drain.remote())  # the disk copy is written in the background
+        ray.get(node_cache_actor(node_id).drain.remote())  # the disk copy is written in the background
         trims_ray.evict(name, tier="host")
     else:
         trims_ray.prefetch(name, tier="host")

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import trims_ray
 from trims_ray import AccessDeniedError, CapacityError, ModelNotFoundError
-from trims_ray._cluster import node_actor
+from trims_ray._cluster import node_cache_actor
 from trims_ray._protocol import cache_key
 from trims_ray.cli import main as cli_main
 
@@ -172,7 +172,7 @@ def test_identical_weights_of_another_tenant_are_a_miss(trims, ray_node, monkeyp
     after = host(ray_node)
     assert (after.loads, after.misses, after.hits) == (2, before.misses + 1, 1)  # a miss, not a hit
     assert trims_ray.stats().nodes[ray_node].tenants["bob"].host_bytes > 2 * MiB
-    ray.get(node_actor(ray_node).drain.remote())
+    ray.get(node_cache_actor(ray_node).drain.remote())
     assert trims_ray.prefetch("b-model", tier="disk") == {ray_node: "disk"}  # bob's own disk copy
     assert trims_ray.stats().nodes[ray_node].tiers["disk"].models == 2
 

@@ -42,8 +42,8 @@ from trims_ray._nvml import (
     uuid_matches,
     visible_gpus,
 )
-from trims_ray.actors.gpu_testing import ArraySource, FakeDevice
-from trims_ray.actors.gpu_tier import GpuTier, GpuTierConfig
+from trims_ray.cache.gpu_testing import ArraySource, FakeDevice
+from trims_ray.cache.gpu_tier import GpuTier, GpuTierConfig
 from trims_ray._protocol import Caller, GpuGrant, Holder, Resolved, cache_key
 from trims_ray.policy.lru import LRU
 
@@ -698,9 +698,9 @@ def test_without_gpu_the_tier_is_off_with_a_reason(tmp_path):
 
     with pytest.raises(TrimsError, match="sees no GPU"):
         CudaDevice(0)
-    from trims_ray.actors.gpu_holder import GpuHolderServer
+    from trims_ray.actors.gpu_tier_actor import GpuTierActor
 
-    holder = GpuHolderServer("node-a", "0", UUID0, (tmp_path / "store").as_uri(), None, GpuTierConfig())
+    holder = GpuTierActor("node-a", "0", UUID0, (tmp_path / "store").as_uri(), None, GpuTierConfig())
     stats = holder.stats()
     assert stats["enabled"] is False and "sees no GPU" in stats["reason"]
     assert stats["tiers"]["gpu"]["capacity"] == 0
@@ -761,7 +761,7 @@ def test_a_process_without_a_gpu_gets_no_gpu_lease():
 def test_node_stats_sum_the_gpus_and_say_why_off():
     from dataclasses import asdict
 
-    from trims_ray.actors.gpu_holder import combine_gpu_stats
+    from trims_ray.actors.gpu_tier_actor import combine_gpu_stats
     from trims_ray._protocol import TierStats
 
     on = {"enabled": True, "reason": "", "tiers": {"gpu": asdict(TierStats(10, 100, 1, 2, 3, 1, 0, 0))}}
@@ -778,9 +778,9 @@ def test_node_stats_sum_the_gpus_and_say_why_off():
 
 @pytest.mark.skipif(cuda_available(), reason="this machine has a GPU")
 def test_a_node_without_gpus_starts_no_holder(tmp_path):
-    from trims_ray.actors.gpu_holder import start_gpu_holders
+    from trims_ray.actors.gpu_tier_actor import start_gpu_tier_actors
 
-    holders, reason = start_gpu_holders("node-a", (tmp_path / "s").as_uri(), None, GpuTierConfig(),
+    holders, reason = start_gpu_tier_actors("node-a", (tmp_path / "s").as_uri(), None, GpuTierConfig(),
                                         visible=None, ray_gpus=0)
     assert holders == {} and "GPU tier is off" in reason
 

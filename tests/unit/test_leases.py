@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from trims_ray._protocol import Caller, Holder
-from trims_ray.actors._leases import LeaseTable
+from trims_ray.cache.leases import LeaseTable
 
 ME = Holder.this_process()
 

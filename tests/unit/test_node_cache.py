@@ -24,7 +24,7 @@ from trims_ray import CapacityError, IntegrityError, ModelNotFoundError, ModelSt
 from trims_ray._protect import GUARD_BYTES
 from trims_ray._reader import copy_verified
 from trims_ray._protocol import BYPASS, Caller, Grant, Holder, cache_key, holder_alive, process_start
-from trims_ray.actors.node_cache import NodeCache
+from trims_ray.cache.node_cache import NodeCache
 
 # A wedged load must fail the test, not hang the suite.
 pytestmark = pytest.mark.timeout(60)
@@ -783,7 +783,7 @@ def test_a_bad_disk_copy_is_dropped_and_reloaded_from_the_store(
 
 def test_the_first_invocation_does_not_wait_for_the_disk_copy(make_cache, file_store, disk_dir, monkeypatch):
     """Write-through runs after the model is served: a slow disk delays no one."""
-    from trims_ray.actors import host_loader as host_loader_module
+    from trims_ray.cache import host_loader as host_loader_module
 
     info = file_store.register("m", weights(60), tenant=TENANT)
     cache = make_cache()

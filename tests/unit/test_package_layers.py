@@ -27,11 +27,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "devices": ("_nvml", "_cuda", "_gpu_ipc", "_devices"),
     "cache core": (
-        "actors._leases", "actors.quotas", "actors.disk_tier", "actors.host_tier", "actors.host_loader",
-        "actors.scrub", "actors.node_cache", "actors.gpu_tier", "actors.gpu_testing", "actors.placement",
+        "cache", "cache.leases", "cache.quotas", "cache.disk_tier", "cache.host_tier", "cache.host_loader",
+        "cache.scrub", "cache.node_cache", "cache.gpu_tier", "cache.gpu_testing", "cache.placement",
     ),
     "actors": (
-        "_raycalls", "_metrics", "actors", "actors._naming", "actors.node_actor", "actors.gpu_holder",
+        "_raycalls", "_metrics", "actors", "actors._naming", "actors.node_cache_actor", "actors.gpu_tier_actor",
         "actors.placement_actor",
     ),
     "client": ("_api", "_routing", "_cluster", "_lease", "_gpu_lease", "_cli_output", "cli", "__init__"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from trims_ray import CapacityError
-from trims_ray.actors.placement import LOADING, NodeReport, Placement
+from trims_ray.cache.placement import LOADING, NodeReport, Placement
 
 MB = 1024 * 1024
 

@@ -20,9 +20,9 @@ from trims_ray import ModelNotFoundError, ModelStore
 from trims_ray._gpu_ipc import DeviceIdentity
 from trims_ray._manifest import Manifest
 from trims_ray._protocol import STORE, Caller, Holder, Resolved, cache_key
-from trims_ray.actors.gpu_testing import FakeDevice
-from trims_ray.actors.gpu_tier import GpuTier, GpuTierConfig
-from trims_ray.actors.node_cache import NodeCache
+from trims_ray.cache.gpu_testing import FakeDevice
+from trims_ray.cache.gpu_tier import GpuTier, GpuTierConfig
+from trims_ray.cache.node_cache import NodeCache
 
 from .test_node_cache import BIG, FakeSharedMemory, weights
 
@@ -115,9 +115,9 @@ def caller(file_store) -> CallerProcess:
 @pytest.fixture
 def holder(node, file_store):
     """A GPU holder (the actor's body, without Ray) of a fake GPU, its host tier ``node``."""
-    from trims_ray.actors.gpu_holder import GpuHolderServer
+    from trims_ray.actors.gpu_tier_actor import GpuTierActor
 
-    server = GpuHolderServer(GPU0.node_id, GPU0.label, GPU0.uuid, file_store.uri, None, GpuTierConfig(),
+    server = GpuTierActor(GPU0.node_id, GPU0.label, GPU0.uuid, file_store.uri, None, GpuTierConfig(),
                              manifest_ttl_s=0.0)
     server.host = CacheHostSource(node)
     server.tier = GpuTier(device=FakeDevice(64 << 20), identity=GPU0, host=server.host,

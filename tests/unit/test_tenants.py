@@ -16,7 +16,7 @@ import torch
 from trims_ray import CacheConfig, CapacityError, ModelNotFoundError, ModelStore
 from trims_ray._protect import GUARD_BYTES
 from trims_ray._protocol import BYPASS, DENIED, NOT_FOUND, Grant, Holder, cache_key
-from trims_ray.actors.node_cache import NodeCache
+from trims_ray.cache.node_cache import NodeCache
 
 pytestmark = pytest.mark.timeout(60)
 

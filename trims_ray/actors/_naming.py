@@ -1,10 +1,12 @@
 """The names of trims_ray's actors, and finding them: one place for both.
 
 Every actor lives in namespace "trims_ray" under a name derived from what it serves (a node, a
-GPU, the cluster), so any process finds the same actor by name. Lookups of the node caches and
-of placement are cached per process; a handle whose actor died is dropped with
-``forget_node_actor`` and found again on the next lookup. Imports nothing of trims_ray but its
-errors, so that every layer above may use it.
+GPU, the cluster), so any process finds the same actor by name. This module is also the one
+per-process cache of their handles: a lookup is cached; a caller whose call found the actor dead
+drops the handle (``forget_node_cache_actor``, ``forget_gpu_tier_actor``,
+``forget_placement_actor``) and the next lookup finds the replacement; ``forget_all_actors``
+(``trims_ray.shutdown``) drops them all. Imports nothing of trims_ray but its errors, so that
+every layer above may use it.
 """
 
 from __future__ import annotations
@@ -17,54 +19,82 @@ from .._errors import TrimsError
 
 __all__ = [
     "NAMESPACE",
-    "PLACEMENT_NAME",
-    "node_actor_name",
-    "gpu_holder_name",
-    "node_actor",
+    "PLACEMENT_ACTOR_NAME",
+    "node_cache_actor_name",
+    "gpu_tier_actor_name",
+    "node_cache_actor",
+    "gpu_tier_actor",
     "placement_actor",
-    "forget_node_actor",
-    "remember_node_actors",
-    "forget_node_actors",
+    "require_running",
+    "remember_node_cache_actors",
+    "forget_node_cache_actor",
+    "forget_gpu_tier_actor",
+    "forget_placement_actor",
+    "forget_all_actors",
+    "kill_actor",
     "our_actor_names",
 ]
 
 NAMESPACE = "trims_ray"
-PLACEMENT_NAME = "trims_ray:placement"
+PLACEMENT_ACTOR_NAME = "trims_ray:placement"
 
 _lock = threading.Lock()
-_node_actors: dict[str, ray.actor.ActorHandle] = {}
+# The handle caches, by actor name. A handle of an actor Ray restarts stays valid; one of an
+# actor killed and started again (a node cache replaced by placement, a new init) does not.
+_handles: dict[str, ray.actor.ActorHandle] = {}
 
 
-def node_actor_name(node_id: str) -> str:
+def _lookup(name: str) -> ray.actor.ActorHandle | None:
+    """The actor named ``name`` (cached), or None when there is none."""
+    with _lock:
+        handle = _handles.get(name)
+    if handle is None:
+        try:
+            handle = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return None
+        with _lock:
+            _handles[name] = handle
+    return handle
+
+
+def _forget(name: str) -> None:
+    with _lock:
+        _handles.pop(name, None)
+
+
+def _require_ray() -> None:
+    if not ray.is_initialized():
+        raise TrimsError("Ray is not initialized: call trims_ray.init() first")
+
+
+def node_cache_actor_name(node_id: str) -> str:
     return f"trims_ray:node:{node_id}"
 
 
-def gpu_holder_name(node_id: str, label: str) -> str:
+def gpu_tier_actor_name(node_id: str, label: str) -> str:
     """The holder of Ray's GPU ``label`` (what ``ray.get_gpu_ids()`` says in a task) on a node."""
     return f"trims_ray:gpu:{node_id}:{label}"
 
 
-def node_actor(node_id: str | None = None) -> ray.actor.ActorHandle:
+def node_cache_actor(node_id: str | None = None) -> ray.actor.ActorHandle:
     """The cache actor of ``node_id`` (default: the node this process runs on).
 
     Raises:
         TrimsError: Ray is not initialized, or the node has no trims_ray cache.
     """
-    if not ray.is_initialized():
-        raise TrimsError("Ray is not initialized: call trims_ray.init() first")
+    _require_ray()
     node_id = node_id or ray.get_runtime_context().get_node_id()
-    with _lock:
-        handle = _node_actors.get(node_id)
+    handle = _lookup(node_cache_actor_name(node_id))
     if handle is None:
-        try:
-            handle = ray.get_actor(node_actor_name(node_id), namespace=NAMESPACE)
-        except ValueError:
-            raise TrimsError(
-                f"node {node_id} has no trims_ray cache: call trims_ray.init() in the driver first"
-            ) from None
-        with _lock:
-            _node_actors[node_id] = handle
+        raise TrimsError(f"node {node_id} has no trims_ray cache: call trims_ray.init() in the driver first")
     return handle
+
+
+def gpu_tier_actor(node_id: str, label: str) -> ray.actor.ActorHandle | None:
+    """The GPU holder of Ray's GPU ``label`` on ``node_id``, or None: the node has none for it."""
+    _require_ray()
+    return _lookup(gpu_tier_actor_name(node_id, label))
 
 
 def placement_actor() -> ray.actor.ActorHandle:
@@ -73,31 +103,63 @@ def placement_actor() -> ray.actor.ActorHandle:
     Raises:
         TrimsError: Ray is not initialized, or trims_ray is not running on this cluster.
     """
-    if not ray.is_initialized():
-        raise TrimsError("Ray is not initialized: call trims_ray.init() first")
+    _require_ray()
+    handle = _lookup(PLACEMENT_ACTOR_NAME)
+    if handle is None:
+        raise TrimsError("trims_ray is not running on this cluster: call trims_ray.init() first")
+    return handle
+
+
+def require_running() -> None:
+    """Raises unless trims_ray runs on this cluster now: asks Ray, not this process's cache (a
+    worker may hold the handle of a placement actor that a shutdown has since killed).
+
+    Raises:
+        TrimsError: Ray is not initialized, or trims_ray is not running on this cluster.
+    """
+    _require_ray()
     try:
-        return ray.get_actor(PLACEMENT_NAME, namespace=NAMESPACE)
+        ray.get_actor(PLACEMENT_ACTOR_NAME, namespace=NAMESPACE)
     except ValueError:
         raise TrimsError("trims_ray is not running on this cluster: call trims_ray.init() first") from None
 
 
-def remember_node_actors(handles: dict[str, ray.actor.ActorHandle]) -> None:
+def remember_node_cache_actors(handles: dict[str, ray.actor.ActorHandle]) -> None:
     """Caches the handles of node caches this process just started or found, by node id."""
     with _lock:
-        _node_actors.update(handles)
+        _handles.update({node_cache_actor_name(node): h for node, h in handles.items()})
 
 
-def forget_node_actors() -> None:
-    """Drops every cached node-cache handle (trims_ray was shut down)."""
+def forget_node_cache_actor(node_id: str | None = None) -> None:
+    """Drops a node cache's handle (its actor died), so the next lookup finds the new one."""
+    _forget(node_cache_actor_name(node_id or ray.get_runtime_context().get_node_id()))
+
+
+def forget_gpu_tier_actor(node_id: str, label: str) -> None:
+    """Drops a GPU holder's handle (its actor died)."""
+    _forget(gpu_tier_actor_name(node_id, label))
+
+
+def forget_placement_actor() -> None:
+    """Drops the placement actor's handle (a call to it failed: it may be being replaced)."""
+    _forget(PLACEMENT_ACTOR_NAME)
+
+
+def forget_all_actors() -> None:
+    """Drops every cached handle (trims_ray was shut down: its actors are gone)."""
     with _lock:
-        _node_actors.clear()
+        _handles.clear()
 
 
-def forget_node_actor(node_id: str | None = None) -> None:
-    """Drops a cached actor handle (after its actor died), so the next lookup finds the new one."""
-    node_id = node_id or ray.get_runtime_context().get_node_id()
-    with _lock:
-        _node_actors.pop(node_id, None)
+def kill_actor(name: str) -> bool:
+    """Kills the actor named ``name`` for good (no restart) and drops its handle; False when
+    there is no such actor."""
+    _forget(name)
+    try:
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+    except ValueError:
+        return False
+    return True
 
 
 def our_actor_names() -> list[str]:

@@ -19,11 +19,18 @@ import ray
 from .._config import CacheConfig
 from .._malloc import ACTOR_ENV
 from .._metrics import record_decision
-from ._naming import NAMESPACE, PLACEMENT_NAME, node_actor_name
-from .node_actor import start_node_actor
-from .placement import NodeReport, Placement, Snapshot
+from ._naming import (
+    NAMESPACE,
+    PLACEMENT_ACTOR_NAME,
+    kill_actor,
+    node_cache_actor,
+    node_cache_actor_name,
+    remember_node_cache_actors,
+)
+from .node_cache_actor import start_node_cache_actor
+from ..cache.placement import NodeReport, Placement, Snapshot
 
-__all__ = ["PlacementServer", "start_placement_actor"]
+__all__ = ["PlacementActor", "start_placement_actor"]
 
 log = logging.getLogger("trims_ray")
 
@@ -35,9 +42,9 @@ _LONG_POLL_S = 10.0
 def start_placement_actor(store_uri: str, storage_options: dict | None, config: CacheConfig) -> ray.actor.ActorHandle:
     """Gets or creates the cluster's placement actor (returns at once)."""
     return (
-        ray.remote(PlacementServer)
+        ray.remote(PlacementActor)
         .options(
-            name=PLACEMENT_NAME,
+            name=PLACEMENT_ACTOR_NAME,
             namespace=NAMESPACE,
             lifetime="detached",
             get_if_exists=True,
@@ -51,7 +58,7 @@ def start_placement_actor(store_uri: str, storage_options: dict | None, config: 
     )
 
 
-class PlacementServer:
+class PlacementActor:
     """Ray actor body around Placement (made remote with ``start_placement_actor``).
 
     Args:
@@ -80,7 +87,8 @@ class PlacementServer:
         creating the caches of nodes that have none."""
         pending = {}
         for node in _alive_nodes():
-            handle = start_node_actor(node, *self._node_args)
+            handle = start_node_cache_actor(node, *self._node_args)
+            remember_node_cache_actors({node: handle})
             pending[node] = handle.report.remote()
         for node, ref in pending.items():
             try:
@@ -166,7 +174,8 @@ class PlacementServer:
         with self._cond:
             known = set(self.placement.nodes())
         for node in alive - known:
-            start_node_actor(node, *self._node_args)  # it reports once it is up
+            # It reports once it is up; its handle replaces that of a cache that died there.
+            remember_node_cache_actors({node: start_node_cache_actor(node, *self._node_args)})
         dead = known - alive
         if dead:
             with self._cond:
@@ -174,7 +183,7 @@ class PlacementServer:
                     self.placement.node_left(node)
                 self._cond.notify_all()
             for node in dead:
-                _kill_quietly(node_actor_name(node))
+                _kill_quietly(node_cache_actor_name(node))
         return sorted(alive)
 
     def _scale_copies(self) -> None:
@@ -191,11 +200,11 @@ class PlacementServer:
                     drops.append((node, model))
         for node, (tenant, name, _) in asks:
             log.info("trims_ray: %s/%s is hot: loading a copy on node %s", tenant, name, node)
-            _actor(node).prefetch.remote(name, tenant, "host")
+            node_cache_actor(node).prefetch.remote(name, tenant, "host")
             record_decision(node, "copy", "host", tenant, name)
         for node, (tenant, name, _) in drops:
             log.info("trims_ray: demand for %s/%s fell: dropping its copy on node %s", tenant, name, node)
-            _actor(node).evict.remote(name, tenant, "host")
+            node_cache_actor(node).evict.remote(name, tenant, "host")
             record_decision(node, "drop", "host", tenant, name)
 
 
@@ -203,13 +212,9 @@ def _alive_nodes() -> set[str]:
     return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
 
-def _actor(node: str) -> ray.actor.ActorHandle:
-    return ray.get_actor(node_actor_name(node), namespace=NAMESPACE)
-
-
 def _kill_quietly(name: str) -> None:
     """Frees a dead node's actor name (its actor can never run again: it is pinned there)."""
     try:
-        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-    except Exception:
-        pass
+        kill_actor(name)
+    except Exception as exc:  # Ray's own errors: the name stays taken until Ray frees it
+        log.debug("trims_ray: could not kill %s: %s", name, exc)

@@ -28,18 +28,18 @@ from .._metrics import export_gpu_tier
 from .._raycalls import call, get
 from .._nvml import GpuInfo, inventory, uuid_matches
 from .._store import ModelStore
-from .gpu_tier import GpuTier, GpuTierConfig, off_stats
-from ._naming import NAMESPACE, gpu_holder_name, node_actor_name
+from ..cache.gpu_tier import GpuTier, GpuTierConfig, off_stats
+from ._naming import NAMESPACE, forget_node_cache_actor, gpu_tier_actor_name, node_cache_actor
 from .._protocol import STORE, Caller, GpuGrant, Holder, Resolved, cache_key
 
 __all__ = [
-    "gpu_holder_name",
-    "start_gpu_holder",
-    "start_gpu_holders",
+    "gpu_tier_actor_name",
+    "start_gpu_tier_actor",
+    "start_gpu_tier_actors",
     "combine_gpu_stats",
     "node_gpu_stats",
     "node_gpu_residency",
-    "GpuHolderServer",
+    "GpuTierActor",
 ]
 
 log = logging.getLogger("trims_ray")
@@ -48,7 +48,7 @@ log = logging.getLogger("trims_ray")
 _ACTOR_CONCURRENCY = 64
 
 
-def start_gpu_holder(
+def start_gpu_tier_actor(
     node_id: str,
     label: str,
     uuid: str,
@@ -58,9 +58,9 @@ def start_gpu_holder(
 ) -> ray.actor.ActorHandle:
     """Gets or creates the holder of one GPU (returns at once; it starts on its node)."""
     return (
-        ray.remote(GpuHolderServer)
+        ray.remote(GpuTierActor)
         .options(
-            name=gpu_holder_name(node_id, label),
+            name=gpu_tier_actor_name(node_id, label),
             namespace=NAMESPACE,
             lifetime="detached",
             get_if_exists=True,
@@ -76,7 +76,7 @@ def start_gpu_holder(
     )
 
 
-def start_gpu_holders(
+def start_gpu_tier_actors(
     node_id: str,
     store_uri: str,
     storage_options: dict | None,
@@ -98,7 +98,7 @@ def start_gpu_holders(
     """
     gpus, reason = node_gpus(visible, inventory(), ray_gpus)
     handles = {
-        label: start_gpu_holder(node_id, label, gpu.uuid, store_uri, storage_options, config) for label, gpu in gpus
+        label: start_gpu_tier_actor(node_id, label, gpu.uuid, store_uri, storage_options, config) for label, gpu in gpus
     }
     return handles, reason
 
@@ -155,20 +155,17 @@ class _NodeHostSource:
     def __init__(self, node_id: str, store: ModelStore) -> None:
         self.node_id = node_id
         self.store = store
-        self._actor: ray.actor.ActorHandle | None = None
 
     def _node(self) -> ray.actor.ActorHandle:
-        if self._actor is None:
-            self._actor = ray.get_actor(node_actor_name(self.node_id), namespace=NAMESPACE)
-        return self._actor
+        return node_cache_actor(self.node_id)
 
     def held_manifest(self, key: str) -> Manifest | None:
         """The manifest of the node's host copy under ``key`` (``NodeCache.held_manifest``), or
         None: no copy there, or the node's cache cannot be asked now."""
         try:
             return call(self._node().held_manifest.remote(key))
-        except (ray.exceptions.RayError, ValueError) as exc:  # ValueError: no such actor now
-            self._actor = None  # replaced since, perhaps: look it up again next time
+        except (ray.exceptions.RayError, TrimsError) as exc:  # TrimsError: no such actor now
+            forget_node_cache_actor(self.node_id)  # replaced since, perhaps: look it up again
             log.debug("trims_ray: node cache %s not asked for %s: %s", self.node_id, key, exc)
             return None
 
@@ -180,7 +177,7 @@ class _NodeHostSource:
             hint = Resolved.of(manifest)
             grant = call(self._node().acquire.remote(manifest.name, manifest.tenant, Holder.this_process(), None, hint))
         except ray.exceptions.RayActorError:
-            self._actor = None  # replaced since: look it up again next time
+            forget_node_cache_actor(self.node_id)  # replaced since: look it up again next time
             raise
         if grant.bypass:
             # The host tier's policy did not keep it: read it here, verified, for this copy only.
@@ -201,8 +198,8 @@ class _NodeHostSource:
             self._node().release.remote(grant.lease_id)
 
 
-class GpuHolderServer:
-    """Ray actor body around GpuTier for one GPU (made remote with ``start_gpu_holder``).
+class GpuTierActor:
+    """Ray actor body around GpuTier for one GPU (made remote with ``start_gpu_tier_actor``).
 
     Args:
         node_id: the node (hex).

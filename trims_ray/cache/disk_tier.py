@@ -81,6 +81,10 @@ class DiskTier:
         """Bytes of ``tenant``'s blobs here, writes in flight included."""
         return sum(n for held in (self.sizes, self.reserved) for k, n in held.items() if tenant_of(k) == tenant)
 
+    def tenants(self) -> set[str]:
+        """The tenants holding bytes here, writes in flight included."""
+        return {tenant_of(k) for held in (self.sizes, self.reserved) for k in held}
+
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
 

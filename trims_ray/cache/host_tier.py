@@ -5,6 +5,7 @@ and calls it under its own lock; the loads themselves (I/O) run outside, in the 
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,22 @@ from .._protocol import TierStats, cache_key
 from ..policy import EvictionPolicy, Outcome, decide_admission
 from .quotas import tenant_quota
 
-__all__ = ["HostMemory", "HostEntry", "HostTier"]
+__all__ = ["HostMemory", "HostEntry", "HostTier", "detached"]
+
+
+def detached(error: BaseException) -> BaseException:
+    """A copy of ``error`` without traceback, cause or context, for a load's waiters to raise.
+
+    A failed load's error is kept on its entry for the waiters. Kept as raised, its traceback
+    holds the loader's frames, whose locals hold the entry (and the blob's buffer): entry ->
+    error -> traceback -> frame -> entry, a cycle that kept the buffer until the cyclic
+    collector ran. Raised as one object by many waiters, each would add its own frames to it.
+    Our errors pickle, so they copy; anything that does not is raised as it is.
+    """
+    try:
+        return copy.copy(error)
+    except Exception:
+        return error
 
 
 class HostMemory(Protocol):
@@ -88,6 +104,10 @@ class HostTier:
     def tenant_used(self, tenant: str) -> int:
         """Bytes of ``tenant``'s entries here, loads in flight included."""
         return sum(e.nbytes for e in self.held() if e.manifest.tenant == tenant)
+
+    def tenants(self) -> set[str]:
+        """The tenants holding bytes here."""
+        return {e.manifest.tenant for e in self.held()}
 
     def refresh(self) -> None:
         self.stats.bytes_used = self.used

@@ -26,14 +26,15 @@ from .._metrics import export_node_cache
 from .._raycalls import get
 from .._reader import copy_verified
 from .._store import ModelStore
-from ._naming import NAMESPACE, PLACEMENT_NAME, node_actor_name
-from .gpu_tier import GPU
+from ._naming import NAMESPACE, forget_placement_actor, node_cache_actor, node_cache_actor_name, placement_actor
+from ..cache.gpu_tier import GPU
 from .._protocol import ASSUMED_LOAD_RATES, PEER, STORE, Caller, Holder, HostGrant, Resolved, cache_key, holder_alive
-from .node_cache import NodeCache
+from ..cache.node_cache import NodeCache
+from .gpu_tier_actor import node_gpu_residency, node_gpu_stats, start_gpu_tier_actors
 
 __all__ = [
-    "start_node_actor",
-    "NodeCacheServer",
+    "start_node_cache_actor",
+    "NodeCacheActor",
 ]
 
 log = logging.getLogger("trims_ray")
@@ -43,14 +44,14 @@ log = logging.getLogger("trims_ray")
 _ACTOR_CONCURRENCY = 64
 
 
-def start_node_actor(
+def start_node_cache_actor(
     node_id: str, store_uri: str, storage_options: dict | None, config: CacheConfig
 ) -> ray.actor.ActorHandle:
     """Gets or creates the cache actor of ``node_id`` (returns at once; it starts on its node)."""
     return (
-        ray.remote(NodeCacheServer)
+        ray.remote(NodeCacheActor)
         .options(
-            name=node_actor_name(node_id),
+            name=node_cache_actor_name(node_id),
             namespace=NAMESPACE,
             lifetime="detached",
             get_if_exists=True,
@@ -76,8 +77,8 @@ class _PlasmaMemory:
         return ray.get(handle)  # the object as it is in plasma now (what scrub re-hashes)
 
 
-class NodeCacheServer:
-    """Ray actor body around NodeCache (made remote with ``start_node_actor``).
+class NodeCacheActor:
+    """Ray actor body around NodeCache (made remote with ``start_node_cache_actor``).
 
     Args:
         node_id: the node this actor serves (hex).
@@ -97,7 +98,6 @@ class NodeCacheServer:
             host_budget = int(self._node["Resources"].get("object_store_memory", 0) * config.host_fraction)
         self._store_spec = (store_uri, storage_options)
         self._changed = threading.Event()
-        self._placement: ray.actor.ActorHandle | None = None
         # One report at a time, each built just before it is sent: reports arrive in order.
         self._report_lock = threading.Lock()
         self._last_report: tuple[dict | None, float] = (None, 0.0)
@@ -143,9 +143,9 @@ class NodeCacheServer:
         if not ids:
             return set()
         try:
-            alive = get(self._placement_actor().callers_alive.remote(ids), timeout=5)
+            alive = get(placement_actor().callers_alive.remote(ids), timeout=5)
         except Exception:  # placement unreachable: no evidence that anyone died
-            self._placement = None
+            forget_placement_actor()
             return set()
         return {caller for caller, ok in zip(ids, alive) if not ok}
 
@@ -258,8 +258,6 @@ class NodeCacheServer:
         """This node's residency snapshot for placement (it also pushes them on every change)."""
         report = {**self.cache.report(), "slots": self._slots}
         if self._gpu_holders:  # GPU residency outranks host residency for routing
-            from .gpu_holder import node_gpu_residency  # gpu_holder imports this module
-
             report["residency"] = {**report["residency"], **node_gpu_residency(self._gpu_holders)}
         return report
 
@@ -267,13 +265,11 @@ class NodeCacheServer:
 
     def _start_gpu_tier(self, store_uri: str, storage_options: dict | None) -> tuple[dict, str]:
         """A GPU holder per GPU Ray manages on this node, or none and the reason the tier is off."""
-        from .gpu_holder import start_gpu_holders  # imports this module
-
         ray_gpus = int(self._node["Resources"].get("GPU", 0))
         if ray_gpus == 0:
             return {}, "no GPU on this node (Ray manages none)"
         try:
-            return start_gpu_holders(
+            return start_gpu_tier_actors(
                 self.node_id,
                 store_uri,
                 storage_options,
@@ -286,8 +282,6 @@ class NodeCacheServer:
             return {}, f"GPU holders failed to start: {exc}"
 
     def _gpu_stats(self) -> dict:
-        from .gpu_holder import node_gpu_stats  # gpu_holder imports this module
-
         return node_gpu_stats(self._gpu_holders, self._gpu_off_reason)
 
     def _prefetch_gpu(self, name: str, tenant: str) -> str:
@@ -314,11 +308,6 @@ class NodeCacheServer:
 
     # -- placement -----------------------------------------------------------------------------
 
-    def _placement_actor(self) -> ray.actor.ActorHandle:
-        if self._placement is None:
-            self._placement = ray.get_actor(PLACEMENT_NAME, namespace=NAMESPACE)
-        return self._placement
-
     def _report_forever(self) -> None:
         """Pushes a snapshot to placement soon after every change, and at least every few
         seconds (so that a restarted placement actor, or a lost report, is caught up)."""
@@ -337,11 +326,11 @@ class NodeCacheServer:
             if report == last and now - last_sent < unless_unchanged_for:
                 return
             try:
-                get(self._placement_actor().report.remote(self.node_id, report), timeout=10)
+                get(placement_actor().report.remote(self.node_id, report), timeout=10)
                 self._last_report = (report, now)
             except Exception as exc:  # placement restarting or not created yet: retry later
                 log.debug("trims_ray: report to placement failed: %s", exc)
-                self._placement = None
+                forget_placement_actor()
 
     def _peer_read(self, manifest: Manifest, out: np.ndarray) -> bool:
         """Copies the blob from a peer that holds it in memory, when that is expected to be
@@ -351,15 +340,15 @@ class NodeCacheServer:
             return False
         try:
             # Per tenant, like every key: another tenant's copy of the same bytes is not lent.
-            holders = get(self._placement_actor().holders.remote(cache_key(manifest)), timeout=5)
+            holders = get(placement_actor().holders.remote(cache_key(manifest)), timeout=5)
         except Exception as exc:
             log.debug("trims_ray: no peer list from placement: %s", exc)
-            self._placement = None
+            forget_placement_actor()
             return False
         peers = [n for n, tier in holders.items() if tier in ("host", "gpu") and n != self.node_id]
         for peer in peers:
             try:
-                lender = ray.get_actor(node_actor_name(peer), namespace=NAMESPACE)
+                lender = node_cache_actor(peer)
                 grant = get(lender.lend.remote(cache_key(manifest)), timeout=5)
             except Exception as exc:
                 log.debug("trims_ray: peer %s cannot lend %s: %s", peer, manifest.sha256, exc)

@@ -30,7 +30,7 @@ from .._gpu_ipc import DeviceIdentity, LayerGroup, module_order, plan_layers
 from .._manifest import Manifest
 from ..policy import EvictionPolicy, Outcome, decide_admission, make_policy
 from .._protocol import ASSUMED_SWAP_RATE, BYPASS, Caller, GpuGrant, Holder, TierStats, cache_key, holder_alive  # GpuGrant re-exported
-from ._leases import LeaseTable
+from .leases import LeaseTable
 
 __all__ = [
     "GPU",

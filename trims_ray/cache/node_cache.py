@@ -9,14 +9,13 @@ memory comes in as a ``HostMemory`` (the actor passes one built on ``ray.put``),
 is testable without a cluster.
 
 NodeCache composes the parts and owns the one lock they share: the tiers' bookkeeping
-(``host_tier``, ``disk_tier``, both within ``quotas``), the lease table (``_leases``), the reads
+(``host_tier``, ``disk_tier``, both within ``quotas``), the lease table (``leases``), the reads
 of a miss and the queue of disk copies (``host_loader``), and ``scrub``. What spans the tiers is
 here: a miss admitted, loaded and published, its disk copy written, eviction, prefetch, reports.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -48,31 +47,16 @@ from .._protocol import (
 )
 from .._store import ModelStore
 from ..policy import make_policy
-from ._leases import LeaseTable
+from .leases import LeaseTable
 from .disk_tier import DiskTier
 from .host_loader import HostLoader, WriteBehind
-from .host_tier import HostEntry, HostMemory, HostTier
-from .quotas import tenant_of
+from .host_tier import HostEntry, HostMemory, HostTier, detached
+from .quotas import tenant_stats
 from .scrub import scrub_host_tier
 
 __all__ = ["HostMemory", "NodeCache"]
 
 log = logging.getLogger("trims_ray")
-
-def _detached(error: BaseException) -> BaseException:
-    """A copy of ``error`` without traceback, cause or context, for a waiter to raise.
-
-    A failed load's error is kept on its table entry for the waiters. Kept as raised, its
-    traceback holds the loader's frames, whose locals hold the entry (and the blob's buffer):
-    entry -> error -> traceback -> frame -> entry, a cycle that kept the buffer until the cyclic
-    collector ran. Raised as one object by many waiters, each would add its own frames to it.
-    Our errors pickle, so they copy; anything that does not is raised as it is.
-    """
-    try:
-        return copy.copy(error)
-    except Exception:
-        return error
-
 
 class NodeCache:
     """The host and disk tiers of one node.
@@ -270,7 +254,7 @@ class NodeCache:
         with self._lock:
             if entry.error is not None:
                 entry.leases -= 1
-                raise _detached(entry.error)
+                raise detached(entry.error)
             lease_id, over = self._leases.add(entry, holder, lease_id)
             if over:
                 self.host.unlease(entry)
@@ -349,7 +333,7 @@ class NodeCache:
             del buffer, view
         except BaseException as exc:
             with self._lock:
-                self.host.failed(entry, _detached(exc))
+                self.host.failed(entry, detached(exc))
             raise
         with self._lock:
             self.host.loaded(entry, handle, self.clock() - started)
@@ -448,22 +432,7 @@ class NodeCache:
         """Per tenant: bytes held per tier, quotas, and refusals met here; only ``tenant``'s
         entry when given (what a tenant may see of this node), else every tenant known here."""
         with self._lock:
-            known = {e.manifest.tenant for e in self.host.held()}
-            known |= {tenant_of(k) for held in (self.disk.sizes, self.disk.reserved) for k in held}
-            known |= set(self._refusals) | set(self.host.quota_denied) | set(self.disk.quota_denied)
-            out = {}
-            for name in sorted(known) if tenant is None else [tenant]:
-                refusals = self._refusals.get(name, {})
-                out[name] = TenantStats(
-                    host_bytes=self.host.tenant_used(name),
-                    host_quota=self.quota(name, HOST),
-                    disk_bytes=self.disk.tenant_used(name),
-                    disk_quota=self.quota(name, DISK),
-                    not_found=refusals.get(NOT_FOUND, 0),
-                    denied=refusals.get(DENIED, 0),
-                    quota_denials=self.host.quota_denied.get(name, 0) + self.disk.quota_denied.get(name, 0),
-                )
-            return out
+            return tenant_stats(self.host, self.disk, self._refusals, self.quota, tenant)
 
     def leases(self) -> int:
         with self._lock:
