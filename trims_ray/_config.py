@@ -234,6 +234,7 @@ class CacheConfig:
             budget_fraction=self.gpu_fraction,
             policy=self.policy,
             lease_check_s=self.lease_check_s,
+            manifest_ttl_s=self.manifest_ttl_s,
         )
 
     @classmethod
@@ -292,6 +293,8 @@ class GpuTierConfig:
         min_layer_bytes: swap-in copies are grouped into layers of at least this many bytes,
             each followed by an event that a pipelined task waits on.
         swap_workers: swap-ins that may run at once (they share one host-to-device link).
+        manifest_ttl_s: how long the GPU's holder trusts a manifest it resolved (the node's
+            ``CacheConfig.manifest_ttl_s``).
     """
 
     budget_bytes: int | None = None
@@ -301,9 +304,12 @@ class GpuTierConfig:
     lease_check_s: float = 1.0
     min_layer_bytes: int = 4 * MiB
     swap_workers: int = 2
+    manifest_ttl_s: float = 2.0
 
     def __post_init__(self) -> None:
         _check_gpu_budget(self.budget_bytes, self.budget_fraction, "budget_bytes", "budget_fraction")
+        if not self.manifest_ttl_s >= 0:
+            raise ValueError(f"manifest_ttl_s must be >= 0, got {self.manifest_ttl_s!r}")
         if not isinstance(self.policy, str):
             raise TypeError(f"policy must be a policy name, got {type(self.policy).__name__}")
         if self.unclaimed_ttl_s <= 0 or self.lease_check_s <= 0:

@@ -3,8 +3,9 @@ map the holder's allocation through CUDA IPC, and build the module on meta with 
 views of that one allocation, so that a GPU hit copies no byte of weights.
 
 ``trims_ray.open`` and ``@trims_ray.function`` call ``acquire_gpu`` first when the task has a
-GPU, and fall back to the host tier when it returns None (no GPU, no holder, tier off, or the
-GPU policy did not admit the model). Ray and CUDA are imported only when used.
+GPU, and fall back to the host tier when it returns None (no GPU, no holder, tier off, the
+GPU policy did not admit the model, or the GPU has no room for it now). Ray and CUDA are
+imported only when used.
 """
 
 from __future__ import annotations
@@ -144,15 +145,16 @@ def acquire_gpu(
 
     Returns:
         (lease, hint). The lease is None when the GPU tier cannot serve the model here (the task
-        has no GPU, its node has no holder for it, the tier is off, or the GPU policy did not
-        admit the model): the caller then uses the host tier, passing it ``hint``, what the name
+        has no GPU, its node has no holder for it, the tier is off, the GPU policy did not
+        admit the model, or the GPU has no room for it now: its bytes are leased or being
+        swapped in, or other processes hold the memory): the caller then uses the host tier, passing it ``hint``, what the name
         resolved to so far (the one given, or the holder's resolution), so that the host tier
         does not resolve the name again. Use a lease as ``with lease as model:``; the lease ends
         when the block does.
 
     Raises:
         ModelNotFoundError: no such model for ``tenant``.
-        CapacityError: it cannot fit this GPU now.
+        CapacityError: it can never fit this GPU's budget.
         IntegrityError: its bytes failed verification.
     """
     import ray

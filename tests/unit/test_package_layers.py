@@ -28,7 +28,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "devices": ("_nvml", "_cuda", "_gpu_ipc", "_devices"),
     "cache core": (
         "cache", "cache.leases", "cache.quotas", "cache.disk_tier", "cache.host_tier", "cache.host_loader",
-        "cache.scrub", "cache.node_cache", "cache.gpu_tier", "cache.gpu_testing", "cache.placement",
+        "cache.scrub", "cache.node_cache", "cache.gpu_tier", "cache.gpu_entry", "cache.gpu_testing",
+        "cache.placement",
     ),
     "actors": (
         "_raycalls", "_metrics", "actors", "actors._naming", "actors.node_cache_actor", "actors.gpu_tier_actor",

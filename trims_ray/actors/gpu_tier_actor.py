@@ -159,11 +159,31 @@ class _NodeHostSource:
     def _node(self) -> ray.actor.ActorHandle:
         return node_cache_actor(self.node_id)
 
+    # -- the calls to the node's cache (over Ray; a test makes them in its own process) --------
+
+    def _acquire(self, manifest: Manifest, hint: Resolved):
+        try:
+            return call(self._node().acquire.remote(manifest.name, manifest.tenant, Holder.this_process(), None, hint))
+        except ray.exceptions.RayActorError:
+            forget_node_cache_actor(self.node_id)  # replaced since: look it up again next time
+            raise
+
+    def _object(self, grant) -> np.ndarray:
+        return get(grant.ref)
+
+    def _release(self, lease_id: int | str) -> None:
+        self._node().release.remote(lease_id)
+
+    def _held(self, key: str) -> Manifest | None:
+        return call(self._node().held_manifest.remote(key))
+
+    # -- HostSource ------------------------------------------------------------------------------
+
     def held_manifest(self, key: str) -> Manifest | None:
         """The manifest of the node's host copy under ``key`` (``NodeCache.held_manifest``), or
         None: no copy there, or the node's cache cannot be asked now."""
         try:
-            return call(self._node().held_manifest.remote(key))
+            return self._held(key)
         except (ray.exceptions.RayError, TrimsError) as exc:  # TrimsError: no such actor now
             forget_node_cache_actor(self.node_id)  # replaced since, perhaps: look it up again
             log.debug("trims_ray: node cache %s not asked for %s: %s", self.node_id, key, exc)
@@ -171,31 +191,27 @@ class _NodeHostSource:
 
     @contextlib.contextmanager
     def open(self, manifest: Manifest) -> Iterator[tuple[np.ndarray, str]]:
-        try:
-            # The hint spares the node a resolution of the name: its host copy, if it has one,
-            # is of this very manifest. Asked as the manifest's owner, which may see it.
-            hint = Resolved.of(manifest)
-            grant = call(self._node().acquire.remote(manifest.name, manifest.tenant, Holder.this_process(), None, hint))
-        except ray.exceptions.RayActorError:
-            forget_node_cache_actor(self.node_id)  # replaced since: look it up again next time
-            raise
-        if grant.bypass:
-            # The host tier's policy did not keep it: read it here, verified, for this copy only.
+        # The hint spares the node a resolution of the name: its host copy, if it has one,
+        # is of this very manifest. Asked as the manifest's owner, which may see it.
+        grant = self._acquire(manifest, Resolved.of(manifest))
+        if grant.bypass or grant.manifest.sha256 != manifest.sha256:
+            # Bypass: the host tier's policy did not keep it. Another blob: the name was
+            # re-registered since this holder resolved it, and the node (holding no copy of
+            # this one) served what the name means now. The task asked before the register,
+            # so it gets the manifest it was resolved to, as a hint is served (the store
+            # keeps every blob): read here, verified, for this copy only.
+            if not grant.bypass:
+                self._release(grant.lease_id)
             buffer, _ = self.store.read(manifest)
             yield buffer, STORE
             return
         try:
-            if grant.manifest.sha256 != manifest.sha256:
-                raise TrimsError(
-                    f"{manifest.tenant}/{manifest.name} was re-registered while being swapped in "
-                    "(its blob changed): retry"
-                )
-            obj = get(grant.ref)
+            obj = self._object(grant)
             offset = grant.offset
             yield obj[offset : offset + manifest.nbytes], grant.tier
         finally:
             obj = None  # the plasma mapping must be gone before the object can be freed
-            self._node().release.remote(grant.lease_id)
+            self._release(grant.lease_id)
 
 
 class GpuTierActor:
@@ -206,8 +222,9 @@ class GpuTierActor:
         label: Ray's id of the GPU on the node ("0", ...).
         uuid: the GPU's UUID; the actor's ``cuda:0`` must be this GPU.
         store_uri, storage_options: the model store (names are resolved here, per tenant).
-        config: budget and policy.
-        manifest_ttl_s: how long a resolved manifest is trusted.
+        config: budget, policy, and how long a resolved manifest is trusted
+            (``config.manifest_ttl_s``: the node cache passes its CacheConfig's).
+        manifest_ttl_s: overrides ``config.manifest_ttl_s``.
     """
 
     def __init__(
@@ -218,12 +235,13 @@ class GpuTierActor:
         store_uri: str,
         storage_options: dict | None,
         config: GpuTierConfig,
-        manifest_ttl_s: float = 2.0,
+        manifest_ttl_s: float | None = None,
     ) -> None:
         self.node_id = node_id
         self.config = config
         self.store = ModelStore(store_uri, storage_options=storage_options)
-        self.manifests = ManifestCache(lambda name, tenant: self.store.manifest(name, tenant=tenant), manifest_ttl_s)
+        ttl_s = config.manifest_ttl_s if manifest_ttl_s is None else manifest_ttl_s
+        self.manifests = ManifestCache(lambda name, tenant: self.store.manifest(name, tenant=tenant), ttl_s)
         # Swap-ins read the node's host tier, whose copies also vouch for a task's hint.
         self.host = _NodeHostSource(node_id, self.store)
         gpu = inventory().by_uuid(uuid)
@@ -283,18 +301,22 @@ class GpuTierActor:
         hint: Resolved | None = None,
     ) -> GpuGrant | None:
         """Leases a model on this GPU for ``holder`` (a task's process on this node), swapping it
-        in on a miss. None when the GPU tier is off here (the task uses the host tier).
+        in on a miss. None when the GPU tier is off here, and a bypass grant when the GPU has
+        no room for it now (leased, swapping in, or other processes' memory): the task uses the
+        host tier either way, rather than failing for a busy GPU.
         ``hint``: what the task's caller resolved ``name`` to (checked, see ``_resolve``).
 
         Raises:
             TypeError: a Caller as holder (a GPU lease is held by the task that maps it).
-            ModelNotFoundError, CapacityError, IntegrityError: as GpuTier.acquire.
+            CapacityError: the model cannot fit this GPU's budget at all.
+            ModelNotFoundError, IntegrityError: as GpuTier.acquire.
         """
         if isinstance(holder, Caller):
             raise TypeError("a GPU lease is held by the task's own process (Holder), not by its caller")
         if self.tier is None:
             return None
-        return self.tier.acquire(self._resolve(name, tenant, hint), holder, lease_id, pipelined=pipelined)
+        manifest = self._resolve(name, tenant, hint)
+        return self.tier.acquire(manifest, holder, lease_id, pipelined=pipelined, bypass_when_busy=True)
 
     def claim(self, lease_id: int | str, holder: Holder) -> bool:
         return self.tier is not None and self.tier.claim(lease_id, holder)

@@ -19,17 +19,19 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from .._config import GpuTierConfig  # defined with the rest of the settings; re-exported
 from .._devices import CopyJob, DeviceMemory, GpuDevice, HostSource  # re-exported
 from .._errors import CapacityError
-from .._gpu_ipc import DeviceIdentity, LayerGroup, module_order, plan_layers
+from .._gpu_ipc import DeviceIdentity, module_order, plan_layers
 from .._manifest import Manifest
 from ..policy import EvictionPolicy, Outcome, decide_admission, make_policy
 from .._protocol import ASSUMED_SWAP_RATE, BYPASS, Caller, GpuGrant, Holder, TierStats, cache_key, holder_alive  # GpuGrant re-exported
+from .gpu_entry import Resident as _Resident
+from .gpu_entry import cannot_allocate, device_short, no_room, too_big
+from .host_tier import detached
 from .leases import LeaseTable
 
 __all__ = [
@@ -48,26 +50,6 @@ log = logging.getLogger("trims_ray")
 
 GPU = "gpu"
 MiB = 1024 * 1024
-
-
-# -- resident models -----------------------------------------------------------------------------
-
-
-@dataclass(eq=False)  # entries are compared by identity
-class _Resident:
-    manifest: Manifest
-    nbytes: int  # accounted: the allocation's footprint
-    buffer: object | None = None
-    handle: object | None = None
-    groups: tuple[LayerGroup, ...] = ()
-    events: tuple = ()
-    started: threading.Event = field(default_factory=threading.Event)  # copies enqueued
-    ready: threading.Event = field(default_factory=threading.Event)  # every byte on the device
-    error: BaseException | None = None
-    leases: int = 0  # leases held and acquires waiting on this entry
-    evict_when_idle: bool = False
-    source: str = ""
-    layers_done: int = 0
 
 
 def off_stats() -> TierStats:
@@ -150,6 +132,7 @@ class GpuTier:
         *,
         pipelined: bool = False,
         force: bool = False,
+        bypass_when_busy: bool = False,
     ) -> GpuGrant:
         """Leases the model on this GPU for ``holder``, swapping it in from the host tier first
         on a miss.
@@ -161,10 +144,14 @@ class GpuTier:
         last byte has arrived. A miss that would evict others is kept only if the policy admits
         it (unless ``force``); otherwise the grant's tier is "bypass", with no lease and no
         handle. ``holder`` None: a task claims the lease later (``claim``).
+        ``bypass_when_busy``: a miss with no room now (leased bytes, swap-ins in flight, other
+        processes' memory) is a bypass too, so that a task is served by the host tier rather
+        than failed (what a holder does for tasks; prefetch wants the error).
 
         Raises:
-            CapacityError: the model cannot fit the GPU budget even after evicting what is idle,
-                or the GPU has not that much memory free (other processes use it).
+            CapacityError: the model cannot fit the GPU budget; or, unless ``bypass_when_busy``,
+                it cannot fit even after evicting what is idle, or the GPU has not that much
+                memory free (other processes use it).
             ModelNotFoundError, IntegrityError, StoreUnavailableError: from the host tier.
             ValueError / TypeError: a lease id in use, or not a str.
         """
@@ -175,7 +162,7 @@ class GpuTier:
             entry = self._resident.get(key)
             leader = entry is None
             if leader:
-                entry = self._admit(manifest, force, victims)
+                entry = self._admit(manifest, force, victims, bypass_when_busy)
                 if entry is None:
                     return GpuGrant(lease_id or 0, None, manifest, 0, self.identity, BYPASS)
             elif entry.ready.is_set():
@@ -194,23 +181,20 @@ class GpuTier:
         with self._lock:
             if entry.error is not None:
                 self._unlease(entry, dropped)
-                error = entry.error
+                # Each waiter raises its own copy: one object raised by many would collect every
+                # waiter's frames in its traceback (see host_tier.detached).
+                error = None if entry.busy and bypass_when_busy else detached(entry.error)
+                if error is None:
+                    self._stats.bypasses += 1
+                    grant = GpuGrant(lease_id or 0, None, manifest, 0, self.identity, BYPASS)
             else:
                 error = None
                 lease_id, over = self._leases.add(entry, holder, lease_id)
                 if over:
                     self._unlease(entry, dropped)
                 in_flight = not entry.ready.is_set()
-                grant = GpuGrant(
-                    lease_id,
-                    entry.handle,
-                    manifest,
-                    0,
-                    self.identity,
-                    entry.source if leader else GPU,
-                    entry.groups if in_flight else (),
-                    entry.events if in_flight else (),
-                )
+                grant = GpuGrant(lease_id, entry.handle, manifest, 0, self.identity, entry.source if leader else GPU,
+                                 entry.groups if in_flight else (), entry.events if in_flight else ())
                 self.on_change()
         self._free(dropped)
         if error is not None:
@@ -270,15 +254,18 @@ class GpuTier:
     def _used(self) -> int:
         return sum(e.nbytes for e in self._resident.values()) + sum(e.nbytes for e in self._orphans) + self._freeing
 
-    def _admit(self, manifest: Manifest, force: bool, victims_out: list[_Resident]) -> _Resident | None:
+    def _admit(
+        self, manifest: Manifest, force: bool, victims_out: list[_Resident], bypass_when_busy: bool = False
+    ) -> _Resident | None:
         """Reserves room for a swap-in, choosing and dropping idle victims (appended to
         ``victims_out`` for the caller to free after the lock), or None when the policy does
-        not admit it. Call under the lock.
+        not admit it (or, with ``bypass_when_busy``, when there is no room now). Call under the
+        lock.
 
         Raises:
             CapacityError: it cannot fit, or the GPU lacks the memory; nothing is evicted.
         """
-        key, what = cache_key(manifest), f"{manifest.tenant}/{manifest.name}"
+        key, gpu = cache_key(manifest), self.identity.label
         need = self.device.footprint(manifest.nbytes)
         self._stats.misses += 1
         sizes = {k: e.nbytes for k, e in self._resident.items() if e.ready.is_set()}
@@ -297,19 +284,11 @@ class GpuTier:
             evictable=idle,
             force=force,
         )
-        if decision.outcome is Outcome.TOO_BIG:
-            raise CapacityError(
-                f"model {what} needs {need} bytes on GPU {self.identity.label}, whose budget is "
-                f"{self.budget}: raise the GPU budget (budget_bytes or budget_fraction) or run it "
-                "from the host tier"
-            )
+        if decision.outcome is Outcome.TOO_BIG:  # never fits: an error whoever asks
+            raise CapacityError(too_big(manifest, need, gpu, self.budget))
         if decision.outcome is Outcome.NO_ROOM:
             busy = self._used() - sum(s for k, s in sizes.items() if idle(k))
-            raise CapacityError(
-                f"model {what} needs {need} bytes on GPU {self.identity.label}, but {busy} of its "
-                f"{self.budget} budget bytes are leased or being swapped in: retry when they are "
-                "released, or raise the GPU budget"
-            )
+            return self._busy(no_room(manifest, need, gpu, self.budget, busy), bypass_when_busy)
         if not decision.kept:  # REFUSED: a bypass; the tier allocates nothing, so no device check
             self._stats.bypasses += 1
             return None
@@ -319,17 +298,19 @@ class GpuTier:
         pending = sum(e.nbytes for e in self._resident.values() if e.buffer is None)
         room = self.device.memory().free + self._freeing + sum(sizes[k] for k in decision.victims) - pending
         if room < need:
-            raise CapacityError(
-                f"model {what} needs {need} bytes on GPU {self.identity.label}, which has {room} "
-                "free for it now (other processes use the rest): retry later, or lower the GPU "
-                "budget so that tasks keep their memory"
-            )
+            return self._busy(device_short(manifest, need, gpu, room), bypass_when_busy)
         for victim in decision.victims:
             self._drop(self._resident[victim], victims_out, evicted=True)
         entry = _Resident(manifest, need)
         self._resident[key] = entry
         self._update_usage()
         return entry
+
+    def _busy(self, message: str, bypass: bool) -> None:
+        """No room now: None (a bypass: the task uses the host tier) or CapacityError."""
+        if not bypass:
+            raise CapacityError(message)
+        self._stats.bypasses += 1
 
     def expected_swap_s(self, nbytes: int) -> float:
         """What swapping ``nbytes`` in is expected to take, by the measured rate: the miss
@@ -350,14 +331,20 @@ class GpuTier:
         self._update_usage()
 
     def _free(self, dropped: list[_Resident]) -> None:
-        """Frees the memory of dropped entries; outside the lock (freeing waits for the GPU)."""
+        """Frees the memory of dropped entries; outside the lock (freeing waits for the GPU).
+        An entry whose copy still runs stays counted, and its swap-in frees it when the copy
+        ends: freed now, the copy engine would write into memory given to someone else."""
         for entry in dropped:
+            with self._lock:
+                if entry.copying:
+                    entry.free_after_copy = True
+                    continue
+                buffer, entry.buffer, entry.handle = entry.buffer, None, None
             try:
-                if entry.buffer is not None:
-                    self.device.free(entry.buffer)
+                if buffer is not None:
+                    self.device.free(buffer)
             finally:
                 with self._lock:
-                    entry.buffer = entry.handle = None
                     self._freeing -= entry.nbytes
                     self._update_usage()
 
@@ -405,10 +392,8 @@ class GpuTier:
                 try:
                     buffer = self.device.allocate(manifest.nbytes)
                 except MemoryError as exc:
-                    raise CapacityError(
-                        f"GPU {self.identity.label} could not allocate {entry.nbytes} bytes for "
-                        f"{manifest.tenant}/{manifest.name}: {exc}; retry later or lower the GPU budget"
-                    ) from None
+                    entry.busy = True  # other processes took the memory since admission: not now
+                    raise CapacityError(cannot_allocate(manifest, entry.nbytes, self.identity.label, exc)) from None
                 with self._lock:
                     entry.buffer = buffer
                 handle = self.device.export(buffer)
@@ -423,28 +408,48 @@ class GpuTier:
                 raise
             return
         seconds = time.perf_counter() - started
+        key, dropped = cache_key(manifest), []
         with self._lock:
+            entry.copying = False
             if manifest.nbytes >= MiB and seconds > 0:
                 rate = manifest.nbytes / seconds
                 self.swap_rate = rate if self.swap_rate is None else 0.7 * self.swap_rate + 0.3 * rate
-            self.policy.on_insert(cache_key(manifest), entry.nbytes, seconds)
             self._stats.loads += 1
             entry.ready.set()
-            self._update_usage()
+            if self._resident.get(key) is entry:  # the policy tracks exactly what is resident
+                self.policy.on_insert(key, entry.nbytes, seconds)
+                if entry.evict_when_idle and entry.leases == 0:  # evicted while copying, unleased
+                    self._drop(entry, dropped, evicted=True)
+            self._settle(entry, dropped)
+        self._free(dropped)
+
+    def _settle(self, entry: _Resident, dropped: list[_Resident]) -> None:
+        """The copy into ``entry`` ended: if it was dropped meanwhile, it is freed now (added to
+        ``dropped``). Call under the lock."""
+        if entry.free_after_copy:
+            entry.free_after_copy = False
+            dropped.append(entry)
+        self._update_usage()
 
     def _fail(self, entry: _Resident, exc: BaseException) -> None:
         log.warning("trims_ray: swap-in of %s/%s onto GPU %s failed: %s", entry.manifest.tenant,
                     entry.manifest.name, self.identity.label, exc)
+        dropped: list[_Resident] = []
         with self._lock:
-            entry.error = exc
+            entry.copying = False
+            entry.error = detached(exc)  # kept as raised, its traceback's frames hold the entry
             if self._resident.get(cache_key(entry.manifest)) is entry:
-                del self._resident[cache_key(entry.manifest)]
-            # Its waiters (at least the leader's acquire) still count as leases; the last of
-            # them to let go frees whatever was allocated.
-            self._orphans.append(entry)
-            self._update_usage()
+                if entry.leases:
+                    # Its waiters (at least the leader's acquire) and pipelined grantees still
+                    # count as leases; the last of them to let go frees what was allocated.
+                    del self._resident[cache_key(entry.manifest)]
+                    self._orphans.append(entry)
+                else:  # every grantee let go already: nobody is left to free it but us
+                    self._drop(entry, dropped, evicted=False)
+            self._settle(entry, dropped)
             entry.started.set()
             entry.ready.set()
+        self._free(dropped)
 
     # -- accounting ----------------------------------------------------------------------------
 
