@@ -5,13 +5,20 @@ The caller's store and tenant are process-wide: ``trims_ray.init`` will set them
 connection); until then they come from ``$TRIMS_RAY_STORE`` and ``$TRIMS_RAY_TENANT``. A caller
 may name its own tenant or "public", never another: that is an AccessDeniedError, counted (with
 not-found names) per tenant by the node cache of the caller's node (``note_refusal``).
+
+The tenant travels with the work: a decorated task runs as the tenant that submitted it
+(``acting_as``), and every task of a job whose driver gave ``init`` a tenant acts as that tenant
+(``publish_job_tenant``), even when ``ray.init`` came first and the job's runtime_env does not
+carry ``$TRIMS_RAY_TENANT``: a worker must never fall back to "default" and open its models.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
@@ -30,6 +37,8 @@ __all__ = [
     "tenant_for_write",
     "note_refusal",
     "set_session",
+    "acting_as",
+    "publish_job_tenant",
 ]
 
 log = logging.getLogger("trims_ray")
@@ -37,6 +46,11 @@ log = logging.getLogger("trims_ray")
 _lock = threading.Lock()
 _session: dict[str, object] = {"store": None, "tenant": None}
 _stores: dict[tuple[str, str], ModelStore] = {}
+# The tenant of the task running in this context (a decorated task's submitter): a ContextVar, so
+# that it ends with the task and never leaks into the next task a reused worker runs.
+_task_tenant: contextvars.ContextVar[str | None] = contextvars.ContextVar("trims_ray_task_tenant", default=None)
+# Where a driver records the tenant its init was given, per Ray job, for the job's workers.
+_KV_NAMESPACE = "trims_ray"
 
 
 def set_session(store: ModelStore | None, tenant: str | None) -> None:
@@ -68,9 +82,72 @@ def store_for(uri: str, storage_options: dict | None) -> ModelStore:
 
 
 def caller_tenant() -> str:
-    """The tenant this process acts as: ``init(tenant=...)``, ``$TRIMS_RAY_TENANT``, or "default"."""
-    tenant = _session["tenant"] or caller_tenant_from_env() or DEFAULT_TENANT
+    """The tenant this caller acts as: the submitter's, in a decorated task (``acting_as``); else
+    ``init(tenant=...)`` of this process; else ``$TRIMS_RAY_TENANT`` of this process (an actor
+    given its own tenant in its runtime_env keeps it); else, in a worker, the tenant its job's
+    driver gave ``init`` (``publish_job_tenant``); else "default"."""
+    tenant = (
+        _task_tenant.get()
+        or _session["tenant"]
+        or caller_tenant_from_env()
+        or _job_tenant()
+        or DEFAULT_TENANT
+    )
     return check_tenant(tenant)
+
+
+@contextlib.contextmanager
+def acting_as(tenant: str) -> Iterator[str]:
+    """Makes ``caller_tenant()`` return ``tenant`` in this context until the block ends (a
+    decorated task runs its function, ``open`` and nested invocations as its submitter)."""
+    token = _task_tenant.set(check_tenant(tenant))
+    try:
+        yield tenant
+    finally:
+        _task_tenant.reset(token)
+
+
+def publish_job_tenant(tenant: str | None) -> None:
+    """Records (or, with None, forgets) ``tenant`` as the tenant of this driver's Ray job, where
+    the job's workers read it (``caller_tenant``). Called by ``init`` and ``shutdown``."""
+    from ray.experimental import internal_kv  # imports Ray: only a driver on a cluster gets here
+
+    key = _job_key()
+    if key is None:
+        return
+    if tenant is None:
+        internal_kv._internal_kv_del(key, namespace=_KV_NAMESPACE)
+    else:
+        internal_kv._internal_kv_put(key, check_tenant(tenant), namespace=_KV_NAMESPACE)
+
+
+def _job_key() -> str | None:
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return f"tenant/{ray.get_runtime_context().get_job_id()}"
+
+
+def _job_tenant() -> str | None:
+    """The tenant the driver of this worker's job gave ``init``, or None (not a Ray worker, or
+    the driver named none: then ``$TRIMS_RAY_TENANT``, which its runtime_env may carry).
+
+    Read from Ray's KV store on every call (a GCS round trip), never cached: a reused worker
+    must follow a driver that re-inits as another tenant. Decorated tasks do not get here."""
+    import sys
+
+    if "ray" not in sys.modules:  # no Ray in this process: not a worker
+        return None
+    import ray
+
+    if not ray.is_initialized() or ray._private.worker.global_worker.mode != ray.WORKER_MODE:
+        return None  # a driver's tenant is its own session's or environment's
+    from ray.experimental import internal_kv
+
+    key = _job_key()
+    value = internal_kv._internal_kv_get(key, namespace=_KV_NAMESPACE) if key else None
+    return value.decode() if value else None
 
 
 def acting_tenant(tenant: str | None, action: str) -> str:
@@ -159,14 +236,21 @@ def register(
 
     Raises:
         ValueError / TypeError: bad name, tenant, factory or weights.
-        AccessDeniedError: ``tenant`` names another tenant.
+        AccessDeniedError: ``tenant`` names another tenant, or ``tenant`` is "public" and
+            another tenant published a model of that name (only its owner replaces it).
         ModelFormatError: malformed safetensors, weights that do not fit the factory, or a
             module a task would not rebuild exactly (the tensors are named).
         StoreUnavailableError: the store cannot be reached or written.
     """
-    return current_store().register(
-        name, weights, tenant=tenant_for_write(tenant), factory=factory, example_input=example_input
-    )
+    acting = tenant_for_write(tenant)
+    own = caller_tenant()
+    try:
+        return current_store().register(
+            name, weights, tenant=acting, factory=factory, example_input=example_input, owner=own
+        )
+    except AccessDeniedError:  # a public name another tenant owns
+        note_refusal("denied", own)
+        raise
 
 
 def list_models(*, tenant: str | None = None) -> list[ModelInfo]:

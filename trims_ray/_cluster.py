@@ -131,6 +131,9 @@ def init(
             "it with another store (its caches are emptied)"
         )
     _api.set_session(model_store, tenant)
+    # The job's workers act as this tenant too, even when Ray was initialized before us and the
+    # job's runtime_env does not carry it (else they would act as "default").
+    _api.publish_job_tenant(tenant)
     handles = {
         node: start_node_cache_actor(node, model_store.uri, storage_options, config)
         for node in ray.get(placement.sync.remote())
@@ -152,6 +155,7 @@ def shutdown() -> None:
     _api.set_session(None, None)
     if not ray.is_initialized():
         return
+    _api.publish_job_tenant(None)
     # Placement first: it gives caches to nodes without one, and must not replace those killed.
     for name in sorted(our_actor_names(), key=lambda n: n != PLACEMENT_ACTOR_NAME):
         kill_actor(name)  # False: already gone

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._factory import assemble_module, build_on_meta, module_tensors, resolve_factory
+from ._factory import assemble_module, resolve_factory
 from ._manifest import Manifest
 from ._nvml import GpuInfo, GpuInventory, normalize_uuid, parse_visible_devices, uuid_matches, visible_gpus
 from ._safetensors import DTYPES
@@ -206,13 +206,13 @@ def plan_layers(
 
 def module_order(manifest: Manifest) -> list[str] | None:
     """The model's tensor names in its module's ``state_dict`` order, then its non-persistent
-    buffers (built on meta, no memory), or None when it has no factory or the factory cannot be built here."""
-    if manifest.factory is None:
-        return None
-    try:
-        return list(module_tensors(build_on_meta(resolve_factory(manifest.factory))))
-    except Exception:  # any factory failure only costs the pipelining order, never the load
-        return None
+    buffers, as registration recorded them in the manifest (``Manifest.order``); None without
+    one (no factory, or registered before orders were recorded: then ``plan_layers`` uses the
+    names' natural order).
+
+    Read from the manifest alone: the GPU holder is shared by every tenant, and building the
+    module would run a tenant's factory (an import, or an unpickled callable) inside it."""
+    return list(manifest.order) if manifest.order is not None else None
 
 
 def module_waits(manifest: Manifest, groups: Sequence[LayerGroup]) -> dict[str, int]:
@@ -264,8 +264,14 @@ def device_tensors(buffer: torch.Tensor, manifest: Manifest) -> dict[str, torch.
 
 def materialize_views(manifest: Manifest, buffer: torch.Tensor) -> nn.Module | dict[str, torch.Tensor]:
     """The model as views of ``buffer`` (see ``device_tensors``): its module built on meta with
-    the views assigned as its parameters and buffers, or the state dict without a factory."""
-    tensors = device_tensors(buffer, manifest)
+    the views assigned as its parameters and buffers, or the state dict without a factory.
+
+    A buffer in host memory is checked against the manifest's tensor index first
+    (``Manifest.check_blob``). One on a GPU is not read here: its first layer may still be in
+    flight (a pipelined swap-in) and reading it would wait for it."""
+    tensors = device_tensors(buffer, manifest)  # checks the buffer's type and size first
+    if buffer.device.type == "cpu":
+        manifest.check_blob(buffer.numpy())
     if manifest.factory is None:
         return tensors
     stored = {spec.name: tensors[spec.name] for spec in manifest.tensors}

@@ -43,14 +43,16 @@ HF_INDEX = "model.safetensors.index.json"
 @dataclass
 class Weights:
     """Flat tensors to store, names that alias a stored tensor, a description of the source,
-    the factory entry (given, or derived from a Hugging Face config), and the source module
-    when there is one to check a rebuild against."""
+    the factory entry (given, or derived from a Hugging Face config), the source module
+    when there is one to check a rebuild against, and (set by ``prove_rebuild``) the stored
+    names in the module's own order, which the GPU tier copies in without running the factory."""
 
     tensors: dict[str, torch.Tensor]
     aliases: dict[str, str]
     source: str
     factory: dict[str, str] | None = None
     module: nn.Module | None = None
+    order: list[str] | None = None
 
 
 def collect_weights(
@@ -142,7 +144,8 @@ def prove_rebuild(weights_in: Weights, example_input: object = None) -> None:
     where = weights_in.source
     shapes = {name: tuple(t.shape) for name, t in weights_in.tensors.items()}
     shapes.update({alias: shapes[target] for alias, target in weights_in.aliases.items()})
-    check_factory_fits(build_on_meta(factory), shapes, source=where)
+    meta = build_on_meta(factory)
+    check_factory_fits(meta, shapes, source=where)
     reference = weights_in.module
     if reference is None:
         reference = _reference_from_checkpoint(factory, weights_in)
@@ -152,6 +155,10 @@ def prove_rebuild(weights_in: Weights, example_input: object = None) -> None:
             weights_in.tensors[name] = buffer.detach()
     built = assemble_module(factory, weights_in.tensors, weights_in.aliases, source=where)
     check_reproduces(built, reference, where=where)
+    # Recorded here, in the registering tenant's process, so that the shared GPU holder plans
+    # its layer copies from the manifest alone and never runs (or unpickles) tenant code.
+    stored = set(weights_in.tensors) | set(weights_in.aliases)
+    weights_in.order = [n for n in module_tensors(meta) if n in stored]
     if example_input is not None:
         _check_forward(built, reference, example_input, where)
 

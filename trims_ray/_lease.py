@@ -307,6 +307,12 @@ def _granted(boxed: list | None) -> tuple[HostGrant, Any] | None:
 
 def _make_remote(fn: Callable, model: str, options: dict):
     def run_with_model(tenant: str, boxed: list | None, hint: Resolved, *args, **kwargs):
+        # The function, its trims_ray.open calls and its nested invocations act as the tenant
+        # that submitted it, whatever this worker's environment says.
+        with _api.acting_as(tenant):
+            return _run_with_model(tenant, boxed, hint, *args, **kwargs)
+
+    def _run_with_model(tenant: str, boxed: list | None, hint: Resolved, *args, **kwargs):
         _mark_task_start()
         granted = _granted(boxed)
         if granted is None:

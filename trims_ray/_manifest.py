@@ -1,9 +1,13 @@
 """Model manifests: the small JSON document that names a model and points at its blob.
 
 A manifest is what makes a blob a model: name, tenant, the blob's sha256 and size, the tensor
-index (dtype, shape, absolute offsets), tied-weight aliases, and how to build the architecture.
-Manifests are read back from a store anyone with write access can touch, so ``from_json``
-validates every field and raises ModelFormatError rather than trusting the document.
+index (dtype, shape, absolute offsets), tied-weight aliases, and how to build the architecture;
+a public model's manifest also names its owner (the tenant that published it), and a model with
+a factory its tensors in module order (what the GPU tier copies first, known without running the
+factory). Manifests are read back from a store anyone with write access can touch, so
+``from_json`` validates every field and raises ModelFormatError rather than trusting the
+document, and ``check_blob`` checks the tensor index against the verified blob's own header
+before any tensor is viewed (a manifest has no digest of its own).
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ._errors import ModelFormatError
+from ._errors import IntegrityError, ModelFormatError
 from ._factory import check_factory_ref
 from ._hashing import ChunkDigests
-from ._names import check_name, check_tenant
-from ._safetensors import BlobLayout, TensorSpec, brief_repr, parse_header
+from ._names import PUBLIC_TENANT, check_name, check_tenant
+from ._safetensors import BlobLayout, TensorSpec, brief_repr, header_length, parse_header
 
 __all__ = ["FORMAT_VERSION", "ModelInfo", "Manifest"]
 
@@ -32,7 +36,14 @@ _FIELDS = frozenset(
     {"format_version", "name", "tenant", "sha256", "nbytes", "data_start", "tensors",
      "chunk_bytes", "chunk_sha256", "aliases", "factory", "created"}
 )
+# Fields a manifest has only when they apply: "owner" (public models written since owners are
+# recorded) and "order" (models with a factory). A damaged key is still an unknown field.
+_OPTIONAL_FIELDS = frozenset({"owner", "order"})
 _TENSOR_FIELDS = frozenset({"dtype", "shape", "offsets"})
+# Fingerprints of manifests whose tensor index this process has checked against their blob
+# (``check_blob``): a fingerprint covers the sha256, whose bytes never change. Bounded.
+_CHECKED: dict[str, None] = {}
+_CHECKED_MAX = 4096
 
 
 def _architecture(text: str) -> str:
@@ -94,6 +105,41 @@ class Manifest:
     factory: Mapping[str, str] | None = None
     created: str = ""
     format_version: int = FORMAT_VERSION
+    # The tenant that published a public model (None: a private model, whose owner is its
+    # tenant, or a public one registered before owners were recorded).
+    owner: str | None = None
+    # Stored tensor and alias names in the module's state_dict order (None: no factory).
+    order: tuple[str, ...] | None = None
+
+    def check_blob(self, blob) -> None:
+        """Checks that the safetensors header at the start of ``blob`` (the verified bytes of
+        this manifest's sha256, or at least their first ``data_start`` bytes) describes exactly
+        this manifest's tensor index: names, dtypes, shapes and offsets. The header is covered
+        by the blob's sha256, the manifest by nothing: a renamed or swapped tensor name in a
+        damaged or edited manifest would otherwise be served as another tensor's weights.
+
+        Raises:
+            IntegrityError: the index and the blob's header differ.
+        """
+        fingerprint = self.fingerprint
+        if fingerprint in _CHECKED:
+            return
+        source = f"{self.tenant}/{self.name}"
+        data = memoryview(blob).cast("B")[: self.data_start]
+        try:
+            found = parse_header(data, file_size=self.nbytes, source=f"the blob of {source}")
+            ok = header_length(data, source=source) + 8 == self.data_start and found.tensors == self.tensors
+        except ModelFormatError:
+            ok = False
+        if not ok:
+            raise IntegrityError(
+                f"{source}: the manifest's tensor index does not match the header of its blob "
+                f"{self.sha256[:16]}... (names, dtypes, shapes or offsets differ): the manifest "
+                "was damaged or edited; nothing was served: re-register the model"
+            )
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED[fingerprint] = None
 
     @property
     def layout(self) -> BlobLayout:
@@ -139,6 +185,11 @@ class Manifest:
             "factory": dict(self.factory) if self.factory is not None else None,
             "created": self.created,
         }
+        # Only when set: a manifest without them is byte for byte what earlier versions wrote.
+        if self.owner is not None:
+            doc["owner"] = self.owner
+        if self.order is not None:
+            doc["order"] = list(self.order)
         return json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
 
     @classmethod
@@ -173,10 +224,17 @@ class Manifest:
 
     @classmethod
     def _from_doc(cls, doc: dict, source: str) -> Manifest:
-        if doc.keys() != _FIELDS:
-            missing, unknown = sorted(_FIELDS - doc.keys()), sorted(doc.keys() - _FIELDS)
+        if not _FIELDS <= doc.keys() <= _FIELDS | _OPTIONAL_FIELDS:
+            missing = sorted(_FIELDS - doc.keys())
+            unknown = sorted(doc.keys() - _FIELDS - _OPTIONAL_FIELDS)
             raise ValueError(f"fields missing: {missing}, unknown: {brief_repr(unknown)}")
         name, tenant = check_name(doc["name"]), check_tenant(doc["tenant"])
+        owner = doc.get("owner")
+        if owner is not None or "owner" in doc:
+            if tenant != PUBLIC_TENANT:
+                raise ValueError("only a public model's manifest names an owner (a private one's is its tenant)")
+            if check_tenant(owner) == PUBLIC_TENANT:
+                raise ValueError("a public model's owner must be a tenant, not 'public'")
         sha256 = doc["sha256"]
         if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256):
             raise ValueError(f"sha256 must be 64 lowercase hex digits, got {brief_repr(sha256)}")
@@ -247,6 +305,14 @@ class Manifest:
         created = doc["created"]
         if not isinstance(created, str):
             raise ValueError("created must be a string")
+        order = doc.get("order")
+        if "order" in doc and not (
+            factory is not None
+            and isinstance(order, list)
+            and all(isinstance(n, str) and (n in index or n in aliases) for n in order)
+            and len(set(order)) == len(order)
+        ):
+            raise ValueError("order must list distinct stored tensor or alias names, with a factory")
         return cls(
             name=name,
             tenant=tenant,
@@ -258,5 +324,7 @@ class Manifest:
             aliases=dict(aliases),
             factory=dict(factory) if factory is not None else None,
             created=created,
+            owner=owner,
+            order=tuple(order) if order is not None else None,
         )
 

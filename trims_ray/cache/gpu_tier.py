@@ -70,7 +70,7 @@ class GpuTier:
         clock: monotonic time source.
         holder_alive: tells whether a lease holder still runs (injected for tests).
         layer_order: tensor names in module order for a manifest (pipelining order); default
-            builds the model on meta (``module_order``), once per blob.
+            reads the module order recorded in the manifest (``module_order``): no tenant code runs.
         on_change: called (under the tier's lock, so it must only signal) when residency,
             usage or leases change.
 
