@@ -161,7 +161,7 @@ def _read_only_model(grant: HostGrant, obj) -> Iterator[Any]:
 class ModelFunction:
     """A Ray remote function whose first argument is a leased model (see ``function``)."""
 
-    def __init__(self, fn: Callable, model: str | None, options: dict) -> None:
+    def __init__(self, fn: Callable, model: str | None, options: dict, built: dict | None = None) -> None:
         if model is not None:
             check_name(model)
         self._fn = fn
@@ -169,6 +169,10 @@ class ModelFunction:
         self._options = options
         self._remote = None
         self._placed: dict[str, Any] = {}  # node -> the remote function with its affinity
+        # (model, options) -> (remote function, its _placed), shared by every .options() copy of
+        # this function: building one pickles and exports the function to Ray again, and the
+        # demo and the replay call .options(model=...) for every request.
+        self._built: dict = {} if built is None else built
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, **kwargs):
@@ -179,7 +183,20 @@ class ModelFunction:
     def options(self, **options) -> ModelFunction:
         """Like Ray's ``.options()``; ``model=`` switches the model as well."""
         model = options.pop("model", self._model)
-        return ModelFunction(self._fn, model, {**self._options, **options})
+        return ModelFunction(self._fn, model, {**self._options, **options}, self._built)
+
+    def _build(self) -> tuple[Any, dict[str, Any]]:
+        """The Ray remote function for this model and these options, and its per-node copies:
+        the one built before for equal ones, else a new one."""
+        try:
+            key = (self._model, _frozen(self._options))
+        except TypeError:  # an option value that cannot be compared: one for this copy alone
+            return _make_remote(self._fn, self._model, self._options), {}
+        with _built_lock:
+            built = self._built.get(key)
+            if built is None:
+                built = self._built[key] = (_make_remote(self._fn, self._model, self._options), {})
+        return built
 
     def remote(self, *args, **kwargs) -> ray.ObjectRef:
         """Submits the task to the node where it is expected to start soonest (the placement
@@ -203,15 +220,18 @@ class ModelFunction:
                 ".options(model=...)"
             )
         if self._remote is None:
-            self._remote = _make_remote(self._fn, self._model, self._options)
+            self._remote, self._placed = self._build()
         tenant = _api.caller_tenant()
         router = _routing.router()
-        manifest, route = router.route(self._model, tenant)
+        if "scheduling_strategy" in self._options:
+            # The caller placed the task itself: it leases from whatever node it runs on. It is
+            # not routed, so not counted (loading, in flight) on a node it may never go to.
+            hint = Resolved.of(router.manifest(self._model, tenant))
+            return self._remote.remote(tenant, None, hint, *args, **kwargs)
+        # A task without a GPU is served by a node's host side: GPU copies do not rank it.
+        manifest, route = router.route(self._model, tenant, gpu=_wants_gpu(self._options))
         # The name is resolved here, once: the caches downstream are told what it resolved to.
         hint = Resolved.of(manifest)
-        if "scheduling_strategy" in self._options:
-            # The caller placed the task itself: it leases from whatever node it runs on.
-            return self._remote.remote(tenant, None, hint, *args, **kwargs)
         if _wants_gpu(self._options) or router.queued(route.node):
             # No lease taken here; the task leases when it starts. With a GPU, the holder of the
             # task's own GPU serves it (known only then), and a host lease would be wasted on a
@@ -243,6 +263,29 @@ class ModelFunction:
 
 def _no_lease() -> None:
     pass
+
+
+_built_lock = threading.Lock()
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable form of Ray task options that equal options share: dicts and lists by their
+    items, option objects (scheduling strategies) by their attributes, the rest by their own
+    equality (callables: by identity).
+
+    Raises:
+        TypeError: a value with none of these.
+    """
+    if isinstance(value, dict):
+        return (dict, tuple(sorted((repr(k), _frozen(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_frozen(v) for v in value))
+    if isinstance(value, (set, frozenset)):
+        return (frozenset, frozenset(_frozen(v) for v in value))
+    if not callable(value) and type(value).__hash__ is object.__hash__ and hasattr(value, "__dict__"):
+        return (type(value), _frozen(vars(value)))
+    hash(value)
+    return (type(value), value)
 
 
 def _wants_gpu(options: dict) -> bool:

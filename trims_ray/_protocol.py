@@ -266,6 +266,7 @@ class TierStats:
     scrubbed: int = 0  # resident copies re-hashed by scrub (host tier)
     corrupt: int = 0  # of those, copies that no longer matched their manifest and were dropped
     errors: int = 0  # reads or writes that failed (disk full, directory deleted, a bad file)
+    bypass_bytes: int = 0  # host: bytes of the shared copies of bypassed misses, held while leased
 
 
 @dataclass

@@ -181,8 +181,9 @@ class Router:
             _api.note_refusal("not_found", tenant)  # before any task: no node cache sees it
             raise
 
-    def route(self, name: str, tenant: str) -> tuple[Manifest, Route]:
-        """Where an invocation of ``name`` should run.
+    def route(self, name: str, tenant: str, *, gpu: bool = False) -> tuple[Manifest, Route]:
+        """Where an invocation of ``name`` should run; ``gpu``: whether it asks for a GPU (only
+        then does a copy on a node's GPU count).
 
         Raises:
             ModelNotFoundError: no such model for ``tenant``.
@@ -193,7 +194,7 @@ class Router:
         key = cache_key(manifest)
         with self._lock:
             try:
-                route = self._placement.route(key, manifest.nbytes + 2 * GUARD_BYTES)
+                route = self._placement.route(key, manifest.nbytes + 2 * GUARD_BYTES, gpu=gpu)
             except LookupError:
                 raise TrimsError(
                     "no trims_ray node cache has reported to placement yet: retry in a moment, "

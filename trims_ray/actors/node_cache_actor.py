@@ -8,10 +8,12 @@ detached so that cached models outlive the job that loaded them. It owns every h
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
+import uuid
 from dataclasses import asdict
 
 import numpy as np
@@ -29,7 +31,9 @@ from .._store import ModelStore
 from ._naming import NAMESPACE, forget_placement_actor, node_cache_actor, node_cache_actor_name, placement_actor
 from ..cache.gpu_tier import GPU
 from .._protocol import ASSUMED_LOAD_RATES, PEER, STORE, Caller, Holder, HostGrant, Resolved, cache_key, holder_alive
+from ..cache.host_loader import LEND_CALL_TIMEOUT_S, peer_copy_timeout_s
 from ..cache.node_cache import NodeCache
+from ..cache.placement import ReportSequence
 from .gpu_tier_actor import node_gpu_residency, node_gpu_stats, start_gpu_tier_actors
 
 __all__ = [
@@ -101,6 +105,8 @@ class NodeCacheActor:
         # One report at a time, each built just before it is sent: reports arrive in order.
         self._report_lock = threading.Lock()
         self._last_report: tuple[dict | None, float] = (None, 0.0)
+        # Numbers every report, so placement applies them in order however Ray delivers them.
+        self._reports = ReportSequence()
         self.cache = NodeCache(
             store=ModelStore(store_uri, storage_options=storage_options),
             memory=_PlasmaMemory(),
@@ -114,6 +120,7 @@ class NodeCacheActor:
             holder_alive=self._holder_alive,
             tenant_share=config.tenant_share,
             tenant_quotas=config.tenant_quotas,
+            bypass_budget=_bypass_budget(self._node, host_budget),
         )
         self._dead_callers: set[str] = set()
         self._peer_mode = "auto" if config.peer_fetch else "never"
@@ -186,9 +193,10 @@ class NodeCacheActor:
         holder to check a task's hint against (NodeCache.held_manifest)."""
         return self.cache.held_manifest(key)
 
-    def lend(self, key: str) -> HostGrant | None:
-        """A lease on a blob this node holds in memory, for a peer copying it (None: not here)."""
-        grant = self.cache.lend(key)
+    def lend(self, key: str, lease_id: str | None = None) -> HostGrant | None:
+        """A lease on a blob this node holds in memory, for a peer copying it (None: not here);
+        ``lease_id``: the borrower's own id for it (NodeCache.lend)."""
+        grant = self.cache.lend(key, lease_id)
         return None if grant is None else HostGrant.of(grant, self.node_id)
 
     def drain(self) -> None:
@@ -255,10 +263,14 @@ class NodeCacheActor:
             self.cache.peer_read = None if peer_fetch == "never" else self._peer_read
 
     def report(self) -> dict:
-        """This node's residency snapshot for placement (it also pushes them on every change)."""
+        """This node's residency snapshot for placement (it also pushes them on every change),
+        numbered (``seq``) in the order snapshots are taken."""
+        return self._reports.stamp(self._snapshot)
+
+    def _snapshot(self) -> dict:
         report = {**self.cache.report(), "slots": self._slots}
-        if self._gpu_holders:  # GPU residency outranks host residency for routing
-            report["residency"] = {**report["residency"], **node_gpu_residency(self._gpu_holders)}
+        if self._gpu_holders:  # apart from the host side: only GPU tasks can use these copies
+            report["gpu"] = node_gpu_residency(self._gpu_holders)
         return report
 
     # -- the GPU tier --------------------------------------------------------------------------
@@ -323,7 +335,8 @@ class NodeCacheActor:
             report = self.report()
             now = time.monotonic()
             last, last_sent = self._last_report
-            if report == last and now - last_sent < unless_unchanged_for:
+            unchanged = last is not None and {**report, "seq": last["seq"]} == last  # its number aside
+            if unchanged and now - last_sent < unless_unchanged_for:
                 return
             try:
                 get(placement_actor().report.remote(self.node_id, report), timeout=10)
@@ -349,16 +362,25 @@ class NodeCacheActor:
         for peer in peers:
             try:
                 lender = node_cache_actor(peer)
-                grant = get(lender.lend.remote(cache_key(manifest)), timeout=5)
+            except Exception as exc:
+                log.debug("trims_ray: no cache actor on peer %s: %s", peer, exc)
+                continue
+            # Our own id for the lease: if the lend call times out here, it may still be granted
+            # there, and this release (which the lender remembers until the grant) ends it then.
+            lease_id = f"{uuid.uuid4().hex}:lend"
+            try:
+                grant = get(lender.lend.remote(cache_key(manifest), lease_id), timeout=LEND_CALL_TIMEOUT_S)
             except Exception as exc:
                 log.debug("trims_ray: peer %s cannot lend %s: %s", peer, manifest.sha256, exc)
+                with contextlib.suppress(Exception):  # a dead lender holds no lease
+                    lender.release.remote(lease_id)
                 continue
             if grant is None:
                 continue
             try:
                 # Ray's object manager pulls the object into this node's store; the copy into our
                 # own buffer makes the host copy ours (an object dies with its owner).
-                obj = get(grant.ref, timeout=max(30.0, manifest.nbytes / 50e6))
+                obj = get(grant.ref, timeout=peer_copy_timeout_s(manifest.nbytes))
                 blob = obj[grant.offset : grant.offset + manifest.nbytes]
                 copy_verified(blob, out, manifest.chunks, source=f"peer {peer}")
                 del blob, obj
@@ -371,6 +393,15 @@ class NodeCacheActor:
             finally:
                 lender.release.remote(grant.lease_id)
         return False
+
+
+def _bypass_budget(node: dict, host_budget: int) -> int:
+    """Object store bytes that the shared copies of misses the host tier does not keep may hold
+    (NodeCache's ``bypass_budget``): half of what the host budget leaves of the node's store. The
+    other half stays for tasks' own objects; beyond it a bypassed miss is read by its task, as
+    its private copy, as before."""
+    store = int(node["Resources"].get("object_store_memory", 0))
+    return max(0, store - host_budget) // 2
 
 
 def _node_info(node_id: str) -> dict:

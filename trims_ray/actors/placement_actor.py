@@ -17,8 +17,11 @@ import time
 import ray
 
 from .._config import CacheConfig
+from .._errors import ModelNotFoundError
 from .._malloc import ACTOR_ENV
 from .._metrics import record_decision
+from .._protocol import cache_key
+from .._store import ModelStore
 from ._naming import (
     NAMESPACE,
     PLACEMENT_ACTOR_NAME,
@@ -71,12 +74,16 @@ class PlacementActor:
         self._caller_timeout_s = config.caller_timeout_s
         self._cond = threading.Condition()
         self.placement = Placement()
+        self._names = _SettledNames(store_uri, storage_options, config.manifest_ttl_s)
         # Callers (processes routing invocations) are alive while they poll: id -> last seen,
         # and how many of their polls are open now.
-        self._started = time.monotonic()
         self._callers_seen: dict[str, float] = {}
         self._callers_polling: dict[str, int] = {}
         self._rebuild()
+        # Callers can poll only once this constructor returns: their grace period starts now, not
+        # before a rebuild that may itself outlast caller_timeout_s (then every node's reaper
+        # would have ended every caller's leases under running tasks).
+        self._ready_at = time.monotonic()
         self._stop = threading.Event()
         threading.Thread(target=self._watch_forever, name="trims-placement", daemon=True).start()
 
@@ -127,11 +134,12 @@ class PlacementActor:
                         del self._callers_polling[caller]
 
     def callers_alive(self, callers: list[str]) -> list[bool]:
-        """Whether each caller polled lately (or polls now). Right after a restart, when no
-        caller has had time to poll again, everyone counts as alive."""
+        """Whether each caller polled lately (or polls now). Until a full timeout after this
+        placement was ready (a restart), when not every caller has had time to poll again,
+        everyone counts as alive."""
         now = time.monotonic()
         with self._cond:
-            if now - self._started < self._caller_timeout_s:
+            if now - self._ready_at < self._caller_timeout_s:
                 return [True] * len(callers)
             return [
                 c in self._callers_polling or now - self._callers_seen.get(c, -1e9) < self._caller_timeout_s
@@ -174,6 +182,8 @@ class PlacementActor:
         with self._cond:
             known = set(self.placement.nodes())
         for node in alive - known:
+            with self._cond:
+                self.placement.node_alive(node)  # Ray lists it: its reports count (again)
             # It reports once it is up; its handle replaces that of a cache that died there.
             remember_node_cache_actors({node: start_node_cache_actor(node, *self._node_args)})
         dead = known - alive
@@ -187,25 +197,76 @@ class PlacementActor:
         return sorted(alive)
 
     def _scale_copies(self) -> None:
-        asks, drops = [], []
+        proposed = []
         with self._cond:
             for key in self.placement.keys():
                 model = self.placement.model_of(key)
                 if model is None:
                     continue
-                for node in self.placement.copies_wanted(key, model[2]):
-                    self.placement.copy_made(key, node)
-                    asks.append((node, model))
-                for node in self.placement.copies_unwanted(key):
-                    drops.append((node, model))
-        for node, (tenant, name, _) in asks:
-            log.info("trims_ray: %s/%s is hot: loading a copy on node %s", tenant, name, node)
-            node_cache_actor(node).prefetch.remote(name, tenant, "host")
-            record_decision(node, "copy", "host", tenant, name)
-        for node, (tenant, name, _) in drops:
-            log.info("trims_ray: demand for %s/%s fell: dropping its copy on node %s", tenant, name, node)
-            node_cache_actor(node).evict.remote(name, tenant, "host")
-            record_decision(node, "drop", "host", tenant, name)
+                proposed += [(True, node, key, model) for node in self.placement.copies_wanted(key, model[2])]
+                proposed += [(False, node, key, model) for node in self.placement.copies_unwanted(key)]
+        # A node loads and evicts by name, and a name can be re-registered to another blob: act
+        # only while the name means the blob that is hot (or idle) here. Not yet settled: asked
+        # again next round. Meaning another blob now: a copy is not made (the old blob's demand
+        # drains, since callers route by the new one) and a drop is left to the node's policy
+        # (evicting by name would evict the new blob).
+        for copy, node, key, (tenant, name, _) in proposed:
+            meaning = self._names.meaning(tenant, name, key)
+            if meaning is _LATER:
+                continue
+            if copy:
+                if meaning is _SAME:
+                    with self._cond:
+                        self.placement.copy_made(key, node)
+                    log.info("trims_ray: %s/%s is hot: loading a copy on node %s", tenant, name, node)
+                    node_cache_actor(node).prefetch.remote(name, tenant, "host")
+                    record_decision(node, "copy", "host", tenant, name)
+                continue
+            with self._cond:
+                self.placement.copy_dropped(key, node)
+            if meaning is _SAME:
+                log.info("trims_ray: demand for %s/%s fell: dropping its copy on node %s", tenant, name, node)
+                node_cache_actor(node).evict.remote(name, tenant, "host")
+                record_decision(node, "drop", "host", tenant, name)
+
+
+_SAME, _OTHER, _LATER = "same", "other", "later"
+
+
+class _SettledNames:
+    """What each model name means in the store now, and since when this placement has seen it
+    mean that: copy scaling asks nodes by name, and a node trusts its own resolution of a name
+    for ``manifest_ttl_s``. So a name is acted on only once it has meant the same blob for that
+    long: by then every node resolves it to that blob too (unless it is re-registered in the
+    moment between this check and the node's own resolution)."""
+
+    def __init__(self, store_uri: str, storage_options: dict | None, ttl_s: float) -> None:
+        self._spec = (store_uri, storage_options)
+        self._store: ModelStore | None = None
+        self._ttl_s = ttl_s
+        self._seen: dict[tuple[str, str], tuple[str, float]] = {}  # -> (key, first seen)
+
+    def meaning(self, tenant: str, name: str, key: str) -> str:
+        """_SAME: ``name`` means ``key`` and has for ``ttl_s``; _LATER: not for long enough yet
+        (or the store cannot say now); _OTHER: it means another blob, or nothing."""
+        try:
+            if self._store is None:
+                self._store = ModelStore(self._spec[0], storage_options=self._spec[1])
+            now_key = cache_key(self._store.manifest(name, tenant=tenant))
+        except ModelNotFoundError:
+            self._seen.pop((tenant, name), None)
+            return _OTHER
+        except Exception as exc:  # the store is unreachable, say: ask again next round
+            log.debug("trims_ray: placement could not resolve %s/%s: %s", tenant, name, exc)
+            return _LATER
+        now = time.monotonic()
+        seen_key, since = self._seen.get((tenant, name), (None, now))
+        if seen_key != now_key:
+            self._seen[(tenant, name)] = (now_key, now)
+            since = now
+        if now_key != key:
+            return _OTHER
+        return _SAME if now - since >= self._ttl_s else _LATER
 
 
 def _alive_nodes() -> set[str]:

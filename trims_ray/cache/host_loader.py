@@ -18,14 +18,32 @@ import numpy as np
 from .._errors import IntegrityError
 from .._fsio import write_atomically
 from .._manifest import Manifest
+from .._protect import GUARD_BYTES
 from .._protocol import ASSUMED_LOAD_RATES, DISK, PEER, STORE, cache_key
 from .._reader import read_blob
 from .._store import ModelStore
 from .disk_tier import LOCAL_FS, DiskTier
+from .host_tier import HostMemory
 
-__all__ = ["HostLoader", "WriteBehind"]
+__all__ = ["LEND_CALL_TIMEOUT_S", "HostLoader", "WriteBehind", "lend_ttl_s", "peer_copy_timeout_s"]
 
 log = logging.getLogger("trims_ray")
+
+# A peer's copy of a blob from a node that lends it: how long the borrower waits for the lend
+# call, then for the object's transfer. The lender's lease ends after ``lend_ttl_s`` even if the
+# borrower never releases it (it died, or its release was lost), instead of after the
+# unclaimed-lease ttl (minutes), which is meant for tasks that queue before they claim.
+LEND_CALL_TIMEOUT_S = 5.0
+
+
+def peer_copy_timeout_s(nbytes: int) -> float:
+    """How long a borrower waits for a lent object of ``nbytes`` to arrive (50 MB/s at worst)."""
+    return max(30.0, nbytes / 50e6)
+
+
+def lend_ttl_s(nbytes: int) -> float:
+    """How long a lend of ``nbytes`` may stay unreleased: the borrower's longest wait, and slack."""
+    return LEND_CALL_TIMEOUT_S + peer_copy_timeout_s(nbytes) + 10.0
 
 
 
@@ -76,6 +94,28 @@ class HostLoader:
         self.load_events.append((source, manifest.tenant, manifest.name, manifest.nbytes, seconds))
         return source
 
+    def load(
+        self,
+        manifest: Manifest,
+        nbytes: int,
+        memory: HostMemory,
+        peer_read: Callable[[Manifest, np.ndarray], bool] | None,
+        keep_copy: Callable[[np.ndarray], object],
+    ) -> tuple[str, object]:
+        """Reads the blob (``read``) into a buffer of ``nbytes`` that has zeroed guard regions on
+        both sides, hands verified bytes that did not come from the disk tier to ``keep_copy``
+        (the disk copy), and publishes the buffer; returns the source and the handle."""
+        buffer = np.empty(nbytes, dtype=np.uint8)
+        # Guard pages on both sides: tasks make the blob's pages read-only, and those pages must
+        # hold nothing but this object.
+        buffer[:GUARD_BYTES] = 0
+        buffer[-GUARD_BYTES:] = 0
+        view = buffer[GUARD_BYTES : GUARD_BYTES + manifest.nbytes]
+        source = self.read(manifest, view, peer_read)
+        if source != DISK:  # verified bytes from a peer or the store: keep a copy
+            keep_copy(view)
+        return source, memory.publish(buffer)
+
     def _record_rate(self, source: str, nbytes: int, seconds: float) -> None:
         if seconds <= 0 or nbytes < 1024 * 1024:
             return  # tiny reads measure latency, not bandwidth
@@ -125,47 +165,90 @@ class WriteBehind:
     that missed: one thread, so that the disk's I/O stays sequential, and a count per blob, so
     that an evict of the disk tier meanwhile can cancel the copies still to come.
 
+    A queued copy keeps its load's buffer (the blob's size, in this process) alive until it is
+    written, so only copies that will be written are queued: the disk tier's room is reserved
+    (its budget and its policy's admission decided) when the copy is submitted, not when it is
+    written, and the bytes queued are bounded (``max_bytes``). A copy refused either way is
+    skipped at once and its buffer freed with its load.
+
     Args:
         lock: the node cache's lock, which guards the counts and the disk tier (``cancel`` and
             ``cancelled`` are called under it).
         disk: the disk tier the copies go to, within its budget and its policy's admission.
         expected_load_s: what a load of so many bytes from a source costs (what a copy saves).
+        max_bytes: bytes the copies queued or being written may hold (None: no bound but the disk
+            budget); one copy is queued whatever its size when none is, so that a blob bigger
+            than the bound still gets its disk copy.
     """
 
     def __init__(
-        self, lock: threading.Lock, disk: DiskTier, expected_load_s: Callable[[int, str], float]
+        self,
+        lock: threading.Lock,
+        disk: DiskTier,
+        expected_load_s: Callable[[int, str], float],
+        max_bytes: int | None = None,
     ) -> None:
         self._lock = lock
         self._disk = disk
         self._expected_load_s = expected_load_s
+        self.max_bytes = max_bytes
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trims-disk-write")
         self._queued: dict[str, int] = {}  # blob -> disk copies queued or being written
+        self._queued_bytes = 0  # the bytes they hold
+        self._reserved: set[str] = set()  # blobs whose room ``submit`` reserved, for their write
         self._cancelled: set[str] = set()  # blobs evicted while a copy was queued
+        self.skipped = 0  # copies not queued because the queue was full
 
-    def submit(self, key: str, data: np.ndarray) -> None:
-        """Queues ``write(key, data)``; ``data`` stays alive in the job until written, though the
-        load has already moved on."""
+    def queued(self) -> tuple[int, int]:
+        """(copies, bytes) queued or being written now."""
         with self._lock:
+            return sum(self._queued.values()), self._queued_bytes
+
+    def submit(self, key: str, data: np.ndarray) -> bool:
+        """Queues ``write(key, data)`` if the disk tier admits the copy (its room is reserved
+        now) and the queue has room for it; returns whether it was queued. ``data`` stays alive
+        in the job until written, though the load has already moved on."""
+        nbytes = len(data)
+        with self._lock:
+            if self.max_bytes is not None and self._queued_bytes and self._queued_bytes + nbytes > self.max_bytes:
+                self.skipped += 1  # the disk is behind: this copy is left to a later load
+                return False
+            if self.cancelled(key) or not self._disk.reserve(key, nbytes, self._expected_load_s(nbytes, STORE)):
+                return False
+            self._reserved.add(key)
             self._queued[key] = self._queued.get(key, 0) + 1
+            self._queued_bytes += nbytes
         self._writer.submit(self._run, key, data)
+        return True
 
     def _run(self, key: str, data: np.ndarray) -> None:
         try:
             self.write(key, data)
         finally:
             with self._lock:
+                if key in self._reserved:  # its write never claimed the room: give it back
+                    self._reserved.discard(key)
+                    self._disk.unreserve(key)
+                self._queued_bytes -= len(data)
                 self._queued[key] -= 1
                 if not self._queued[key]:
                     del self._queued[key]
                     self._cancelled.discard(key)
 
     def write(self, key: str, data: np.ndarray, force: bool = False) -> None:
-        """Keeps a disk copy of verified bytes, if the disk budget (and, unless ``force``, the
-        disk policy's admission) allows; never fails a load."""
+        """Keeps a disk copy of verified bytes, in the room ``submit`` reserved for it, else if
+        the disk budget (and, unless ``force``, the disk policy's admission) allows; never fails
+        a load."""
         with self._lock:
-            saves = None if force else self._expected_load_s(len(data), STORE)
-            if self.cancelled(key) or not self._disk.reserve(key, len(data), saves):
-                return
+            if key in self._reserved:  # reserved when queued: this write claims that room
+                self._reserved.discard(key)
+                if self.cancelled(key):
+                    self._disk.unreserve(key)
+                    return
+            else:
+                saves = None if force else self._expected_load_s(len(data), STORE)
+                if self.cancelled(key) or not self._disk.reserve(key, len(data), saves):
+                    return
         try:
             write_atomically(LOCAL_FS, str(self._disk.path(key)), [memoryview(data)])
         except BaseException as exc:
@@ -186,6 +269,15 @@ class WriteBehind:
                 self._disk.path(key).unlink(missing_ok=True)
                 return
             self._disk.adopt(key, len(data))
+
+    def evict(self, key: str) -> str:
+        """Evicts a blob from the disk tier, and cancels its copies still queued or being written
+        (an evict of the disk tier must not see a copy appear afterwards). The caller holds the
+        lock. Returns "evicted" or "absent"."""
+        present = key in self._disk.sizes
+        self._disk.forget(key, evicted=True)
+        self.cancel(key)
+        return "evicted" if present else "absent"
 
     def cancel(self, key: str) -> None:
         """Marks the copies of ``key`` queued or being written as unwanted (the write checks)."""

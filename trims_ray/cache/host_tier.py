@@ -1,6 +1,11 @@
 """The host tier of a node: one shared-memory object per model, under a byte budget that counts
 loads in flight, with per-tenant quotas. Cache core, no Ray: ``node_cache.NodeCache`` owns one
 and calls it under its own lock; the loads themselves (I/O) run outside, in the node cache.
+
+Besides the table of copies that new requests may lease (``entries``), it holds copies that take
+no new lease but still hold bytes until their last lease ends: corrupt ones (``condemned``, by
+scrub), evicted ones (``leaving``, an evict while leased), and the shared copies of misses the
+tier did not keep (``bypassing``, see ``bypass``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 from .._errors import CapacityError
 from .._manifest import Manifest
 from .._protect import GUARD_BYTES
-from .._protocol import TierStats, cache_key
+from .._protocol import HOST, TierStats, cache_key
 from ..policy import EvictionPolicy, Outcome, decide_admission
 from .quotas import tenant_quota
 
@@ -57,7 +62,7 @@ class HostEntry:
     ready: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     leases: int = 0  # leases held, and requests waiting for its load
-    evict_when_idle: bool = False
+    evict_when_idle: bool = False  # it takes no new lease, and goes with its last one
     source: str = ""  # where the load read from: "disk", "peer" or "store"
 
 
@@ -71,6 +76,8 @@ class HostTier:
         policy: the tier's eviction policy.
         on_change: called whenever residency, usage or leases change.
         quota: tenant -> the bytes it may hold here, None: no quota.
+        bypass_budget: bytes that shared copies of misses the tier does not keep may hold, outside
+            ``budget`` (see ``bypass``); 0: none, each such miss is read by its task.
     """
 
     def __init__(
@@ -79,6 +86,7 @@ class HostTier:
         policy: EvictionPolicy,
         on_change: Callable[[], None],
         quota: Callable[[str], int | None],
+        bypass_budget: int = 0,
     ) -> None:
         self.budget = budget
         self.policy = policy
@@ -88,14 +96,27 @@ class HostTier:
         # Copies scrub found corrupt while leased: out of the table (no new lease gets them),
         # their bytes still counted, freed when their last lease ends.
         self.condemned: dict[int, HostEntry] = {}
+        # Copies evicted while leased (or loading): out of the table, so that no new lease keeps
+        # them (overlapping leases would otherwise defer the evict forever) and placement no
+        # longer hears of them; their bytes count until their last lease ends.
+        self.leaving: dict[int, HostEntry] = {}
+        # Shared copies of misses the tier did not keep, by cache key (see ``bypass``).
+        self.bypass_budget = bypass_budget
+        self.bypassing: dict[str, HostEntry] = {}
         self.stats = TierStats(capacity=budget)
         self.quota_denied: dict[str, int] = {}  # tenant -> loads its quota refused
 
     # -- accounting ----------------------------------------------------------------------------
 
     def held(self) -> list[HostEntry]:
-        """Every entry that holds host bytes: in the table (ready or loading) or condemned."""
-        return [*self.entries.values(), *self.condemned.values()]
+        """Every entry that holds bytes of the budget: in the table (ready or loading), leaving
+        or condemned."""
+        return [*self.entries.values(), *self.leaving.values(), *self.condemned.values()]
+
+    @property
+    def bypass_used(self) -> int:
+        """Bytes of the shared copies of bypassed misses (outside the budget)."""
+        return sum(e.nbytes for e in self.bypassing.values())
 
     @property
     def used(self) -> int:
@@ -111,10 +132,40 @@ class HostTier:
 
     def refresh(self) -> None:
         self.stats.bytes_used = self.used
-        self.stats.models = sum(1 for e in self.entries.values() if e.ready.is_set())
+        # A copy evicted while leased is still resident (mapped, its bytes held) until it goes.
+        self.stats.models = sum(1 for e in [*self.entries.values(), *self.leaving.values()] if e.ready.is_set())
+        self.stats.bypass_bytes = self.bypass_used
         self.on_change()
 
+    def report(self) -> tuple[dict[str, str], dict[str, tuple[str, str, int]], dict[str, int]]:
+        """For placement, per blob in the table (copies that take no new lease are not there):
+        "host" or "loading"; (tenant, name, nbytes); and leases held or waiting for its load."""
+        residency = {k: HOST if e.ready.is_set() else "loading" for k, e in self.entries.items()}
+        models = {k: (e.manifest.tenant, e.manifest.name, e.manifest.nbytes) for k, e in self.entries.items()}
+        return residency, models, {k: e.leases for k, e in self.entries.items() if e.leases}
+
     # -- admission -----------------------------------------------------------------------------
+
+    def request(self, manifest: Manifest, force: bool, miss_cost: float) -> tuple[HostEntry | None, bool]:
+        """A request for ``manifest``: the entry it leases (its count taken: ``leases`` + 1) and
+        whether the caller loads it (a miss admitted, or a new shared copy), or (None, False):
+        a bypass, which the task reads itself. Raises as ``admit``."""
+        key = cache_key(manifest)
+        entry = self.entries.get(key)
+        leader = entry is None
+        if leader:
+            entry = self.admit(manifest, force, miss_cost)
+            if entry is None:  # not kept: a shared copy (one read for a burst), or none
+                entry, leader = self.bypass(manifest)
+                if entry is None:
+                    return None, False
+        elif entry.ready.is_set():  # failed loads leave the table, so this one succeeded
+            self.stats.hits += 1
+            self.policy.on_access(key)
+        else:
+            self.stats.misses += 1  # joins the load in flight
+        entry.leases += 1
+        return entry, leader
 
     def admit(self, manifest: Manifest, force: bool, miss_cost: float) -> HostEntry | None:
         """Reserves host bytes for a load (evicting idle models if needed) and returns its entry,
@@ -134,6 +185,30 @@ class HostTier:
         self.entries[cache_key(manifest)] = entry
         self.refresh()
         return entry
+
+    def bypass(self, manifest: Manifest) -> tuple[HostEntry | None, bool]:
+        """A shared copy for a miss ``admit`` did not keep: the one already held or loading for
+        its key (joined), else a new one when ``bypass_budget`` has room for it; returns it and
+        whether it is new (its caller loads it), or (None, False): the task reads its own copy.
+
+        Why: with the tier fully leased (a burst), every miss is a bypass, and if each task read
+        the blob itself, N concurrent requests would make N reads and N private copies that no
+        budget counts. A shared copy keeps single flight (one read, one object, zero-copy views
+        for every request) and is counted, in ``bypass_bytes``, against its own allowance
+        rather than the budget: it is never kept (no policy entry, never reported resident),
+        and it goes with its last lease.
+        """
+        key = cache_key(manifest)
+        entry = self.bypassing.get(key)
+        if entry is not None:
+            return entry, False
+        need = manifest.nbytes + 2 * GUARD_BYTES
+        if self.bypass_used + need > self.bypass_budget:
+            return None, False
+        entry = HostEntry(manifest, need, evict_when_idle=True)
+        self.bypassing[key] = entry
+        self.refresh()
+        return entry, True
 
     def _make_room(self, need: int, manifest: Manifest, force: bool, miss_cost: float) -> bool:
         what, tenant = f"{manifest.tenant}/{manifest.name}", manifest.tenant
@@ -201,9 +276,11 @@ class HostTier:
     def loaded(self, entry: HostEntry, handle: object, seconds: float) -> None:
         """An admitted entry's load published its object: waiters may have it."""
         entry.handle = handle
-        # The miss cost a cost-aware policy weighs: what this load took.
-        self.policy.on_insert(cache_key(entry.manifest), entry.nbytes, max(0.0, seconds))
-        self.stats.loads += 1
+        if self.entries.get(cache_key(entry.manifest)) is entry:  # kept (not evicted, not a bypass)
+            # The miss cost a cost-aware policy weighs: what this load took.
+            self.policy.on_insert(cache_key(entry.manifest), entry.nbytes, max(0.0, seconds))
+        if not self._is_bypass(entry):
+            self.stats.loads += 1
         entry.ready.set()
         self.refresh()
 
@@ -213,10 +290,35 @@ class HostTier:
         key = cache_key(entry.manifest)
         if self.entries.get(key) is entry:
             del self.entries[key]
+        elif self._is_bypass(entry):
+            del self.bypassing[key]
+        self.leaving.pop(id(entry), None)
         self.refresh()
         entry.ready.set()
 
     # -- leaving the tier ----------------------------------------------------------------------
+
+    def evict(self, key: str) -> str:
+        """Evicts the copy under ``key``: "evicted" (it was idle: freed now), "deferred" (leased
+        or loading: it leaves the table now, so that it takes no new lease and is not reported,
+        and is freed with its last lease) or "absent"."""
+        entry = self.entries.get(key)
+        if entry is None:
+            leaving = any(cache_key(e.manifest) == key for e in self.leaving.values())
+            return "deferred" if leaving else "absent"
+        if entry.ready.is_set() and not entry.leases:
+            self.drop(key, evicted=True)
+            return "evicted"
+        del self.entries[key]
+        if entry.ready.is_set():
+            self.policy.on_remove(key)  # a load in flight has no policy entry yet
+        entry.evict_when_idle = True
+        self.leaving[id(entry)] = entry
+        self.refresh()
+        return "deferred"
+
+    def _is_bypass(self, entry: HostEntry) -> bool:
+        return self.bypassing.get(cache_key(entry.manifest)) is entry
 
     def drop(self, key: str, *, evicted: bool) -> None:
         """Forgets a ready, unleased entry; dropping the handle frees the object."""
@@ -244,7 +346,15 @@ class HostTier:
             key = cache_key(entry.manifest)
             if self.entries.get(key) is entry:
                 self.drop(key, evicted=True)
+            elif self.leaving.pop(id(entry), None) is not None:
+                entry.handle = None  # an evicted copy: its last holder is done with it
+                self.stats.evictions += 1
+                self.refresh()
             elif self.condemned.pop(id(entry), None) is not None:
                 entry.handle = None  # a corrupt copy: its last holder is done with it
+                self.refresh()
+            elif self._is_bypass(entry):
+                del self.bypassing[key]  # a bypassed miss's shared copy: nobody uses it now
+                entry.handle = None
                 self.refresh()
         self.on_change()

@@ -15,9 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["Lease", "LeaseTable"]
+__all__ = ["MAX_RELEASED_EARLY", "Lease", "LeaseTable"]
 
 E = TypeVar("E")
+
+# How many releases of ids not granted (yet) a table remembers at most. Such a release is kept
+# in case its grant is still to come; an id whose acquire is under way is remembered apart and
+# never forgotten before its grant (see ``begin``), so this bound only forgets releases whose
+# acquire never came here at all (the task ran elsewhere, the grant was a bypass).
+MAX_RELEASED_EARLY = 4096
 
 
 @dataclass
@@ -25,6 +31,7 @@ class Lease(Generic[E]):
     entry: E  # the entry, not its key: an entry dropped from its tier while leased keeps its leases
     holder: object | None  # a Holder or Caller (_protocol); None until a task claims it
     granted_at: float
+    ttl_s: float | None = None  # unclaimed, it ends after this long (None: the table's ttl)
 
 
 class LeaseTable(Generic[E]):
@@ -41,8 +48,9 @@ class LeaseTable(Generic[E]):
         clock: monotonic time source.
         holder_alive: tells whether a holder still runs.
         unclaimed_ttl_s: a lease with no holder is ended after this long; so is the memory of
-            an id released before its grant.
+            an id released before an acquire of it began.
         incarnation: the prefix of the ids this table chooses; None: a fresh random one (64 bits).
+        max_released_early: how many releases of ids not granted a table remembers at most.
     """
 
     def __init__(
@@ -52,6 +60,7 @@ class LeaseTable(Generic[E]):
         holder_alive: Callable[[object], bool],
         unclaimed_ttl_s: float,
         incarnation: str | None = None,
+        max_released_early: int = MAX_RELEASED_EARLY,
     ) -> None:
         self.clock = clock
         self.holder_alive = holder_alive
@@ -59,7 +68,15 @@ class LeaseTable(Generic[E]):
         self.incarnation = secrets.token_hex(8) if incarnation is None else incarnation
         self._leases: dict[int | str, Lease[E]] = {}
         self._ids = itertools.count(1)
+        self.max_released_early = max_released_early
+        # Releases of caller ids nobody has asked to acquire yet, oldest first: forgotten after
+        # the ttl, and beyond ``max_released_early`` (the oldest go).
         self._released_early: dict[str, float] = {}
+        # Caller ids whose acquire is under way (``begin``), and those of them released already:
+        # their grant ends at once however long its load takes (a ttl would let a load slower
+        # than it pin its lease for as long as the caller lives).
+        self._acquiring: set[str] = set()
+        self._released_acquiring: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -71,14 +88,48 @@ class LeaseTable(Generic[E]):
         if lease_id in self._leases:
             raise ValueError(f"lease id {lease_id!r} is in use already")
 
-    def add(self, entry: E, holder: object | None, lease_id: str | None = None) -> tuple[str, bool]:
+    def begin(self, lease_id: str | None) -> None:
+        """Marks a caller's id as being acquired (``check_new`` first): a release of it from now
+        on is remembered until ``finish``, so that its grant ends at once however late it comes.
+
+        Raises:
+            TypeError, ValueError: as ``check_new``; ValueError also for an id being acquired.
+        """
+        self.check_new(lease_id)
+        if lease_id is None:
+            return
+        if lease_id in self._acquiring:
+            raise ValueError(f"lease id {lease_id!r} is in use already")
+        self._acquiring.add(lease_id)
+        released = self._released_early.pop(lease_id, None)
+        if released is not None:  # released before its acquire even began
+            self._released_acquiring[lease_id] = released
+
+    def finish(self, lease_id: str | None) -> None:
+        """The acquire of a caller's id is over (granted by ``add``, or no lease at all: a
+        bypass, an error); a release of it remembered meanwhile has nothing more to end."""
+        if lease_id is not None:
+            self._acquiring.discard(lease_id)
+            self._released_acquiring.pop(lease_id, None)
+            self._released_early.pop(lease_id, None)
+
+    def add(
+        self, entry: E, holder: object | None, lease_id: str | None = None, *, ttl_s: float | None = None
+    ) -> tuple[str, bool]:
         """Records a granted lease; returns its id and whether it is over already (its caller
-        released that id before the grant came), in which case nothing is recorded."""
+        released that id before the grant came), in which case nothing is recorded.
+
+        ``ttl_s``: how long the lease may stay unclaimed (None: ``unclaimed_ttl_s``); a peer's
+        lend, which nobody claims, ends after the time its copy may take."""
         if lease_id is None:
             lease_id = f"{self.incarnation}:{next(self._ids)}"
-        if self._released_early.pop(lease_id, None) is not None:
+        self._acquiring.discard(lease_id)
+        released = self._released_acquiring.pop(lease_id, None)
+        if released is None:
+            released = self._released_early.pop(lease_id, None)
+        if released is not None:
             return lease_id, True
-        self._leases[lease_id] = Lease(entry, holder, self.clock())
+        self._leases[lease_id] = Lease(entry, holder, self.clock(), ttl_s)
         return lease_id, False
 
     def pop(self, lease_id: int | str) -> E | None:
@@ -91,9 +142,18 @@ class LeaseTable(Generic[E]):
             # incarnation is remembered too, harmlessly (no grant will ever carry it), until
             # ``expired`` forgets it.
             if isinstance(lease_id, str) and not lease_id.startswith(f"{self.incarnation}:"):
-                self._released_early[lease_id] = self.clock()
+                self._remember_release(lease_id)
             return None
         return lease.entry
+
+    def _remember_release(self, lease_id: str) -> None:
+        if lease_id in self._acquiring:  # its grant is on its way: it ends when it comes
+            self._released_acquiring.setdefault(lease_id, self.clock())
+            return
+        self._released_early.pop(lease_id, None)  # a repeated release counts from now
+        self._released_early[lease_id] = self.clock()
+        while len(self._released_early) > self.max_released_early:
+            del self._released_early[next(iter(self._released_early))]  # the oldest
 
     def claim(self, lease_id: int | str, holder: object) -> bool:
         """Names the holder of a lease taken on its behalf; False if the lease is gone."""
@@ -110,11 +170,13 @@ class LeaseTable(Generic[E]):
         dead = [
             lid
             for lid, lease in self._leases.items()
-            if (lease.holder is None and now - lease.granted_at > self.unclaimed_ttl_s)
+            if (lease.holder is None and now - lease.granted_at > _ttl(lease, self.unclaimed_ttl_s))
             or (lease.holder is not None and not self.holder_alive(lease.holder))
         ]
+        # Their acquire never began here: nothing to end. (Those whose acquire is under way are
+        # kept apart, in ``_released_acquiring``, until it finishes.)
         for lid in [i for i, at in self._released_early.items() if now - at > self.unclaimed_ttl_s]:
-            del self._released_early[lid]  # their grant never came: nothing to end
+            del self._released_early[lid]
         return [self._leases.pop(lid).entry for lid in dead]
 
     def holders(self, older_than_s: float) -> list[object]:
@@ -125,4 +187,8 @@ class LeaseTable(Generic[E]):
 
     def released_early(self) -> dict[str, float]:
         """Caller ids released before their grant, and when (a copy; for tests and reports)."""
-        return dict(self._released_early)
+        return {**self._released_early, **self._released_acquiring}
+
+
+def _ttl(lease: Lease, default: float) -> float:
+    return default if lease.ttl_s is None else lease.ttl_s

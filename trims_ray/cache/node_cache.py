@@ -49,9 +49,9 @@ from .._store import ModelStore
 from ..policy import make_policy
 from .leases import LeaseTable
 from .disk_tier import DiskTier
-from .host_loader import HostLoader, WriteBehind
+from .host_loader import HostLoader, WriteBehind, lend_ttl_s
 from .host_tier import HostEntry, HostMemory, HostTier, detached
-from .quotas import tenant_stats
+from .quotas import tenant_stats, tier_quota
 from .scrub import scrub_host_tier
 
 __all__ = ["HostMemory", "NodeCache"]
@@ -80,6 +80,11 @@ class NodeCache:
             public models count as tenant "public".
         tenant_quotas: tenant -> {"host" | "disk": bytes}, quotas that override
             ``tenant_share`` for those tenants and tiers.
+        bypass_budget: bytes of memory beyond ``host_budget`` that shared copies of misses the
+            host tier does not keep may hold (``HostTier.bypass``); 0: each such miss is read
+            by its own task. The actor passes part of the object store outside the host budget.
+        disk_queue_bytes: bytes the disk copies waiting to be written may hold (None: the host
+            budget); a copy that does not fit is skipped (``WriteBehind``).
     """
 
     def __init__(
@@ -99,17 +104,26 @@ class NodeCache:
         on_change: Callable[[], None] = lambda: None,
         tenant_share: float = 1.0,
         tenant_quotas: Mapping[str, Mapping[str, int]] | None = None,
+        bypass_budget: int = 0,
+        disk_queue_bytes: int | None = None,
     ) -> None:
         self.store = store
         self.memory = memory
         self.host_budget = host_budget
+        # Both budgets are known before either tier is built: the disk tier asks the quotas
+        # while it adopts the files of an earlier incarnation, from its constructor.
+        self.disk_budget = disk_budget
         self.on_change = on_change
         self.tenant_share = tenant_share
         self.tenant_quotas = {t: dict(q) for t, q in (tenant_quotas or {}).items()}
         # The tiers call ``_changed``, not the callable given: a later change of ``on_change``
         # reaches them too.
         self.host = HostTier(
-            host_budget, make_policy(policy, clock=clock), self._changed, quota=lambda tenant: self.quota(tenant, HOST)
+            host_budget,
+            make_policy(policy, clock=clock),
+            self._changed,
+            quota=lambda tenant: self.quota(tenant, HOST),
+            bypass_budget=bypass_budget,
         )
         self.host_policy = self.host.policy
         self.disk = DiskTier(
@@ -148,7 +162,8 @@ class NodeCache:
         )
         # Disk copies of what misses read from a peer or the store, written after the model is
         # served from the host tier.
-        self._disk_copies = WriteBehind(self._lock, self.disk, self.expected_load_s)
+        queue_bytes = host_budget if disk_queue_bytes is None else disk_queue_bytes
+        self._disk_copies = WriteBehind(self._lock, self.disk, self.expected_load_s, max_bytes=queue_bytes)
 
     # -- resolving names -----------------------------------------------------------------------
 
@@ -218,8 +233,9 @@ class NodeCache:
         model being loaded for someone cannot be evicted.
 
         A miss that would evict others is kept only if the host tier's policy admits it (unless
-        ``force``, as for prefetch); otherwise the grant's tier is "bypass", it holds no lease
-        and no object, and the task loads the model itself.
+        ``force``, as for prefetch); otherwise it is served from a shared copy that is not kept
+        (``HostTier.bypass``: one read for a burst), or, beyond ``bypass_budget``, the grant's
+        tier is "bypass", it holds no lease and no object, and the task loads the model itself.
 
         Raises:
             ModelNotFoundError: no such model for this tenant.
@@ -232,44 +248,51 @@ class NodeCache:
         return self._acquire(self.resolve(name, tenant, hint), holder, lease_id, force)
 
     def _acquire(self, manifest: Manifest, holder: Holder | Caller | None, lease_id: str | None, force: bool) -> Grant:
-        key = cache_key(manifest)
+        with self._lock:
+            # From here until the grant, a release of the caller's id ends the grant when it
+            # comes, however long the load takes.
+            self._leases.begin(lease_id)
+        try:
+            with self._lock:
+                entry, leader = self.host.request(manifest, force, self._miss_cost(manifest))
+                if entry is None:
+                    return Grant(lease_id or 0, None, manifest, 0, BYPASS)
+            if leader:
+                self._load_into(entry)
+            else:
+                entry.ready.wait()
+            with self._lock:
+                if entry.error is not None:
+                    entry.leases -= 1
+                    raise detached(entry.error)
+                lease_id, over = self._leases.add(entry, holder, lease_id)
+                if over:
+                    self.host.unlease(entry)
+                self.on_change()
+        finally:
+            with self._lock:
+                self._leases.finish(lease_id)
+        return Grant(lease_id, entry.handle, manifest, GUARD_BYTES, entry.source if leader else HOST)
+
+    def lend(self, key: str, lease_id: str | None = None) -> Grant | None:
+        """Leases a blob that is ready in the host tier to a peer node copying it, without
+        loading anything: None when it is not here (or not ready). The peer releases it.
+
+        ``lease_id``: the borrower's own id for the lease, so that a borrower whose call timed
+        out can release it before it is granted (the grant then ends at once, and None comes
+        back). A lend ends by itself after the longest copy may take (``lend_ttl_s``), not after
+        the unclaimed-lease ttl, so a borrower that vanishes pins the copy only that long.
+        """
         with self._lock:
             self._leases.check_new(lease_id)
             entry = self.host.entries.get(key)
-            leader = entry is None
-            if leader:
-                entry = self.host.admit(manifest, force, self._miss_cost(manifest))
-                if entry is None:
-                    return Grant(lease_id or 0, None, manifest, 0, BYPASS)
-            elif entry.ready.is_set():  # failed loads leave the table, so this one succeeded
-                self.host.stats.hits += 1
-                self.host.policy.on_access(key)
-            else:
-                self.host.stats.misses += 1  # joins the load in flight
-            entry.leases += 1
-        if leader:
-            self._load_into(entry)
-        else:
-            entry.ready.wait()
-        with self._lock:
-            if entry.error is not None:
-                entry.leases -= 1
-                raise detached(entry.error)
-            lease_id, over = self._leases.add(entry, holder, lease_id)
-            if over:
-                self.host.unlease(entry)
-            self.on_change()
-        return Grant(lease_id, entry.handle, manifest, GUARD_BYTES, entry.source if leader else HOST)
-
-    def lend(self, key: str) -> Grant | None:
-        """Leases a blob that is ready in the host tier to a peer node copying it, without
-        loading anything: None when it is not here (or not ready). The peer releases it."""
-        with self._lock:
-            entry = self.host.entries.get(key)
             if entry is None or not entry.ready.is_set() or entry.evict_when_idle:
+                self._leases.finish(lease_id)  # its release, if it came first, ends nothing
+                return None
+            lease_id, over = self._leases.add(entry, None, lease_id, ttl_s=lend_ttl_s(entry.manifest.nbytes))
+            if over:
                 return None
             entry.leases += 1
-            lease_id, _ = self._leases.add(entry, None)
             self.on_change()
             return Grant(lease_id, entry.handle, entry.manifest, GUARD_BYTES, HOST)
 
@@ -317,20 +340,13 @@ class NodeCache:
     def _load_into(self, entry: HostEntry) -> None:
         """Reads the blob (disk tier, a peer, else the store), publishes it, queues its disk
         copy if it came from elsewhere, and wakes the waiters."""
-        manifest = entry.manifest
+        key = cache_key(entry.manifest)
         started = self.clock()
         try:
-            buffer = np.empty(entry.nbytes, dtype=np.uint8)
-            # Guard pages on both sides: tasks make the blob's pages read-only, and those pages
-            # must hold nothing but this object.
-            buffer[:GUARD_BYTES] = 0
-            buffer[-GUARD_BYTES:] = 0
-            view = buffer[GUARD_BYTES : GUARD_BYTES + manifest.nbytes]
-            entry.source = self.last_load_source = self.loader.read(manifest, view, self.peer_read)
-            if entry.source != DISK:  # verified bytes from a peer or the store: keep a copy
-                self._disk_copies.submit(cache_key(manifest), view)
-            handle = self.memory.publish(buffer)
-            del buffer, view
+            entry.source, handle = self.loader.load(
+                entry.manifest, entry.nbytes, self.memory, self.peer_read, lambda view: self._disk_copies.submit(key, view)
+            )
+            self.last_load_source = entry.source
         except BaseException as exc:
             with self._lock:
                 self.host.failed(entry, detached(exc))
@@ -341,31 +357,19 @@ class NodeCache:
     # -- eviction and prefetch -----------------------------------------------------------------
 
     def evict(self, name: str, tenant: str, tier: str | None = None) -> dict[str, str]:
-        """Evicts a model from one tier or both; a leased host copy goes when its last lease ends.
+        """Evicts a model from one tier or both; a leased host copy takes no new lease from now
+        on (a new request loads a fresh one) and goes when its last lease ends.
 
-        Returns, per tier, "evicted", "deferred" (leased now) or "absent".
+        Returns, per tier, "evicted", "deferred" (leased now, or leaving) or "absent".
         """
         tiers = _check_tier(tier, (HOST, DISK))
         key = cache_key(self.resolve(name, tenant))
         result = {}
         with self._lock:
             if HOST in tiers:
-                entry = self.host.entries.get(key)
-                if entry is None or not entry.ready.is_set():
-                    result[HOST] = "absent" if entry is None else "deferred"
-                    if entry is not None:
-                        entry.evict_when_idle = True
-                elif entry.leases:
-                    entry.evict_when_idle = True
-                    result[HOST] = "deferred"
-                else:
-                    self.host.drop(key, evicted=True)
-                    result[HOST] = "evicted"
+                result[HOST] = self.host.evict(key)
             if DISK in tiers:
-                present = key in self.disk.sizes
-                self.disk.forget(key, evicted=True)
-                self._disk_copies.cancel(key)
-                result[DISK] = "evicted" if present else "absent"
+                result[DISK] = self._disk_copies.evict(key)
         return result
 
     def prefetch(self, name: str, tenant: str, tier: str = HOST) -> str:
@@ -410,13 +414,8 @@ class NodeCache:
     def quota(self, tenant: str, tier: str) -> int | None:
         """The bytes ``tenant`` may hold in ``tier`` ("host" or "disk") on this node; None when
         only the tier's budget limits it."""
-        explicit = self.tenant_quotas.get(tenant, {}).get(tier)
-        if explicit is not None:
-            return explicit
-        if self.tenant_share >= 1.0:
-            return None
-        budget = self.host_budget if tier == HOST else self.disk.budget
-        return int(self.tenant_share * budget)
+        budgets = {HOST: self.host_budget, DISK: self.disk_budget}
+        return tier_quota(self.tenant_quotas.get(tenant, {}).get(tier), self.tenant_share, budgets[tier])
 
     # -- accounting ----------------------------------------------------------------------------
 
@@ -455,15 +454,9 @@ class NodeCache:
         blob here ("host", "loading" or "disk"), host budget and use, leases per blob, and one
         (tenant, name, nbytes) per blob so that placement can ask another node for a copy."""
         with self._lock:
-            residency = {key: DISK for key in self.disk.sizes}
-            models = {}
-            for key, entry in self.host.entries.items():
-                residency[key] = HOST if entry.ready.is_set() else "loading"
-                models[key] = (entry.manifest.tenant, entry.manifest.name, entry.manifest.nbytes)
-            # Leases held and requests waiting for a load in flight alike.
-            in_flight = {key: entry.leases for key, entry in self.host.entries.items() if entry.leases}
+            residency, models, in_flight = self.host.report()
             return {
-                "residency": residency,
+                "residency": {**{key: DISK for key in self.disk.sizes}, **residency},
                 "host_capacity": self.host_budget,
                 "host_used": self.host.used,
                 "in_flight": in_flight,

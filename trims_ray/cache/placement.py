@@ -12,6 +12,7 @@ class, no Ray.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from .._errors import CapacityError
 from .._protocol import ASSUMED_LOAD_RATES
 
-__all__ = ["Placement", "NodeInfo", "NodeReport", "Route", "Snapshot", "TIERS", "LOADING"]
+__all__ = ["Placement", "NodeInfo", "NodeReport", "ReportSequence", "Route", "Snapshot", "TIERS", "LOADING"]
 
 TIERS = ("gpu", "host", "disk")
 # A model whose load into the host tier is under way on a node: an invocation sent there waits
@@ -52,6 +53,11 @@ class NodeReport:
         slots: invocations the node runs at once.
         models: model key -> (tenant, name, nbytes) of one model that resolves to it, so that
             placement can ask another node to load a copy. Never sent to callers.
+        gpu: model key -> "gpu" for every model ready on one of the node's GPUs, kept apart
+            from ``residency`` (the host side) because only a GPU task can use a GPU copy. A
+            "gpu" in ``residency`` itself means the same, with the host side unknown.
+        seq: where this report stands among the node's reports (``ReportSequence``); None:
+            unordered, always applied.
     """
 
     residency: dict[str, str]
@@ -60,6 +66,41 @@ class NodeReport:
     in_flight: dict[str, int] = field(default_factory=dict)
     slots: int = 1
     models: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    gpu: dict[str, str] = field(default_factory=dict)
+    seq: tuple[int, int] | None = None
+
+
+# Epochs handed out in this process, so that two sequences started within one clock tick are
+# still ordered.
+_epoch_lock = threading.Lock()
+_last_epoch = 0
+
+
+class ReportSequence:
+    """Numbers one node cache's reports in the order they are taken.
+
+    Ray may deliver them out of that order: a report whose call timed out can still run after a
+    newer one, calls to a threaded actor run concurrently, and a call is retried across a
+    placement restart. Placement applies a report only if it is newer than the last it applied
+    from that node. A number is (epoch, count): the epoch is the wall-clock time the cache
+    started (so a cache restarted on the node outranks its predecessor), the count orders one
+    cache's reports.
+    """
+
+    def __init__(self) -> None:
+        global _last_epoch
+        with _epoch_lock:
+            _last_epoch = self._epoch = max(time.time_ns(), _last_epoch + 1)
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def stamp(self, build: Callable[[], dict]) -> dict:
+        """``build()``'s report with its number, taken under one lock: a report built later
+        always gets a higher number."""
+        with self._lock:
+            report = build()
+            self._count += 1
+            return {**report, "seq": (self._epoch, self._count)}
 
 
 @dataclass(frozen=True)
@@ -77,8 +118,9 @@ class Snapshot:
     """What callers cache: the residency table and each node's figures, at one version."""
 
     version: int
-    where: dict[str, dict[str, str]]
+    where: dict[str, dict[str, str]]  # the host side: model key -> {node: host, loading or disk}
     nodes: dict[str, tuple[int, int, int, int]]  # node -> (host_capacity, host_used, slots, in_flight)
+    gpu: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model key -> nodes, on a GPU
 
 
 @dataclass
@@ -115,7 +157,12 @@ class Placement:
 
     def __post_init__(self) -> None:
         self._nodes: dict[str, NodeInfo] = {}
-        self._where: dict[str, dict[str, str]] = {}  # model key -> {node: best tier there}
+        # model key -> {node: best host-side tier there}; GPU copies apart, since only a task
+        # with a GPU can use one (a CPU task on that node is served by the host side).
+        self._where: dict[str, dict[str, str]] = {}
+        self._gpu: dict[str, set[str]] = {}  # model key -> nodes with it ready on a GPU
+        self._seq: dict[str, tuple[int, int]] = {}  # node -> number of its last report applied
+        self._left: set[str] = set()  # nodes that left: their late reports must not re-add them
         self._key_in_flight: dict[str, dict[str, int]] = {}  # model key -> {node: in flight}
         self._service: dict[str, float] = {}  # model key -> measured seconds per invocation
         self._models: dict[str, tuple[str, str, int]] = {}
@@ -131,6 +178,7 @@ class Placement:
             raise ValueError(f"host_capacity must be >= 0, got {host_capacity}")
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
+        self._left.discard(node)
         if node in self._nodes:
             info = self._nodes[node]
             info.host_capacity, info.slots = host_capacity, slots
@@ -139,21 +187,34 @@ class Placement:
         self.version += 1
 
     def node_left(self, node: str) -> None:
-        """Forgets a node and everything resident on it (nothing is served from a dead node)."""
+        """Forgets a node and everything resident on it (nothing is served from a dead node).
+        Its reports are ignored from now on, late ones included, until ``node_alive``."""
+        self._left.add(node)
         if self._nodes.pop(node, None) is None:
             return
         for table in (self._where, self._key_in_flight):
             for key in [k for k, per_node in table.items() if per_node.pop(node, None) is not None and not per_node]:
                 del table[key]
+        for key in [k for k, nodes in self._gpu.items() if node in nodes]:
+            self._gpu[key].discard(node)
+            if not self._gpu[key]:
+                del self._gpu[key]
         for nodes in self._scaled.values():
             nodes.discard(node)
         self.version += 1
 
+    def node_alive(self, node: str) -> None:
+        """Membership (Ray) lists ``node`` alive: its reports count again. Those older than the
+        last one applied before it left still do not."""
+        self._left.discard(node)
+
     def nodes(self) -> list[str]:
         return sorted(self._nodes)
 
-    def report(self, node: str, report: NodeReport) -> None:
-        """Replaces a node's snapshot; a node not seen before joins.
+    def report(self, node: str, report: NodeReport) -> bool:
+        """Replaces a node's snapshot; a node not seen before joins. Returns False, changing
+        nothing, for a report older than the node's last one applied (``NodeReport.seq``) and
+        for a node that left (a report sent before it died must not bring it back).
 
         Raises:
             ValueError: an unknown tier.
@@ -161,18 +222,30 @@ class Placement:
         for key, tier in report.residency.items():
             if tier not in _TIER_RANK:
                 raise ValueError(f"unknown tier {tier!r} for {key}")
+        if node in self._left:
+            return False
+        if report.seq is not None:
+            seq = tuple(report.seq)
+            last = self._seq.get(node)
+            if last is not None and seq <= last:
+                return False
+            self._seq[node] = seq
         if node not in self._nodes:
             self.node_joined(node, report.host_capacity, report.slots)
         info = self._nodes[node]
         info.host_capacity, info.slots = report.host_capacity, max(1, report.slots)
-        changed = False
-        for key in [k for k, per_node in self._where.items() if node in per_node and k not in report.residency]:
+        host_side = {k: t for k, t in report.residency.items() if t != "gpu"}
+        on_gpu = {k for k, t in report.residency.items() if t == "gpu"}
+        on_gpu.update(k for k, t in report.gpu.items() if t == "gpu")
+        changed = self._report_gpu(node, on_gpu)
+        for key in [k for k, per_node in self._where.items() if node in per_node and k not in host_side]:
             del self._where[key][node]
             if not self._where[key]:
                 del self._where[key]
-            self._scaled.get(key, set()).discard(node)
+            if key not in on_gpu:
+                self._scaled.get(key, set()).discard(node)
             changed = True
-        for key, tier in report.residency.items():
+        for key, tier in host_side.items():
             per_node = self._where.setdefault(key, {})
             if per_node.get(node) != tier:
                 per_node[node] = tier
@@ -189,6 +262,22 @@ class Placement:
         info.last_report = self.clock()
         if changed:
             self.version += 1
+        return True
+
+    def _report_gpu(self, node: str, on_gpu: set[str]) -> bool:
+        """Replaces the set of models on ``node``'s GPUs; True if it changed."""
+        changed = False
+        for key in [k for k, nodes in self._gpu.items() if node in nodes and k not in on_gpu]:
+            self._gpu[key].discard(node)
+            if not self._gpu[key]:
+                del self._gpu[key]
+            changed = True
+        for key in on_gpu:
+            nodes = self._gpu.setdefault(key, set())
+            if node not in nodes:
+                nodes.add(node)
+                changed = True
+        return changed
 
     # -- what callers cache --------------------------------------------------------------------
 
@@ -197,6 +286,7 @@ class Placement:
             self.version,
             {k: dict(v) for k, v in self._where.items()},
             {n: (i.host_capacity, i.host_used, i.slots, i.in_flight) for n, i in self._nodes.items()},
+            {k: tuple(sorted(v)) for k, v in self._gpu.items()},
         )
 
     @classmethod
@@ -205,6 +295,7 @@ class Placement:
         copy it replaces) passes on the service times measured so far."""
         placement = cls(**settings)
         placement._where = {k: dict(v) for k, v in snapshot.where.items()}
+        placement._gpu = {k: set(v) for k, v in snapshot.gpu.items()}
         for node, (capacity, used, slots, in_flight) in snapshot.nodes.items():
             placement._nodes[node] = NodeInfo(capacity, used, slots, in_flight)
         placement.version = snapshot.version
@@ -224,18 +315,25 @@ class Placement:
         info = self._nodes.get(node)
         return info is not None and info.in_flight >= info.slots
 
-    def holders(self, key: str) -> dict[str, str]:
-        """Node -> tier for every node that has ``key`` (or is loading it)."""
-        return dict(self._where.get(key, {}))
+    def holders(self, key: str, *, gpu: bool = True) -> dict[str, str]:
+        """Node -> best tier for every node that has ``key`` (or is loading it); ``gpu``: False
+        for the host side alone (what a task without a GPU can use)."""
+        where = dict(self._where.get(key, {}))
+        if gpu:
+            where.update(dict.fromkeys(self._gpu.get(key, ()), "gpu"))
+        return where
 
     def table(self) -> tuple[int, dict[str, dict[str, str]]]:
-        """(version, model key -> {node: tier})."""
-        return self.version, {k: dict(v) for k, v in self._where.items() if v}
+        """(version, model key -> {node: best tier})."""
+        return self.version, {k: v for k in self.keys() if (v := self.holders(k))}
 
     # -- routing -------------------------------------------------------------------------------
 
-    def route(self, key: str, nbytes: int) -> Route:
+    def route(self, key: str, nbytes: int, *, gpu: bool = True) -> Route:
         """The node with the least expected start-up time for an invocation of ``key``.
+
+        ``gpu``: whether the invocation can use a copy on a GPU (a task that asks for one);
+        False ranks nodes by their host side alone (host, loading, disk).
 
         Raises:
             CapacityError: no node's host tier can ever hold ``nbytes`` (before any task starts).
@@ -249,7 +347,7 @@ class Placement:
         # A load pays its own overhead and the bytes' transfer, then the host tier's handoff.
         load_base = self.handoff_s["host"] + self.load_overhead_s
         best_node, best_tier, best_cost = None, None, float("inf")
-        where = self._where.get(key)
+        where = self.holders(key, gpu=gpu)
         has_copy = False
         if where:
             for node, tier in where.items():
@@ -270,7 +368,7 @@ class Placement:
         load_cost = load_base + nbytes / rates["peer" if has_copy else "store"]
         if load_cost < best_cost:
             for node, info in nodes.items():
-                if info.host_capacity < nbytes or (where and node in where):
+                if info.host_capacity < nbytes or node in where:
                     continue
                 cost = load_cost + (info.in_flight // info.slots) * service
                 if info.host_capacity - info.host_used < nbytes:
@@ -317,7 +415,7 @@ class Placement:
         return sum(self._key_in_flight.get(key, {}).values())
 
     def copies(self, key: str) -> list[str]:
-        return sorted(n for n, t in self._where.get(key, {}).items() if t in ("gpu", "host"))
+        return sorted(n for n, t in self.holders(key).items() if t in ("gpu", "host"))
 
     def copies_wanted(self, key: str, nbytes: int) -> list[str]:
         """Nodes that should load another copy of a hot model: one more copy when the in-flight
@@ -334,7 +432,7 @@ class Placement:
         demand = self.demand(key)
         if not copies or demand <= self.copy_when_in_flight * len(copies):
             return []
-        busy = set(self._where.get(key, {}))
+        busy = set(self.holders(key))
         candidates = [
             (info.in_flight / info.slots, node)
             for node, info in self._nodes.items()
@@ -351,7 +449,7 @@ class Placement:
     def copies_unwanted(self, key: str) -> list[str]:
         """Scaled copies to drop: demand has fitted in one copy fewer, with room to spare, for
         ``drop_after_s``. Copies a user prefetched, or that routing loaded, are left to the
-        node's eviction policy."""
+        node's eviction policy. Proposed until ``copy_dropped`` says it is done."""
         scaled = [n for n in self.copies(key) if n in self._scaled.get(key, ())]
         copies = self.copies(key)
         if not scaled or len(copies) < 2:
@@ -364,14 +462,16 @@ class Placement:
         since = self._low_since.setdefault(key, now)
         if now - since < self.drop_after_s:
             return []
-        del self._low_since[key]
         per_node = self._key_in_flight.get(key, {})
-        victim = min(scaled, key=lambda n: (per_node.get(n, 0), n))
-        self._scaled[key].discard(victim)
-        return [victim]
+        return [min(scaled, key=lambda n: (per_node.get(n, 0), n))]
+
+    def copy_dropped(self, key: str, node: str) -> None:
+        """A scaled copy is dropped (or left to the node's policy): scaling forgets it."""
+        self._scaled.get(key, set()).discard(node)
+        self._low_since.pop(key, None)
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(dict.fromkeys([*self._where, *self._gpu]))
 
     def model_of(self, key: str) -> tuple[str, str, int] | None:
         """(tenant, name, nbytes) of a model that resolves to ``key``, to ask a node to load it."""

@@ -12,7 +12,7 @@ from typing import Protocol
 from .._protocol import DENIED, DISK, HOST, NOT_FOUND, TenantStats
 from ..policy import Quota
 
-__all__ = ["TenantUsage", "tenant_of", "tenant_quota", "tenant_stats"]
+__all__ = ["TenantUsage", "tenant_of", "tenant_quota", "tenant_stats", "tier_quota"]
 
 
 class TenantUsage(Protocol):
@@ -28,6 +28,14 @@ class TenantUsage(Protocol):
 def tenant_of(key: str) -> str:
     """The tenant of a cache key (``<tenant>/<sha256>``, see ``_protocol.cache_key``)."""
     return key.split("/", 1)[0]
+
+
+def tier_quota(explicit: int | None, share: float, budget: int) -> int | None:
+    """A tenant's bytes in a tier: its ``explicit`` quota there, else ``share`` of the tier's
+    ``budget``; None when only the budget limits it (a share of 1)."""
+    if explicit is not None:
+        return explicit
+    return None if share >= 1.0 else int(share * budget)
 
 
 def tenant_quota(tenant: str, limit: int | None, used: int) -> Quota | None:
