@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import ray
@@ -26,12 +26,11 @@ from .._malloc import ACTOR_ENV, give_back_free_memory
 from .._manifest import Manifest
 from .._metrics import export_node_cache
 from .._raycalls import get
-from .._reader import copy_verified
 from .._store import ModelStore
 from ._naming import NAMESPACE, forget_placement_actor, node_cache_actor, node_cache_actor_name, placement_actor
 from ..cache.gpu_tier import GPU
 from .._protocol import ASSUMED_LOAD_RATES, PEER, STORE, Caller, Holder, HostGrant, Resolved, cache_key, holder_alive
-from ..cache.host_loader import LEND_CALL_TIMEOUT_S, peer_copy_timeout_s
+from ..cache.host_loader import LEND_CALL_TIMEOUT_S, PEER_CHUNK_BYTES, lend_ttl_s, peer_copy_timeout_s, read_in_chunks
 from ..cache.node_cache import NodeCache
 from ..cache.placement import ReportSequence
 from .gpu_tier_actor import node_gpu_residency, node_gpu_stats, start_gpu_tier_actors
@@ -123,6 +122,10 @@ class NodeCacheActor:
             bypass_budget=_bypass_budget(self._node, host_budget),
         )
         self._dead_callers: set[str] = set()
+        # Lends a peer copies slice by slice (``lend_chunk``): lease id -> _Lent, the lent
+        # object mapped once per lend, dropped with its lease (release, or its ttl).
+        self._lent: dict[str, _Lent] = {}
+        self._lent_lock = threading.Lock()
         self._peer_mode = "auto" if config.peer_fetch else "never"
         self._stop = threading.Event()
         self._gpu_holders, self._gpu_off_reason = self._start_gpu_tier(store_uri, storage_options)
@@ -135,6 +138,7 @@ class NodeCacheActor:
         while not self._stop.wait(self.config.lease_check_s):
             self._dead_callers = self._find_dead_callers()
             self.cache.reap()
+            self._forget_expired_lends()
             if self.config.scrub_s and time.monotonic() - scrubbed_at >= self.config.scrub_s:
                 try:
                     self.scrub()
@@ -186,6 +190,8 @@ class NodeCacheActor:
         return HostGrant.of(grant, self.node_id)
 
     def release(self, lease_id: int | str) -> bool:
+        with self._lent_lock:
+            self._lent.pop(lease_id, None)  # its mapping goes before the lease: nothing reads it
         return self.cache.release(lease_id)
 
     def held_manifest(self, key: str) -> Manifest | None:
@@ -195,9 +201,49 @@ class NodeCacheActor:
 
     def lend(self, key: str, lease_id: str | None = None) -> HostGrant | None:
         """A lease on a blob this node holds in memory, for a peer copying it (None: not here);
-        ``lease_id``: the borrower's own id for it (NodeCache.lend)."""
+        ``lease_id``: the borrower's own id for it (NodeCache.lend). The peer reads it with
+        ``lend_chunk`` (its ``ref`` is for callers on this node, which map it in place)."""
+        # Before the lend: this mapping must not outlive the lease, whose ttl starts in it.
+        started = time.monotonic()
         grant = self.cache.lend(key, lease_id)
-        return None if grant is None else HostGrant.of(grant, self.node_id)
+        if grant is None:
+            return None
+        with self._lent_lock:
+            expires = started + lend_ttl_s(grant.manifest.nbytes)
+            self._lent[grant.lease_id] = _Lent(grant.handle, grant.offset, grant.manifest.nbytes, expires)
+        return HostGrant.of(grant, self.node_id)
+
+    def lend_chunk(self, lease_id: str, offset: int, length: int) -> np.ndarray | None:
+        """Bytes [offset, offset + length) of the blob lent under ``lease_id`` (at most
+        PEER_CHUNK_BYTES), for the peer copying it: a slice is all a borrower pulls into its
+        object store at once (``_peer_read``). None when the lend is over (released, or its ttl
+        passed), so that a slow borrower never reads a copy that may have been evicted.
+
+        Raises:
+            ValueError: a range outside the blob, or longer than PEER_CHUNK_BYTES.
+        """
+        with self._lent_lock:
+            lent = self._lent.get(lease_id)
+            if lent is None or time.monotonic() > lent.expires:
+                return None
+            if not (0 <= offset and 0 < length <= PEER_CHUNK_BYTES and offset + length <= lent.nbytes):
+                raise ValueError(
+                    f"bytes {offset}-{offset + length} are not a slice of at most {PEER_CHUNK_BYTES} "
+                    f"bytes of a {lent.nbytes}-byte blob"
+                )
+            if lent.view is None:  # mapped once per lend: a zero-copy view of our own object
+                lent.view = self.cache.memory.view(lent.handle)
+            start = lent.offset + offset
+            # A view: Ray copies it once, into the object it returns to the borrower.
+            return lent.view[start : start + length]
+
+    def _forget_expired_lends(self) -> None:
+        """Drops the mappings of lends whose ttl passed (their borrower never released them);
+        the lease table ends those leases by the same ttl, so the copy can be freed."""
+        now = time.monotonic()
+        with self._lent_lock:
+            for lease_id in [i for i, lent in self._lent.items() if now > lent.expires]:
+                del self._lent[lease_id]
 
     def drain(self) -> None:
         """Waits until disk copies of earlier loads are written (for tests and benchmarks)."""
@@ -378,21 +424,50 @@ class NodeCacheActor:
             if grant is None:
                 continue
             try:
-                # Ray's object manager pulls the object into this node's store; the copy into our
-                # own buffer makes the host copy ours (an object dies with its owner).
-                obj = get(grant.ref, timeout=peer_copy_timeout_s(manifest.nbytes))
-                blob = obj[grant.offset : grant.offset + manifest.nbytes]
-                copy_verified(blob, out, manifest.chunks, source=f"peer {peer}")
-                del blob, obj
+                _copy_lent(lender, peer, grant.lease_id, manifest, out)
                 return True
             except Exception as exc:
-                if isinstance(exc, ray.exceptions.RayError) or isinstance(exc, TimeoutError):
+                if isinstance(exc, (ray.exceptions.RayError, TimeoutError)):
                     log.warning("trims_ray: peer fetch from %s failed: %s", peer, exc)
                     continue
-                raise
+                raise  # a bad chunk (IntegrityError): the loader reads the store instead
             finally:
                 lender.release.remote(grant.lease_id)
         return False
+
+
+def _copy_lent(lender: ray.actor.ActorHandle, peer: str, lease_id: str, manifest: Manifest, out: np.ndarray) -> None:
+    """Copies the blob ``lender`` lent under ``lease_id`` into ``out``, verified, slice by slice
+    (``lend_chunk``), never as the lender's whole object: Ray pulls an object whole into this
+    node's store, a second copy of the blob beside ``out`` (our own, counted copy) that no budget
+    counted (issue 16 item 18). Each slice is a small object of its own, freed once copied
+    (``read_in_chunks`` bounds them). The whole copy keeps to the time the lend is granted for
+    (``peer_copy_timeout_s``). Raises TimeoutError (the copy took too long, or the lend ended),
+    RayError (the lender died or refused a slice), IntegrityError (a slice does not match)."""
+    deadline = time.monotonic() + peer_copy_timeout_s(manifest.nbytes)
+
+    def read_range(offset: int, length: int) -> np.ndarray:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"peer {peer} took over {peer_copy_timeout_s(manifest.nbytes):.0f} s to lend")
+        piece = get(lender.lend_chunk.remote(lease_id, offset, length), timeout=left)
+        if piece is None:
+            raise TimeoutError(f"peer {peer} ended the lend of {manifest.sha256} (its ttl passed)")
+        return piece
+
+    read_in_chunks(manifest, out, read_range, source=f"peer {peer}")
+
+
+@dataclass
+class _Lent:
+    """A lend a peer reads slice by slice: the lent object's handle, where the blob lies in it,
+    when the lend's lease ends at the latest, and the object mapped (on the first slice)."""
+
+    handle: object
+    offset: int
+    nbytes: int
+    expires: float
+    view: np.ndarray | None = None
 
 
 def _bypass_budget(node: dict, host_budget: int) -> int:

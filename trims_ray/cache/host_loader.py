@@ -6,17 +6,20 @@ Ray: ``node_cache.NodeCache`` reads every miss through a ``HostLoader``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
 from .._errors import IntegrityError
 from .._fsio import write_atomically
+from .._hashing import chunk_ranges
 from .._manifest import Manifest
 from .._protect import GUARD_BYTES
 from .._protocol import ASSUMED_LOAD_RATES, DISK, PEER, STORE, cache_key
@@ -25,7 +28,16 @@ from .._store import ModelStore
 from .disk_tier import LOCAL_FS, DiskTier
 from .host_tier import HostMemory
 
-__all__ = ["LEND_CALL_TIMEOUT_S", "HostLoader", "WriteBehind", "lend_ttl_s", "peer_copy_timeout_s"]
+__all__ = [
+    "LEND_CALL_TIMEOUT_S",
+    "PEER_CHUNK_BYTES",
+    "PEER_CHUNKS_IN_FLIGHT",
+    "HostLoader",
+    "WriteBehind",
+    "lend_ttl_s",
+    "peer_copy_timeout_s",
+    "read_in_chunks",
+]
 
 log = logging.getLogger("trims_ray")
 
@@ -45,6 +57,109 @@ def lend_ttl_s(nbytes: int) -> float:
     """How long a lend of ``nbytes`` may stay unreleased: the borrower's longest wait, and slack."""
     return LEND_CALL_TIMEOUT_S + peer_copy_timeout_s(nbytes) + 10.0
 
+
+# A peer's blob comes over in slices (``read_in_chunks``), not as the lender's whole object:
+# whatever a slice arrives in (Ray pulls a returned value whole into the borrower's object store)
+# is held only until it is copied into the borrower's own host-tier buffer, the copy its budget
+# counts, so a peer fetch holds at most PEER_CHUNKS_IN_FLIGHT * PEER_CHUNK_BYTES (16 MiB) beyond
+# it, whatever the blob's size. Pulling the whole object held a second, uncounted copy of the
+# blob for the length of the copy (issue 16 item 18). Two in flight keep the link busy while a
+# slice is being copied; 8 MiB makes a request's round trip small next to its transfer.
+PEER_CHUNK_BYTES = 8 * 1024 * 1024
+PEER_CHUNKS_IN_FLIGHT = 2
+
+
+def read_in_chunks(
+    manifest: Manifest,
+    out: np.ndarray,
+    read_range: Callable[[int, int], object],
+    *,
+    source: str,
+    chunk_bytes: int = PEER_CHUNK_BYTES,
+    in_flight: int = PEER_CHUNKS_IN_FLIGHT,
+) -> None:
+    """Fills ``out`` with the blob of ``manifest``, read slice by slice with
+    ``read_range(offset, length)`` (the blob's bytes [offset, offset + length), as a uint8 array
+    or anything with the buffer protocol), each slice of at most ``chunk_bytes``, at most
+    ``in_flight`` requested at once; a slice is dropped as soon as it is copied into ``out``, so
+    at most ``in_flight * chunk_bytes`` bytes are held at once beyond ``out``. Each of the
+    manifest's chunks is verified against its digest once all its bytes are in ``out`` (the
+    copy is hashed: what is verified is what will be served), on other threads, so that hashing
+    does not hold up the requests.
+
+    Raises:
+        IntegrityError: a slice of the wrong size, or a chunk that does not match; ``out`` must
+            not be used then.
+        ValueError: bad bounds, or ``out`` is not a writable uint8 array of the blob's size.
+        Whatever ``read_range`` raises; no more requests are sent then, and those in flight are
+            waited for (so that nothing reads the lender after this returns).
+    """
+    if chunk_bytes < 1 or in_flight < 1:
+        raise ValueError(f"chunk_bytes and in_flight must be >= 1, got {chunk_bytes} and {in_flight}")
+    nbytes = manifest.nbytes
+    if out.dtype != np.uint8 or out.ndim != 1 or len(out) != nbytes or not out.flags.writeable:
+        raise ValueError(f"out must be a writable 1-D uint8 array of {nbytes} bytes")
+    digests = manifest.chunks
+    checks = digests.ranges(nbytes)
+    if len(checks) != len(digests.digests):
+        raise IntegrityError(
+            f"{source}: {nbytes} bytes is {len(checks)} chunks, but the manifest lists "
+            f"{len(digests.digests)} chunk digests"
+        )
+    left = [end - start for start, end in checks]  # bytes of each chunk not in ``out`` yet
+
+    def fetch(start: int, end: int) -> None:
+        piece = np.frombuffer(read_range(start, end - start), dtype=np.uint8)
+        got = len(piece)
+        if got == end - start:
+            out[start:end] = piece
+        # Dropped here, before this slot's next request (what bounds the bytes held), and before
+        # an error, whose traceback would keep this frame and the slice in it alive.
+        del piece
+        if got != end - start:
+            raise IntegrityError(f"{source}: short slice at {start}: {got} of {end - start} bytes")
+
+    def verify(index: int) -> None:
+        start, end = checks[index]
+        digest = hashlib.sha256(memoryview(out[start:end])).hexdigest()
+        if digest != digests.digests[index]:
+            raise IntegrityError(
+                f"{source}: sha256 mismatch in bytes {start}-{end}: the manifest says "
+                f"{digests.digests[index]}, the bytes hash to {digest}; nothing was kept"
+            )
+
+    slices = deque(chunk_ranges(nbytes, chunk_bytes))
+    fetching: dict[Future, tuple[int, int]] = {}  # request -> its slice
+    hashing: set[Future] = set()
+    with (
+        ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="trims-peer") as fetcher,
+        ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="trims-peer-hash") as hasher,
+    ):
+        try:
+            while slices or fetching or hashing:
+                while slices and len(fetching) < in_flight:
+                    start, end = slices.popleft()
+                    fetching[fetcher.submit(fetch, start, end)] = (start, end)
+                done, _ = wait([*fetching, *hashing], return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()  # a failed request or a bad chunk stops the copy at once
+                    hashing.discard(future)
+                    if future in fetching:
+                        start, end = fetching.pop(future)
+                        for index in range(start // digests.chunk_bytes, (end - 1) // digests.chunk_bytes + 1):
+                            lo, hi = checks[index]
+                            left[index] -= min(end, hi) - max(start, lo)
+                            if not left[index]:  # the chunk is complete in ``out``
+                                hashing.add(hasher.submit(verify, index))
+        except BaseException:
+            for future in [*fetching, *hashing]:
+                future.cancel()
+            # No local left holding a failed future: it holds the error, whose traceback holds
+            # this frame (a cycle that would outlive the handler).
+            fetching.clear()
+            hashing.clear()
+            done = future = None
+            raise
 
 
 class HostLoader:
