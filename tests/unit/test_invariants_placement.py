@@ -101,11 +101,11 @@ class Node:
         self.clock.now += self.report_delay_s
         return {**self.cache.report(), "slots": 1}
 
-    def prefetch(self, name: str, tenant: str, tier: str) -> str:
-        return self.cache.prefetch(name, tenant, tier)
+    def prefetch(self, name: str, tenant: str, tier: str, key: str | None = None) -> str:
+        return self.cache.prefetch(name, tenant, tier, key=key)
 
-    def evict(self, name: str, tenant: str, tier: str | None) -> dict:
-        return self.cache.evict(name, tenant, tier)
+    def evict(self, name: str, tenant: str, tier: str | None, key: str | None = None) -> dict:
+        return self.cache.evict(name, tenant, tier, key=key)
 
     def host_keys(self) -> set[str]:
         return set(self.cache.host.entries)
@@ -288,6 +288,26 @@ def test_dropping_a_scaled_copy_never_evicts_the_blob_its_name_means_now(env):
     assert env.nodes["n1"].host_keys() == {hot, newer}
     scale(env, actor, 20, push_nodes=("n0", "n1"))  # low demand for longer than drop_after_s
     assert newer in env.nodes["n1"].host_keys(), "dropping the old blob's copy evicted the new one"
+    assert hot not in env.nodes["n1"].host_keys(), "the old blob's copy was not dropped (by its key)"
+
+
+def test_a_node_asked_for_one_blob_never_loads_or_evicts_another(env):
+    # The window placement's check cannot close: the name is re-registered after placement
+    # decided and before the node resolves it. Asked by key, the node acts on that blob only.
+    node = env.add_node("n0")
+    env.store.register("m", weights(1), tenant=TENANT)
+    old = cache_key(env.store.manifest("m", tenant=TENANT))
+    env.store.register("m", weights(2), tenant=TENANT)
+    # The node resolves the name anew on each use (manifest_ttl_s=0): it sees the new blob.
+    assert node.prefetch("m", TENANT, "host", old) == "stale"
+    assert node.host_keys() == set()
+    node.prefetch("m", TENANT, "host")
+    newer = cache_key(env.store.manifest("m", tenant=TENANT))
+    assert node.host_keys() == {newer}
+    assert node.evict("m", TENANT, "host", old) == {"host": "absent"}
+    assert node.host_keys() == {newer}
+    with pytest.raises(ValueError, match="not one of tenant"):
+        node.evict("m", TENANT, "host", "someone-else/" + old.split("/", 1)[1])
 
 
 # -- 17: a CPU task goes by host and disk residency; a GPU copy counts only for GPU tasks ----------

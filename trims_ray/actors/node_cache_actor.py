@@ -249,21 +249,21 @@ class NodeCacheActor:
         """Waits until disk copies of earlier loads are written (for tests and benchmarks)."""
         self.cache.drain()
 
-    def prefetch(self, name: str, tenant: str, tier: str) -> str:
+    def prefetch(self, name: str, tenant: str, tier: str, key: str | None = None) -> str:
         try:
             if tier == GPU:
                 return self._prefetch_gpu(name, tenant)
-            return self.cache.prefetch(name, tenant, tier)
+            return self.cache.prefetch(name, tenant, tier, key=key)
         finally:
             self._send_report()  # placement knows before the caller's prefetch() returns
 
-    def evict(self, name: str, tenant: str, tier: str | None) -> dict[str, str]:
+    def evict(self, name: str, tenant: str, tier: str | None, key: str | None = None) -> dict[str, str]:
         try:
             result = {}
             if tier in (None, GPU):
                 result[GPU] = self._evict_gpu(name, tenant)
             if tier != GPU:
-                result.update(self.cache.evict(name, tenant, tier))
+                result.update(self.cache.evict(name, tenant, tier, key=key))
             return result
         finally:
             give_back_free_memory()  # what the evicted models' loads left in malloc's arenas

@@ -205,29 +205,25 @@ class PlacementActor:
                     continue
                 proposed += [(True, node, key, model) for node in self.placement.copies_wanted(key, model[2])]
                 proposed += [(False, node, key, model) for node in self.placement.copies_unwanted(key)]
-        # A node loads and evicts by name, and a name can be re-registered to another blob: act
-        # only while the name means the blob that is hot (or idle) here. Not yet settled: asked
-        # again next round. Meaning another blob now: a copy is not made (the old blob's demand
-        # drains, since callers route by the new one) and a drop is left to the node's policy
-        # (evicting by name would evict the new blob).
+        # Copies and drops name the blob (its cache key), so a node never loads or evicts
+        # another blob than this one, whatever the name means by then ("stale": nothing done).
+        # A copy is asked for only once the name has meant this blob for manifest_ttl_s (a name
+        # re-registered to another blob gets no copy of the old one: its demand drains, since
+        # callers route by the new one). A drop is exact by key, so it needs no such wait.
         for copy, node, key, (tenant, name, _) in proposed:
-            meaning = self._names.meaning(tenant, name, key)
-            if meaning is _LATER:
-                continue
             if copy:
-                if meaning is _SAME:
+                if self._names.meaning(tenant, name, key) is _SAME:
                     with self._cond:
                         self.placement.copy_made(key, node)
                     log.info("trims_ray: %s/%s is hot: loading a copy on node %s", tenant, name, node)
-                    node_cache_actor(node).prefetch.remote(name, tenant, "host")
+                    node_cache_actor(node).prefetch.remote(name, tenant, "host", key)
                     record_decision(node, "copy", "host", tenant, name)
                 continue
             with self._cond:
                 self.placement.copy_dropped(key, node)
-            if meaning is _SAME:
-                log.info("trims_ray: demand for %s/%s fell: dropping its copy on node %s", tenant, name, node)
-                node_cache_actor(node).evict.remote(name, tenant, "host")
-                record_decision(node, "drop", "host", tenant, name)
+            log.info("trims_ray: demand for %s/%s fell: dropping its copy on node %s", tenant, name, node)
+            node_cache_actor(node).evict.remote(name, tenant, "host", key)
+            record_decision(node, "drop", "host", tenant, name)
 
 
 _SAME, _OTHER, _LATER = "same", "other", "later"

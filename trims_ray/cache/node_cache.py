@@ -356,14 +356,19 @@ class NodeCache:
 
     # -- eviction and prefetch -----------------------------------------------------------------
 
-    def evict(self, name: str, tenant: str, tier: str | None = None) -> dict[str, str]:
+    def evict(self, name: str, tenant: str, tier: str | None = None, *, key: str | None = None) -> dict[str, str]:
         """Evicts a model from one tier or both; a leased host copy takes no new lease from now
-        on (a new request loads a fresh one) and goes when its last lease ends.
+        on (a new request loads a fresh one) and goes when its last lease ends. ``key``: the
+        blob to evict (placement names the one it means: the name may have been re-registered
+        to another since); None: the blob ``name`` means now.
 
         Returns, per tier, "evicted", "deferred" (leased now, or leaving) or "absent".
         """
         tiers = _check_tier(tier, (HOST, DISK))
-        key = cache_key(self.resolve(name, tenant))
+        if key is None:
+            key = cache_key(self.resolve(name, tenant))
+        elif not key.startswith(f"{tenant}/"):
+            raise ValueError(f"cache key {key!r} is not one of tenant {tenant!r}")
         result = {}
         with self._lock:
             if HOST in tiers:
@@ -372,15 +377,18 @@ class NodeCache:
                 result[DISK] = self._disk_copies.evict(key)
         return result
 
-    def prefetch(self, name: str, tenant: str, tier: str = HOST) -> str:
+    def prefetch(self, name: str, tenant: str, tier: str = HOST, *, key: str | None = None) -> str:
         """Warms a tier ahead of traffic; returns where the model was found ("host", "disk",
-        "store"). Raises as ``acquire``."""
+        "store"). ``key``: load only that blob; when ``name`` means another one here now (it
+        was re-registered), nothing is loaded and "stale" is returned. Raises as ``acquire``."""
         (tier,) = _check_tier(tier, (HOST, DISK))
+        manifest = self.resolve(name, tenant)
+        if key is not None and cache_key(manifest) != key:
+            return "stale"
         if tier == HOST:
-            grant = self.acquire(name, tenant, None, force=True)  # asked for by name: kept
+            grant = self._acquire(manifest, None, None, force=True)  # asked for by name: kept
             self.release(grant.lease_id)
             return grant.tier
-        manifest = self.resolve(name, tenant)
         with self._lock:
             if cache_key(manifest) in self.disk.sizes:
                 return DISK
