@@ -64,7 +64,8 @@ class Cluster:
 
 @dataclass
 class NodeStats:
-    """One node: its tiers, the leases held now, its whole object store's bytes in use, and its
+    """One node: its tiers, the leases held now (and the pins of processes that keep models
+    built), its whole object store's bytes in use, and its
     GPU tier's state: {"enabled": bool, "reason": why it is off, "gpus": {Ray's GPU id: that
     GPU's stats}} (tiers["gpu"] sums the GPUs). ``tenants`` holds the caller's own tenant only:
     its bytes and quotas in the host and disk tiers, and the refusals it met on this node
@@ -76,6 +77,9 @@ class NodeStats:
     object_store_bytes_used: int = 0
     gpu: dict = field(default_factory=dict)
     tenants: dict[str, TenantStats] = field(default_factory=dict)
+    # Models worker processes keep built between tasks (their pins on the node's host copies,
+    # counted in tiers["host"] once, apart from ``leases``).
+    pinned: int = 0
 
 
 @dataclass
@@ -245,5 +249,6 @@ def stats() -> ClusterStats:
             raw["object_store_bytes_used"],
             raw["gpu"],
             {t: TenantStats(**s) for t, s in raw.get("tenants", {}).items()},
+            raw.get("pinned", 0),
         )
     return out

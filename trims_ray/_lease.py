@@ -26,8 +26,9 @@ from .actors._naming import require_running
 from ._errors import TrimsError
 from ._gpu_lease import acquire_gpu
 from ._names import check_name
+from ._process_tier import PROCESS, process_tier
 from ._protect import protect_array, release
-from ._protocol import Caller, Holder, HostGrant, Resolved, cache_key
+from ._protocol import HOST, Caller, Holder, HostGrant, Resolved, cache_key
 from ._store import materialize
 
 __all__ = ["open", "function", "ModelFunction"]
@@ -39,8 +40,9 @@ _NEW_NODE_WAIT_S = 30.0
 # When the last decorated task in this process started (perf_counter), before its lease: lets a
 # benchmark time "task start to usable module" for the decorated path. Not part of the API.
 task_started = 0.0
-# The tier the last lease in this process was served from ("gpu", "host", "disk", "peer",
-# "store", "bypass"): lets the replay record each request's tier. Not part of the API.
+# The tier the last lease in this process was served from ("process": the model this process
+# kept, "gpu", "host", "disk", "peer", "store", "bypass"): lets the replay record each request's
+# tier. Not part of the API.
 _served_from = ""
 
 
@@ -89,11 +91,12 @@ def open(name: str, *, tenant: str | None = None) -> Iterator[Any]:  # noqa: A00
 
 
 @contextlib.contextmanager
-def _open_as(name: str, tenant: str, hint: Resolved | None = None) -> Iterator[Any]:
+def _open_as(name: str, tenant: str, hint: Resolved | None = None, keep: bool = False) -> Iterator[Any]:
     """``open`` for a tenant already checked (a decorated task gets its submitter's tenant).
 
     ``hint``: what the name resolved to for ``tenant`` (a decorated task's caller resolved it),
-    or None: then the first cache asked resolves it and passes it on."""
+    or None: then the first cache asked resolves it and passes it on. ``keep``: the lease is a
+    pin, and this process keeps the model built for its next tasks (``_process_tier``)."""
     # No lease unless this task has a GPU with a holder that admits the model.
     gpu_lease, hint = acquire_gpu(name, tenant, hint=hint)
     if gpu_lease is not None:
@@ -103,15 +106,19 @@ def _open_as(name: str, tenant: str, hint: Resolved | None = None) -> Iterator[A
         return
     actor = _own_node_actor()
     try:
-        grant = _wait(call, actor.acquire.remote(name, tenant, _this_holder(), None, hint))
+        grant = _wait(call, actor.acquire.remote(name, tenant, _this_holder(), None, hint, keep))
     except ray.exceptions.RayActorError:
         # This process cached the handle of a cache actor that has since been replaced.
         forget_node_cache_actor()
         actor = node_cache_actor()
-        grant = _wait(call, actor.acquire.remote(name, tenant, _this_holder(), None, hint))
+        grant = _wait(call, actor.acquire.remote(name, tenant, _this_holder(), None, hint, keep))
     _note_served(grant.tier)
     if grant.bypass:
         yield _own_copy(grant)
+        return
+    if grant.pinned:  # the lease is this process's pin now: it ends when the model is dropped
+        with _kept(process_tier().keep(tenant, grant, _wait(get, grant.ref), actor, grant.lease_id, _this_holder())) as model:
+            yield model
         return
     try:
         with _read_only_model(grant, _wait(get, grant.ref)) as model:
@@ -120,6 +127,15 @@ def _open_as(name: str, tenant: str, hint: Resolved | None = None) -> Iterator[A
         # Fire and forget: if this message is lost or the process dies first, the node's reaper
         # ends the lease when it sees the process gone.
         actor.release.remote(grant.lease_id)
+
+
+@contextlib.contextmanager
+def _kept(kept) -> Iterator[Any]:
+    """The model this process keeps, in use by the calling task until the block ends."""
+    try:
+        yield kept.model
+    finally:
+        process_tier().give(kept)
 
 
 def _own_node_actor() -> ray.actor.ActorHandle:
@@ -227,29 +243,34 @@ class ModelFunction:
             # The caller placed the task itself: it leases from whatever node it runs on. It is
             # not routed, so not counted (loading, in flight) on a node it may never go to.
             hint = Resolved.of(router.manifest(self._model, tenant))
-            return self._remote.remote(tenant, None, hint, *args, **kwargs)
-        # A task without a GPU is served by a node's host side: GPU copies do not rank it.
-        manifest, route = router.route(self._model, tenant, gpu=_wants_gpu(self._options))
+            return _returns(self._remote.remote(tenant, None, hint, *args, **kwargs), self._options)[0]
+        # A task without a GPU is served by a node's host side: GPU copies do not rank it. How
+        # many run at once on a node follows from what the task asks Ray for.
+        demand = _demand(self._options)
+        manifest, route = router.route(self._model, tenant, gpu=_wants_gpu(self._options), cpus=demand[0], gpus=demand[1])
         # The name is resolved here, once: the caches downstream are told what it resolved to.
         hint = Resolved.of(manifest)
-        if _wants_gpu(self._options) or router.queued(route.node):
+        track = functools.partial(router.track, key=cache_key(manifest), node=route.node, labels=(tenant, self._model), demand=demand)
+        if _wants_gpu(self._options) or route.tier == HOST or router.queued(route.node, *demand):
             # No lease taken here; the task leases when it starts. With a GPU, the holder of the
             # task's own GPU serves it (known only then), and a host lease would be wasted on a
-            # GPU hit. Behind the node's busy slots, a lease taken now would pin its model (or
-            # the budget of its load) for the whole wait: with a burst queued, every byte of the
-            # host tier was leased and misses could only bypass it (measured in the replay).
-            ref = self._placed_on(route.node).remote(tenant, None, hint, *args, **kwargs)
+            # GPU hit. A model in the node's host tier is most likely kept built by the process
+            # the task lands in (``_process_tier``): a lease would cost the node's cache two
+            # messages for nothing; a process that does not keep it leases its own, once.
+            # Behind the node's busy slots, a lease taken now would pin its model (or the budget
+            # of its load) for the whole wait: with a burst queued, every byte of the host tier
+            # was leased and misses could only bypass it (measured in the replay).
+            ref, service = _returns(self._placed_on(route.node).remote(tenant, None, hint, *args, **kwargs), self._options)
             # Counted in flight on its node and timed like any invocation; no lease to end.
-            router.track(ref, cache_key(manifest), route.node, _no_lease, labels=(tenant, self._model))
+            track(ref, release=_no_lease, service=service)
             return ref
         actor = node_cache_actor(route.node)
         # The caller holds the lease until the task's result exists, then ends it (the task
         # sends nothing: each message from a worker costs it most of a millisecond).
         lease_id = router.new_lease_id()
         grant = actor.acquire.remote(self._model, tenant, Caller(router.id), lease_id, hint)
-        ref = self._placed_on(route.node).remote(tenant, [grant], hint, *args, **kwargs)
-        release = functools.partial(actor.release.remote, lease_id)
-        router.track(ref, cache_key(manifest), route.node, release, labels=(tenant, self._model))
+        ref, service = _returns(self._placed_on(route.node).remote(tenant, [grant], hint, *args, **kwargs), self._options)
+        track(ref, release=functools.partial(actor.release.remote, lease_id), service=service)
         return ref
 
     def _placed_on(self, node: str):
@@ -263,6 +284,21 @@ class ModelFunction:
 
 def _no_lease() -> None:
     pass
+
+
+def _demand(options: dict) -> tuple[float, float]:
+    """The CPUs and GPUs a task with these options asks Ray for (a task's default: one CPU)."""
+    cpus = options.get("num_cpus")
+    return (1.0 if cpus is None else float(cpus)), float(options.get("num_gpus") or 0)
+
+
+def _returns(refs, options: dict) -> tuple[Any, ray.ObjectRef | None]:
+    """What the caller gets (the result's ref), and the ref of the seconds the task measured
+    it held its slot: None when the user chose the task's returns (``num_returns``), and then
+    the task returns only what the function does (see ``_make_remote``)."""
+    if "num_returns" in options:
+        return refs, None
+    return refs[0], refs[1]
 
 
 _built_lock = threading.Lock()
@@ -348,6 +384,51 @@ def _granted(boxed: list | None) -> tuple[HostGrant, Any] | None:
         return None  # the cache actor died after granting: its objects died with it
 
 
+@contextlib.contextmanager
+def _model_for_task(name: str, tenant: str, boxed: list | None, hint: Resolved, keep: bool) -> Iterator[Any]:
+    """The model of a decorated task: the one this process kept (no lease, no build, no actor
+    call), else from the lease its caller took at submit, else from a lease of its own; kept for
+    the process's next tasks when ``keep`` and the node's cache lets it (a pin)."""
+    tier = process_tier()
+    kept = tier.take(tenant, hint) if keep else None
+    if kept is not None:
+        _note_served(PROCESS)
+        with _kept(kept) as model:
+            yield model
+        return
+    granted = _granted(boxed)
+    if granted is None:
+        with _open_as(name, tenant, hint, keep) as model:
+            yield model
+        return
+    grant, obj = granted
+    _note_served(grant.tier)
+    if obj is None:  # the node did not keep this miss: the task loads its own copy
+        yield _own_copy(grant)
+        return
+    actor = _granting_actor(grant) if keep else None
+    if actor is not None:
+        # The caller's lease ends with this task: this process takes a pin of its own, asked for
+        # now and answered by the task's end (a refusal, the model evicted meanwhile, drops it).
+        pin_id = tier.new_pin_id()
+        confirm = actor.pin.remote(cache_key(grant.manifest), _this_holder(), pin_id)
+        with _kept(tier.keep(tenant, grant, obj, actor, pin_id, _this_holder(), confirm)) as model:
+            yield model
+        return
+    with _read_only_model(grant, obj) as model:
+        yield model
+
+
+def _granting_actor(grant: HostGrant) -> ray.actor.ActorHandle | None:
+    """This node's cache actor if it is the one that granted ``grant``, else None (it was
+    replaced since: the model is used for this task alone)."""
+    actor = node_cache_actor()
+    if actor._actor_id.hex() != grant.actor_id:
+        forget_node_cache_actor()  # a handle of an actor that was replaced, cached here
+        actor = node_cache_actor()
+    return actor if actor._actor_id.hex() == grant.actor_id else None
+
+
 def _make_remote(fn: Callable, model: str, options: dict):
     def run_with_model(tenant: str, boxed: list | None, hint: Resolved, *args, **kwargs):
         # The function, its trims_ray.open calls and its nested invocations act as the tenant
@@ -355,21 +436,44 @@ def _make_remote(fn: Callable, model: str, options: dict):
         with _api.acting_as(tenant):
             return _run_with_model(tenant, boxed, hint, *args, **kwargs)
 
+    gpu = _wants_gpu(options)
+    # The task returns, beside the function's result, the seconds it held its slot: the caller's
+    # router ranks nodes by that service time (end to end, a latency would count the queue).
+    # Not when the user chose the returns (num_returns: a count, or a generator's streaming).
+    timed = "num_returns" not in options
+
     def _run_with_model(tenant: str, boxed: list | None, hint: Resolved, *args, **kwargs):
         _mark_task_start()
-        granted = _granted(boxed)
-        if granted is None:
-            with _open_as(model, tenant, hint) as leased:
-                return fn(leased, *args, **kwargs)
-        grant, obj = granted
-        _note_served(grant.tier)
-        if obj is None:  # the node did not keep this miss: the task loads its own copy
-            return fn(_own_copy(grant), *args, **kwargs)
-        with _read_only_model(grant, obj) as leased:
-            return fn(leased, *args, **kwargs)
+        started = time.perf_counter()
+        # A GPU task's model comes from its GPU's holder; the process tier keeps host views.
+        try:
+            with _model_for_task(model, tenant, boxed, hint, keep=not gpu) as leased:
+                result = fn(leased, *args, **kwargs)
+        finally:
+            if gpu and reused:
+                _free_task_gpu_memory()
+        return (result, time.perf_counter() - started) if timed else result
 
     run_with_model.__name__ = getattr(fn, "__name__", "run_with_model")
+    # Ray makes every task that asks for GPUs non-recyclable (max_calls=1, ray#29624): each one
+    # would start a fresh worker (Python, torch, a CUDA context) before the model is even
+    # mapped. A decorated task reuses its worker unless the user says otherwise, and gives back
+    # the GPU memory it allocated itself after each call instead.
+    reused = gpu and "max_calls" not in options
+    if reused:
+        options = {**options, "max_calls": 0}
+    if timed:
+        options = {**options, "num_returns": 2}
     return ray.remote(**options)(run_with_model) if options else ray.remote(run_with_model)
+
+
+def _free_task_gpu_memory() -> None:
+    """Returns the memory this task's own CUDA tensors left in torch's caching allocator to the
+    GPU (the model's weights are the holder's, mapped by IPC, not in it)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def function(fn: Callable | None = None, *, model: str | None = None, **options) -> Any:

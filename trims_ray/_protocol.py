@@ -145,6 +145,7 @@ class Grant:
         manifest: the model's manifest.
         offset: where the blob starts in the object.
         tier: where it was found: "host" (hit), "disk", "peer" or "store" (loaded), or "bypass".
+        pinned: the lease is a pin: its process may keep the model built after its task.
     """
 
     lease_id: int | str
@@ -152,6 +153,7 @@ class Grant:
     manifest: Manifest
     offset: int
     tier: str
+    pinned: bool = False
 
     @property
     def bypass(self) -> bool:
@@ -180,6 +182,12 @@ class HostGrant:
             own process may not know the store, when Ray was started before trims_ray.init);
             None otherwise.
         storage_options: for a bypass, the fsspec options of that store (None: none).
+        pinned: the lease is a pin (``NodeCache.acquire(pin=True)``): the task's process keeps
+            the model built after the task, and releases the lease when it drops it.
+        actor_id: the granting cache actor's Ray id (hex): a process that keeps the model pins
+            it on that very actor, not on one it looked up before that actor was replaced.
+        incarnation: the granting cache's incarnation (a restarted actor keeps its Ray id, not
+            its objects): a process drops what it kept from an incarnation that is gone.
     """
 
     lease_id: int | str
@@ -190,14 +198,33 @@ class HostGrant:
     node: str
     store_uri: str | None = None
     storage_options: dict | None = None
+    pinned: bool = False
+    actor_id: str = ""
+    incarnation: str = ""
 
     @classmethod
     def of(
-        cls, grant: Grant, node: str, store_uri: str | None = None, storage_options: dict | None = None
+        cls,
+        grant: Grant,
+        node: str,
+        store_uri: str | None = None,
+        storage_options: dict | None = None,
+        actor_id: str = "",
+        incarnation: str = "",
     ) -> HostGrant:
         """The message for the node cache's ``grant`` on ``node`` (the store only for a bypass)."""
         return cls(
-            grant.lease_id, grant.handle, grant.manifest, grant.offset, grant.tier, node, store_uri, storage_options
+            grant.lease_id,
+            grant.handle,
+            grant.manifest,
+            grant.offset,
+            grant.tier,
+            node,
+            store_uri,
+            storage_options,
+            grant.pinned,
+            actor_id,
+            incarnation,
         )
 
     @property

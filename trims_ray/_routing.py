@@ -10,6 +10,7 @@ spreads over copies at once.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import queue
@@ -181,9 +182,12 @@ class Router:
             _api.note_refusal("not_found", tenant)  # before any task: no node cache sees it
             raise
 
-    def route(self, name: str, tenant: str, *, gpu: bool = False) -> tuple[Manifest, Route]:
+    def route(
+        self, name: str, tenant: str, *, gpu: bool = False, cpus: float = 1.0, gpus: float = 0.0
+    ) -> tuple[Manifest, Route]:
         """Where an invocation of ``name`` should run; ``gpu``: whether it asks for a GPU (only
-        then does a copy on a node's GPU count).
+        then does a copy on a node's GPU count); ``cpus``, ``gpus``: what it asks Ray for, which
+        sets how many such invocations a node runs at once.
 
         Raises:
             ModelNotFoundError: no such model for ``tenant``.
@@ -194,7 +198,7 @@ class Router:
         key = cache_key(manifest)
         with self._lock:
             try:
-                route = self._placement.route(key, manifest.nbytes + 2 * GUARD_BYTES, gpu=gpu)
+                route = self._placement.route(key, manifest.nbytes + 2 * GUARD_BYTES, gpu=gpu, cpus=cpus, gpus=gpus)
             except LookupError:
                 raise TrimsError(
                     "no trims_ray node cache has reported to placement yet: retry in a moment, "
@@ -205,10 +209,11 @@ class Router:
         _metrics.record_route(route.node, route.tier, tenant, name)
         return manifest, route
 
-    def queued(self, node: str) -> bool:
-        """Whether an invocation sent to ``node`` now would wait for one of its slots."""
+    def queued(self, node: str, cpus: float = 1.0, gpus: float = 0.0) -> bool:
+        """Whether an invocation asking for ``cpus`` and ``gpus`` sent to ``node`` now would
+        wait for one of its slots."""
         with self._lock:
-            return self._placement.queued(node)
+            return self._placement.queued(node, cpus, gpus)
 
     def track(
         self,
@@ -217,13 +222,19 @@ class Router:
         node: str,
         release: Callable[[], object],
         labels: tuple[str, str] | None = None,
+        *,
+        demand: tuple[float, float] = (1.0, 0.0),
+        service: ray.ObjectRef | None = None,
     ) -> None:
         """Counts an invocation in flight on ``node`` until its result exists, then calls
         ``release`` (which ends its lease) from this router's release thread. ``labels``:
-        (tenant, model) to record its latency under, end to end, in Ray's metrics."""
+        (tenant, model) to record its latency under, end to end, in Ray's metrics. ``demand``:
+        the CPUs and GPUs it asked for. ``service``: the seconds the task measured it occupied
+        its slot (a second return of the task), which refine the model's service time; None:
+        its end-to-end time does, unless it queued."""
         submitted = time.monotonic()
         with self._lock:
-            queued = self._placement.queued(node)
+            queued = self._placement.queued(node, *demand)
             self._placement.started(key, node)
             self._mine[(key, node)] = self._mine.get((key, node), 0) + 1
             # Held until done: Ray does not call back for a ref that was dropped.
@@ -238,13 +249,26 @@ class Router:
                     self._mine[(key, node)] = left
                 else:
                     self._mine.pop((key, node), None)
-                # Only an invocation that did not queue measures the time one occupies a slot.
-                self._placement.finished(key, node, None if queued else seconds)
+                # Without the task's own measure, only an invocation that did not queue tells
+                # the time one occupies a slot.
+                self._placement.finished(key, node, None if queued or service is not None else seconds)
+            if service is not None:
+                self._releases.put(functools.partial(self._note_service, key, service))
             self._releases.put(release)
             if labels is not None:
                 _metrics.record_invocation(node, *labels, seconds)
 
         ref._on_ready(done)
+
+    def _note_service(self, key: str, service: ray.ObjectRef) -> None:
+        """Refines ``key``'s service time with what its task measured (on the release thread:
+        the value came with the result, so this get does not wait)."""
+        try:
+            seconds = ray.get(service, timeout=5)
+        except Exception:  # the task failed: it measured nothing
+            return
+        with self._lock:
+            self._placement.finished(key, None, float(seconds))
 
     def in_flight(self) -> int:
         with self._lock:

@@ -1,7 +1,12 @@
-"""Cluster benchmarks (``python -m workloads.bench peer``): what a node that misses pays for its
-first invocation when another node holds the model in memory, copying it from that peer (Ray's
-object transfer, then a verified copy) against reading it from the store, side by side in one
-run on a local three-node Ray (``ray.cluster_utils.Cluster``).
+"""Cluster benchmarks on a local three-node Ray (``ray.cluster_utils.Cluster``).
+
+``python -m workloads.bench peer``: what a node that misses pays for its first invocation when
+another node holds the model in memory, copying it from that peer (Ray's object transfer, then a
+verified copy) against reading it from the store, side by side in one run.
+
+``python -m workloads.bench locality``: where invocations of a model resident on one node of
+three run, sent a few at a time, for tasks asking for a fraction of a CPU and for a whole one:
+routing must keep them with the model while its node has free slots (issue 17's goal: 95%).
 
 Every run: the model is resident on node B only (evicted from C's host and disk tiers), then a
 task pinned to node C invokes it, so C misses; C's cache has peer fetch on or off. The store is
@@ -27,7 +32,7 @@ from trims_ray._cluster import node_cache_actor
 
 from .bench import MiB, _ms, drop_page_cache, ray_with_trims, synthetic_weights
 
-__all__ = ["bench_peer", "print_peer"]
+__all__ = ["bench_locality", "bench_peer", "print_locality", "print_peer"]
 
 
 def _checksum(model) -> float:
@@ -120,3 +125,61 @@ def print_peer(r: PeerResult) -> None:
         from_store = statistics.median(r.rows[(store, mb, "store")])
         from_peer = statistics.median(r.rows[(store, mb, "peer")])
         print(f"{store:22} {mb:>6} {_ms(from_store):>18.1f} {_ms(from_peer):>15.1f} {from_store / from_peer:>12.2f}x")
+
+
+def _node_of(model) -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+@dataclass
+class LocalityResult:
+    invocations: int
+    concurrency: int
+    mb: int
+    runs: dict[float, tuple[int, int]] = field(default_factory=dict)  # num_cpus -> (on the holder, all)
+
+
+def bench_locality(
+    invocations: int, concurrency: int, cpus: list[float], mb: int, directory: str | None
+) -> LocalityResult:
+    """For each task size in ``cpus``: a ``mb`` MiB model resident on one node of three (1 CPU
+    each, so the node runs 1 / num_cpus such tasks at once), ``invocations`` sent
+    ``concurrency`` at a time; counts those that ran on that node."""
+    result = LocalityResult(invocations, concurrency, mb)
+    with tempfile.TemporaryDirectory(prefix="trims-bench-", dir=directory) as tmp:
+        with ray_with_trims(tmp, 256, 64 * MiB, nodes=3, cpus=1) as nodes:
+            holder = nodes[1]
+            print(f"locality: 3 nodes of 1 CPU; a {mb} MiB model resident on node {holder[:12]} only", flush=True)
+            for num_cpus in cpus:
+                name = f"loc-{num_cpus:g}"
+                trims_ray.register(name, synthetic_weights(mb * MiB, seed=int(num_cpus * 100)))
+                trims_ray.prefetch(name, nodes=[holder])
+                fn = trims_ray.function(_node_of, model=name, num_cpus=num_cpus)
+                # Let the holder's report reach the callers' table before timing anything.
+                time.sleep(1.5)
+                ran = []
+                for _ in range(0, invocations, concurrency):
+                    ran += ray.get([fn.remote() for _ in range(concurrency)])
+                result.runs[num_cpus] = (sum(n == holder for n in ran), len(ran))
+                trims_ray.evict(name)
+    return result
+
+
+def print_locality(r: LocalityResult) -> None:
+    print(
+        f"\nlocality: {r.invocations} invocations of a {r.mb} MiB model resident on one node of three "
+        f"(1 CPU each), sent {r.concurrency} at a time"
+    )
+    header = f"{'num_cpus':>9} {'tasks at once there':>20} {'ran there':>10} {'share':>7}"
+    print(header)
+    print("-" * len(header))
+    for cpus, (there, total) in sorted(r.runs.items()):
+        at_once = "any" if cpus <= 0 else f"{max(1, int(1 / cpus + 1e-9))}"
+        print(f"{cpus:>9g} {at_once:>20} {there:>10} {there / total:>6.0%}")
+    for cpus, (there, total) in sorted(r.runs.items()):
+        if cpus > 0 and 1 / cpus >= r.concurrency:  # the node had a free slot for every one
+            share = there / total
+            print(
+                f"goal: >= 95% of num_cpus={cpus:g} invocations on the model's node while it has free "
+                f"slots: {share:.0%}: {'met' if share >= 0.95 else 'NOT met'}"
+            )

@@ -101,6 +101,10 @@ def test_known_traffic_gives_exact_counts(metrics_port, tmp_path):
             assert ray.get(first.options(model=name).remote()) == float(names.index(name))
         k, n = len(names), len(sequence)
         node = ray.get_runtime_context().get_node_id()
+        # Hits served by the workers that keep a model reach the node with their next poll.
+        deadline = time.monotonic() + 15
+        while trims_ray.stats().nodes[node].tiers["host"].hits < n - k and time.monotonic() < deadline:
+            time.sleep(0.1)
         host = trims_ray.stats().nodes[node].tiers["host"]
         assert (host.misses, host.hits, host.loads) == (k, n - k, k)  # the cache's own count
 

@@ -61,6 +61,8 @@ def test_function_gets_a_working_module_and_hits_after_the_first_call(cache, ray
         expected = model(x)
     for _ in range(3):
         assert torch.equal(ray.get(classify.remote(x)), expected)
+    # Hits served by the workers that keep the model reach the node with their next poll.
+    wait_for(lambda: node_stats(ray_node).tiers["host"].hits >= 2, what="the workers' hits counted")
     host = node_stats(ray_node).tiers["host"]
     assert (host.loads, host.misses, host.hits, host.models) == (1, 1, 2, 1)
     ray.get(node_cache_actor(ray_node).drain.remote())  # the disk copy is written in the background
@@ -295,6 +297,9 @@ def test_a_miss_the_policy_does_not_admit_is_served_from_the_tasks_own_copy(ray_
         for _ in range(4):
             for i in range(2):
                 ray.get(total.options(model=f"hot{i}").remote())
+        # The policy hears of the hits workers served from the models they keep with their
+        # next poll: the admission below must weigh them.
+        wait_for(lambda: node_stats(ray_node).tiers["host"].hits >= 6, what="the workers' hits counted")
         assert ray.get(total.options(model="once").remote()) == float(big["w"].double().sum())
         host = node_stats(ray_node).tiers["host"]
         assert (host.models, host.bypasses, host.evictions, host.loads) == (2, 1, 0, 2)

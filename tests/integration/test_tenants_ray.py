@@ -161,6 +161,7 @@ def test_identical_weights_of_another_tenant_are_a_miss(trims, ray_node, monkeyp
     a_info = trims_ray.register("a-model", same)
     a_fn = trims_ray.function(model="a-model")(checksum)
     assert [ray.get(a_fn.remote()) for _ in range(2)] == [expected(same)] * 2
+    wait_for(lambda: host(ray_node).hits >= 1, what="the worker's hit counted")  # with its next poll
     before = host(ray_node)
     assert (before.loads, before.hits) == (1, 1)  # alice's copy is hot
 

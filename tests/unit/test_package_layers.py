@@ -29,13 +29,13 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "cache core": (
         "cache", "cache.leases", "cache.quotas", "cache.disk_tier", "cache.host_tier", "cache.host_loader",
         "cache.scrub", "cache.node_cache", "cache.gpu_tier", "cache.gpu_entry", "cache.gpu_testing",
-        "cache.placement",
+        "cache.placement", "cache.pins", "cache.node_views",
     ),
     "actors": (
         "_raycalls", "_metrics", "actors", "actors._naming", "actors.node_cache_actor", "actors.gpu_tier_actor",
-        "actors.placement_actor",
+        "actors.placement_actor", "actors._node_info",
     ),
-    "client": ("_api", "_routing", "_cluster", "_lease", "_gpu_lease", "_cli_output", "cli", "__init__"),
+    "client": ("_api", "_routing", "_cluster", "_lease", "_gpu_lease", "_process_tier", "_cli_output", "cli", "__init__"),
 }  # fmt: skip
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
 

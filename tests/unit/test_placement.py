@@ -217,3 +217,46 @@ def test_a_callers_copy_routes_like_the_original_and_keeps_measurements():
         again.started("m", "n2")
     # 1.5 s per queued invocation, measured by the copy before: loading elsewhere wins now.
     assert again.route("m", MB).node != "n2"
+
+
+# -- slots from what a task asks for (issue 17, item 3) ---------------------------------------
+
+
+def test_a_nodes_slots_for_a_task_follow_the_resources_it_asks_for():
+    from trims_ray.cache.placement import NodeInfo, task_slots
+
+    one_cpu = NodeInfo(MB, slots=1)
+    assert task_slots(one_cpu, 1.0) == 1
+    assert task_slots(one_cpu, 0.1) == 10
+    assert task_slots(one_cpu, 0.3) == 3
+    assert task_slots(one_cpu, 2.0) == 1  # never fewer than one: Ray would queue it there anyway
+    assert task_slots(one_cpu, 0.0) == float("inf")  # asks for no CPU: never waits for one
+    gpu_node = NodeInfo(MB, slots=8, gpus=2)
+    assert task_slots(gpu_node, 1.0, 1.0) == 2 and task_slots(gpu_node, 1.0, 0.25) == 8
+    assert task_slots(gpu_node, 0.0, 0.5) == 4
+
+
+def test_fractional_cpu_tasks_stay_on_the_node_that_holds_their_model():
+    # Five 0.1-CPU invocations in flight on a 1-CPU node: all of them run at once there, so
+    # the next one has no queue to avoid and stays with the model (a whole-CPU one does not).
+    p = cluster(3)
+    report(p, "n0", {"m": "host"}, used=2 * MB)
+    for _ in range(5):
+        p.started("m", "n0")
+    assert p.route("m", 2 * MB, cpus=0.1).node == "n0"
+    assert not p.queued("n0", cpus=0.1) and p.queued("n0", cpus=1.0)
+    assert p.route("m", 2 * MB, cpus=1.0).node != "n0"
+
+
+def test_the_service_time_a_task_measured_sets_the_queue_cost():
+    p = cluster(2)
+    report(p, "n0", {"m": "host"}, used=10 * MB)
+    for _ in range(2):
+        p.started("m", "n0")
+    p.finished("m", None, 0.001)  # a task measured a millisecond: n0's queue costs little
+    for _ in range(5):
+        p.finished("m", None, 0.001)
+    assert p.route("m", 10 * MB).node == "n0"
+    for _ in range(20):
+        p.finished("m", None, 5.0)  # now five seconds each: loading elsewhere is cheaper
+    assert p.route("m", 10 * MB).node == "n1"

@@ -33,6 +33,7 @@ from .._protocol import ASSUMED_LOAD_RATES, PEER, STORE, Caller, Holder, HostGra
 from ..cache.host_loader import LEND_CALL_TIMEOUT_S, PEER_CHUNK_BYTES, lend_ttl_s, peer_copy_timeout_s, read_in_chunks
 from ..cache.node_cache import NodeCache
 from ..cache.placement import ReportSequence
+from ._node_info import bypass_budget, node_info, object_store_bytes_used
 from .gpu_tier_actor import node_gpu_residency, node_gpu_stats, start_gpu_tier_actors
 
 __all__ = [
@@ -45,6 +46,9 @@ log = logging.getLogger("trims_ray")
 
 # Enough threads that callers waiting on a load in flight do not block hits on other models.
 _ACTOR_CONCURRENCY = 64
+# Threads for the reclaim threads of worker processes that keep models (one long poll each, at
+# most one process per CPU slot and a few more): apart, so that they never starve the calls above.
+_RECLAIM_CONCURRENCY = 64
 
 
 def start_node_cache_actor(
@@ -52,7 +56,8 @@ def start_node_cache_actor(
 ) -> ray.actor.ActorHandle:
     """Gets or creates the cache actor of ``node_id`` (returns at once; it starts on its node)."""
     return (
-        ray.remote(NodeCacheActor)
+        # Concurrency groups are class options in Ray, not ``.options()``.
+        ray.remote(concurrency_groups={"reclaim": _RECLAIM_CONCURRENCY})(NodeCacheActor)
         .options(
             name=node_cache_actor_name(node_id),
             namespace=NAMESPACE,
@@ -93,9 +98,12 @@ class NodeCacheActor:
     def __init__(self, node_id: str, store_uri: str, storage_options: dict | None, config: CacheConfig) -> None:
         self.node_id = node_id
         self.config = config
+        self._actor_id = ray.get_runtime_context().get_actor_id()
         # Looked up once: the node's object store size and its raylet's address do not change.
-        self._node = _node_info(node_id)
-        self._slots = max(1, int(self._node["Resources"].get("CPU", 1)))
+        self._node = node_info(node_id)
+        # What routing counts a node's task slots from (``placement.task_slots``).
+        self._slots = max(1.0, float(self._node["Resources"].get("CPU", 1)))
+        self._gpus = float(self._node["Resources"].get("GPU", 0))
         host_budget = config.host_bytes
         if host_budget is None:
             host_budget = int(self._node["Resources"].get("object_store_memory", 0) * config.host_fraction)
@@ -119,7 +127,7 @@ class NodeCacheActor:
             holder_alive=self._holder_alive,
             tenant_share=config.tenant_share,
             tenant_quotas=config.tenant_quotas,
-            bypass_budget=_bypass_budget(self._node, host_budget),
+            bypass_budget=bypass_budget(self._node, host_budget),
         )
         self._dead_callers: set[str] = set()
         # Lends a peer copies slice by slice (``lend_chunk``): lease id -> _Lent, the lent
@@ -180,14 +188,34 @@ class NodeCacheActor:
         holder: Holder | Caller | None,
         lease_id: str | None = None,
         hint: Resolved | None = None,
+        pin: bool = False,
     ) -> HostGrant:
-        """NodeCache.acquire; ``hint``: what the caller resolved ``name`` to (it is checked)."""
-        grant = self.cache.acquire(name, tenant, holder, lease_id, hint=hint)
+        """NodeCache.acquire; ``hint``: what the caller resolved ``name`` to (it is checked);
+        ``pin``: the holder process keeps the model built (``pin``)."""
+        grant = self.cache.acquire(name, tenant, holder, lease_id, hint=hint, pin=pin)
         if grant.bypass:
             # The task reads the model itself: tell it from where (its own process may not know
             # the store, when Ray was started before trims_ray.init).
             return HostGrant.of(grant, self.node_id, *self._store_spec)
-        return HostGrant.of(grant, self.node_id)
+        return HostGrant.of(grant, self.node_id, actor_id=self._actor_id, incarnation=self.cache.incarnation)
+
+    def pin(self, key: str, holder: Holder, lease_id: str) -> str:
+        """A process keeps the blob ``key`` built after a task that a caller's lease served:
+        its own lease on it from now on, asked back when the node needs it (NodeCache.pin).
+        Returns this cache's incarnation, or "" when it was refused."""
+        return self.cache.incarnation if self.cache.pin(key, holder, lease_id) else ""
+
+    @ray.method(concurrency_group="reclaim")
+    def reclaims(self, holder: Holder, hits: dict[str, int], timeout_s: float, incarnation: str = "") -> tuple[str, list[str]]:
+        """A process's long poll: counts the hits it served from the models it keeps since its
+        last poll, then returns this cache's incarnation and the ids of its pins the node asks
+        back, waiting up to ``timeout_s`` for one ([] if none). At once when ``incarnation``
+        (what the process last heard) is not this one: it kept models from a cache that died."""
+        if incarnation and incarnation != self.cache.incarnation:
+            return self.cache.incarnation, []
+        if hits:
+            self.cache.note_hits(hits)
+        return self.cache.incarnation, self.cache.wait_asked(holder, min(float(timeout_s), 30.0))
 
     def release(self, lease_id: int | str) -> bool:
         with self._lent_lock:
@@ -289,6 +317,7 @@ class NodeCacheActor:
             # Whether the GPU tier is on here, why not, and each GPU's own counters and memory.
             "gpu": {"enabled": gpu["enabled"], "reason": gpu["reason"], "gpus": gpu["gpus"]},
             "leases": self.cache.leases(),
+            "pinned": self.cache.pinned(),
             "object_store_bytes_used": object_store_bytes_used(self._node),
             "load_rates": dict(self.cache.rates),
             "last_load_source": self.cache.last_load_source,
@@ -314,7 +343,7 @@ class NodeCacheActor:
         return self._reports.stamp(self._snapshot)
 
     def _snapshot(self) -> dict:
-        report = {**self.cache.report(), "slots": self._slots}
+        report = {**self.cache.report(), "slots": self._slots, "gpus": self._gpus}
         if self._gpu_holders:  # apart from the host side: only GPU tasks can use these copies
             report["gpu"] = node_gpu_residency(self._gpu_holders)
         return report
@@ -468,29 +497,3 @@ class _Lent:
     nbytes: int
     expires: float
     view: np.ndarray | None = None
-
-
-def _bypass_budget(node: dict, host_budget: int) -> int:
-    """Object store bytes that the shared copies of misses the host tier does not keep may hold
-    (NodeCache's ``bypass_budget``): half of what the host budget leaves of the node's store. The
-    other half stays for tasks' own objects; beyond it a bypassed miss is read by its task, as
-    its private copy, as before."""
-    store = int(node["Resources"].get("object_store_memory", 0))
-    return max(0, store - host_budget) // 2
-
-
-def _node_info(node_id: str) -> dict:
-    for node in ray.nodes():
-        if node["NodeID"] == node_id:
-            return node
-    raise RuntimeError(f"node {node_id} is not in the cluster")
-
-
-def object_store_bytes_used(node: dict) -> int:
-    """Bytes in use in the node's object store, as its raylet reports them (all objects, ours
-    and everyone else's): the figure that shows whether an eviction really freed memory."""
-    # Ray has no public per-node store API; this is the call `ray memory --stats-only` makes.
-    from ray._private.internal_api import node_stats
-
-    reply = node_stats(node["NodeManagerAddress"], node["NodeManagerPort"], include_memory_info=False)
-    return int(reply.store_stats.object_store_bytes_used)

@@ -25,7 +25,7 @@ from .._protocol import HOST, TierStats, cache_key
 from ..policy import EvictionPolicy, Outcome, decide_admission
 from .quotas import tenant_quota
 
-__all__ = ["HostMemory", "HostEntry", "HostTier", "detached"]
+__all__ = ["HostMemory", "HostEntry", "HostTier", "RoomPending", "detached"]
 
 
 def detached(error: BaseException) -> BaseException:
@@ -54,6 +54,15 @@ class HostMemory(Protocol):
         """
 
 
+class RoomPending(Exception):
+    """Room for a load is being made from models only processes' pins held: they are evicted
+    and asked back (``HostTier.admit`` with ``reclaim``); ask again once they are gone."""
+
+    def __init__(self, entries: list[HostEntry]) -> None:
+        super().__init__(f"{len(entries)} pinned model(s) asked back")
+        self.entries = entries
+
+
 @dataclass(eq=False)  # entries are told apart by identity (a key may have a dropped one and a new one)
 class HostEntry:
     manifest: Manifest
@@ -62,6 +71,7 @@ class HostEntry:
     ready: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     leases: int = 0  # leases held, and requests waiting for its load
+    pins: int = 0  # of those leases, the pins of processes that keep the model built (``pins``)
     evict_when_idle: bool = False  # it takes no new lease, and goes with its last one
     source: str = ""  # where the load read from: "disk", "peer" or "store"
 
@@ -78,6 +88,8 @@ class HostTier:
         quota: tenant -> the bytes it may hold here, None: no quota.
         bypass_budget: bytes that shared copies of misses the tier does not keep may hold, outside
             ``budget`` (see ``bypass``); 0: none, each such miss is read by its task.
+        ask_back: asks the processes pinning an entry to give it back (``pins.ProcessPins``);
+            called when a pinned entry is evicted or chosen to make room.
     """
 
     def __init__(
@@ -87,8 +99,10 @@ class HostTier:
         on_change: Callable[[], None],
         quota: Callable[[str], int | None],
         bypass_budget: int = 0,
+        ask_back: Callable[[HostEntry], int] = lambda entry: 0,
     ) -> None:
         self.budget = budget
+        self.ask_back = ask_back
         self.policy = policy
         self.on_change = on_change
         self.quota = quota
@@ -139,14 +153,17 @@ class HostTier:
 
     def report(self) -> tuple[dict[str, str], dict[str, tuple[str, str, int]], dict[str, int]]:
         """For placement, per blob in the table (copies that take no new lease are not there):
-        "host" or "loading"; (tenant, name, nbytes); and leases held or waiting for its load."""
+        "host" or "loading"; (tenant, name, nbytes); and the leases of invocations running or
+        waiting for its load (processes' pins are not invocations)."""
         residency = {k: HOST if e.ready.is_set() else "loading" for k, e in self.entries.items()}
         models = {k: (e.manifest.tenant, e.manifest.name, e.manifest.nbytes) for k, e in self.entries.items()}
-        return residency, models, {k: e.leases for k, e in self.entries.items() if e.leases}
+        return residency, models, {k: e.leases - e.pins for k, e in self.entries.items() if e.leases > e.pins}
 
     # -- admission -----------------------------------------------------------------------------
 
-    def request(self, manifest: Manifest, force: bool, miss_cost: float) -> tuple[HostEntry | None, bool]:
+    def request(
+        self, manifest: Manifest, force: bool, miss_cost: float, reclaim: bool = False
+    ) -> tuple[HostEntry | None, bool]:
         """A request for ``manifest``: the entry it leases (its count taken: ``leases`` + 1) and
         whether the caller loads it (a miss admitted, or a new shared copy), or (None, False):
         a bypass, which the task reads itself. Raises as ``admit``."""
@@ -154,7 +171,7 @@ class HostTier:
         entry = self.entries.get(key)
         leader = entry is None
         if leader:
-            entry = self.admit(manifest, force, miss_cost)
+            entry = self.admit(manifest, force, miss_cost, reclaim)
             if entry is None:  # not kept: a shared copy (one read for a burst), or none
                 entry, leader = self.bypass(manifest)
                 if entry is None:
@@ -167,18 +184,27 @@ class HostTier:
         entry.leases += 1
         return entry, leader
 
-    def admit(self, manifest: Manifest, force: bool, miss_cost: float) -> HostEntry | None:
+    def admit(self, manifest: Manifest, force: bool, miss_cost: float, reclaim: bool = False) -> HostEntry | None:
         """Reserves host bytes for a load (evicting idle models if needed) and returns its entry,
         or None when the policy does not admit it. ``miss_cost``: what a miss of this model
         costs (seconds), which the policy weighs against its victims; ``force``: admit anyway.
+        ``reclaim``: a model only processes' pins hold counts as idle; if one must go to make
+        room, it is evicted (it goes when its pins are given back), the processes are asked for
+        it, and RoomPending is raised: the caller waits for it and asks again.
 
         Raises:
+            RoomPending: see ``reclaim``; nothing is reserved, no miss is counted.
             CapacityError: it cannot fit the budget or its tenant's quota, even after evicting
                 what is idle (or, with ``force``, when what would make room is in use).
         """
         need = manifest.nbytes + 2 * GUARD_BYTES
         self.stats.misses += 1
-        if not self._make_room(need, manifest, force, miss_cost):
+        try:
+            made = self._make_room(need, manifest, force, miss_cost, reclaim)
+        except RoomPending:
+            self.stats.misses -= 1  # counted when it is asked again
+            raise
+        if not made:
             self.stats.bypasses += 1
             return None
         entry = HostEntry(manifest, need)
@@ -210,12 +236,13 @@ class HostTier:
         self.refresh()
         return entry, True
 
-    def _make_room(self, need: int, manifest: Manifest, force: bool, miss_cost: float) -> bool:
+    def _make_room(self, need: int, manifest: Manifest, force: bool, miss_cost: float, reclaim: bool) -> bool:
         what, tenant = f"{manifest.tenant}/{manifest.name}", manifest.tenant
         sizes = {k: e.nbytes for k, e in self.entries.items() if e.ready.is_set()}
 
         def idle(k: str) -> bool:
-            return self.entries[k].leases == 0
+            entry = self.entries[k]
+            return entry.leases == (entry.pins if reclaim else 0)
 
         # A tenant over its quota makes room from its own models first: no other tenant's model
         # is evicted to let one tenant exceed its share.
@@ -267,8 +294,14 @@ class HostTier:
             )
         if not decision.kept:  # REFUSED: the policy keeps its victims; served as a bypass
             return False
+        pinned = [self.entries[key] for key in decision.victims if self.entries[key].leases]
         for key in decision.victims:
-            self.drop(key, evicted=True)
+            if self.entries[key].leases:
+                self.evict(key)  # only pins hold it: it goes when they are given back
+            else:
+                self.drop(key, evicted=True)
+        if pinned:
+            raise RoomPending(pinned)
         return True
 
     # -- the end of a load ---------------------------------------------------------------------
@@ -315,6 +348,8 @@ class HostTier:
         entry.evict_when_idle = True
         self.leaving[id(entry)] = entry
         self.refresh()
+        if entry.pins:
+            self.ask_back(entry)
         return "deferred"
 
     def _is_bypass(self, entry: HostEntry) -> bool:
@@ -337,6 +372,8 @@ class HostTier:
         self.condemned[id(entry)] = entry
         self.stats.corrupt += 1
         self.refresh()
+        if entry.pins:
+            self.ask_back(entry)  # processes that keep it built must not serve it again
 
     def unlease(self, entry: HostEntry) -> None:
         """One lease of ``entry`` (or a request waiting for its load) ends; the entry goes when

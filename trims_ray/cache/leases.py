@@ -81,6 +81,10 @@ class LeaseTable(Generic[E]):
     def __len__(self) -> int:
         return len(self._leases)
 
+    def holds(self, lease_id: object) -> bool:
+        """Whether ``lease_id`` is a lease granted and not ended."""
+        return lease_id in self._leases
+
     def check_new(self, lease_id: str | None) -> None:
         """Raises TypeError for a caller's id that is not a str, ValueError for one in use."""
         if lease_id is not None and not isinstance(lease_id, str):

@@ -40,8 +40,6 @@ from .._protocol import (
     Grant,
     Holder,
     Resolved,
-    TenantStats,
-    TierStats,
     cache_key,
     holder_alive,
 )
@@ -50,15 +48,17 @@ from ..policy import make_policy
 from .leases import LeaseTable
 from .disk_tier import DiskTier
 from .host_loader import HostLoader, WriteBehind, lend_ttl_s
-from .host_tier import HostEntry, HostMemory, HostTier, detached
-from .quotas import tenant_stats, tier_quota
+from .host_tier import HostEntry, HostMemory, HostTier, RoomPending, detached
+from .pins import NodePins, ProcessPins, wait_until_gone
+from .node_views import NodeCacheViews
+from .quotas import tier_quota
 from .scrub import scrub_host_tier
 
 __all__ = ["HostMemory", "NodeCache"]
 
 log = logging.getLogger("trims_ray")
 
-class NodeCache:
+class NodeCache(NodeCacheViews, NodePins):
     """The host and disk tiers of one node.
 
     Args:
@@ -85,6 +85,8 @@ class NodeCache:
             by its own task. The actor passes part of the object store outside the host budget.
         disk_queue_bytes: bytes the disk copies waiting to be written may hold (None: the host
             budget); a copy that does not fit is skipped (``WriteBehind``).
+        reclaim_wait_s: how long a load or an evict waits for processes to give back a model
+            they pin (``pins``) before it does without that room.
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class NodeCache:
         tenant_quotas: Mapping[str, Mapping[str, int]] | None = None,
         bypass_budget: int = 0,
         disk_queue_bytes: int | None = None,
+        reclaim_wait_s: float = 2.0,
     ) -> None:
         self.store = store
         self.memory = memory
@@ -116,6 +119,9 @@ class NodeCache:
         self.on_change = on_change
         self.tenant_share = tenant_share
         self.tenant_quotas = {t: dict(q) for t, q in (tenant_quotas or {}).items()}
+        # Models worker processes keep built between tasks, as leases the node can ask back.
+        self.pins = ProcessPins()
+        self.reclaim_wait_s = reclaim_wait_s
         # The tiers call ``_changed``, not the callable given: a later change of ``on_change``
         # reaches them too.
         self.host = HostTier(
@@ -124,6 +130,7 @@ class NodeCache:
             self._changed,
             quota=lambda tenant: self.quota(tenant, HOST),
             bypass_budget=bypass_budget,
+            ask_back=self.pins.ask_back,
         )
         self.host_policy = self.host.policy
         self.disk = DiskTier(
@@ -156,6 +163,9 @@ class NodeCache:
         self._leases: LeaseTable[HostEntry] = LeaseTable(
             clock=clock, holder_alive=holder_alive, unclaimed_ttl_s=unclaimed_ttl_s
         )
+        # Names this cache among those a node has had (one per actor start): what a process
+        # that keeps a model checks its cache by.
+        self.incarnation = self._leases.incarnation
         # Names resolved for tenants; the actor refreshes those in use in the background.
         self.manifests = ManifestCache(
             lambda name, tenant: self.store.manifest(name, tenant=tenant), manifest_ttl_s, clock=lambda: self.clock()
@@ -217,8 +227,11 @@ class NodeCache:
         *,
         hint: Resolved | None = None,
         force: bool = False,
+        pin: bool = False,
     ) -> Grant:
         """Leases the model for ``holder``, loading it into the host tier first on a miss.
+        ``pin``: the holder, a worker process, keeps the model built after its task (see
+        ``pins``); the grant says whether it became a pin (not for a copy the tier does not keep).
 
         ``hint``: what the caller already resolved ``name`` to, so that a hit resolves nothing
         again here (see ``resolve``).
@@ -245,18 +258,20 @@ class NodeCache:
         """
         if lease_id is not None and not isinstance(lease_id, str):
             raise TypeError(f"a caller's lease_id must be a str, got {type(lease_id).__name__}")
-        return self._acquire(self.resolve(name, tenant, hint), holder, lease_id, force)
+        pin = pin and isinstance(holder, Holder)
+        return self._acquire(self.resolve(name, tenant, hint), holder, lease_id, force, pin)
 
-    def _acquire(self, manifest: Manifest, holder: Holder | Caller | None, lease_id: str | None, force: bool) -> Grant:
+    def _acquire(
+        self, manifest: Manifest, holder: Holder | Caller | None, lease_id: str | None, force: bool, pin: bool = False
+    ) -> Grant:
         with self._lock:
             # From here until the grant, a release of the caller's id ends the grant when it
             # comes, however long the load takes.
             self._leases.begin(lease_id)
         try:
-            with self._lock:
-                entry, leader = self.host.request(manifest, force, self._miss_cost(manifest))
-                if entry is None:
-                    return Grant(lease_id or 0, None, manifest, 0, BYPASS)
+            entry, leader = self._request(manifest, force)
+            if entry is None:
+                return Grant(lease_id or 0, None, manifest, 0, BYPASS)
             if leader:
                 self._load_into(entry)
             else:
@@ -268,11 +283,32 @@ class NodeCache:
                 lease_id, over = self._leases.add(entry, holder, lease_id)
                 if over:
                     self.host.unlease(entry)
+                pinned = pin and not over and self.host.entries.get(cache_key(manifest)) is entry
+                if pinned:
+                    self.pins.add(lease_id, holder, entry)
                 self.on_change()
         finally:
             with self._lock:
                 self._leases.finish(lease_id)
-        return Grant(lease_id, entry.handle, manifest, GUARD_BYTES, entry.source if leader else HOST)
+        return Grant(lease_id, entry.handle, manifest, GUARD_BYTES, entry.source if leader else HOST, pinned)
+
+    def _request(self, manifest: Manifest, force: bool) -> tuple[HostEntry | None, bool]:
+        """``HostTier.request``, making room from models processes pin when it must: they are
+        asked back and waited for (``reclaim_wait_s``); past that, they count as leased."""
+        deadline = time.monotonic() + self.reclaim_wait_s  # real time: processes answer in it
+        while True:
+            with self._lock:
+                try:
+                    reclaim = time.monotonic() < deadline
+                    return self.host.request(manifest, force, self._miss_cost(manifest), reclaim)
+                except RoomPending as pending:
+                    asked = pending.entries
+            wait_until_gone(asked, self._gone, max(0.0, deadline - time.monotonic()))
+
+    def _gone(self, entry: HostEntry) -> bool:
+        """Whether a copy that left the table (evicted, or condemned by scrub) was freed."""
+        with self._lock:
+            return id(entry) not in self.host.leaving and id(entry) not in self.host.condemned
 
     def lend(self, key: str, lease_id: str | None = None) -> Grant | None:
         """Leases a blob that is ready in the host tier to a peer node copying it, without
@@ -304,6 +340,7 @@ class NodeCache:
             entry = self._leases.pop(lease_id)
             if entry is None:
                 return False
+            self.pins.discard(lease_id)
             self.host.unlease(entry)
             return True
 
@@ -316,6 +353,7 @@ class NodeCache:
         """Ends the leases of processes that died, and those never claimed; returns how many."""
         with self._lock:
             dead = self._leases.expired()
+            self.pins.prune(self._leases.holds)  # before unlease: an entry's pins count as it goes
             for entry in dead:
                 self.host.unlease(entry)
         if dead:
@@ -371,10 +409,15 @@ class NodeCache:
             raise ValueError(f"cache key {key!r} is not one of tenant {tenant!r}")
         result = {}
         with self._lock:
+            entry = self.host.entries.get(key)
             if HOST in tiers:
                 result[HOST] = self.host.evict(key)
             if DISK in tiers:
                 result[DISK] = self._disk_copies.evict(key)
+            # Only processes' pins hold it: they were asked for it, and give it back at once.
+            reclaimed = result.get(HOST) == "deferred" and entry is not None and entry.leases == entry.pins
+        if reclaimed and wait_until_gone([entry], self._gone, self.reclaim_wait_s):
+            result[HOST] = "evicted"
         return result
 
     def prefetch(self, name: str, tenant: str, tier: str = HOST, *, key: str | None = None) -> str:
@@ -414,7 +457,12 @@ class NodeCache:
         return scrub_host_tier(self.host, self._lock, self.memory, reload=self._reload)
 
     def _reload(self, manifest: Manifest) -> None:
-        """Loads a model into the host tier as a prefetch does, leasing nothing."""
+        """Loads a model into the host tier as a prefetch does, leasing nothing; first waits
+        (``reclaim_wait_s``) for processes that keep the corrupt copy to give it back."""
+        with self._lock:
+            key = cache_key(manifest)
+            asked = [e for e in self.host.condemned.values() if cache_key(e.manifest) == key and e.leases == e.pins]
+        wait_until_gone(asked, self._gone, self.reclaim_wait_s)
         self.release(self._acquire(manifest, None, None, force=True).lease_id)
 
     # -- quotas --------------------------------------------------------------------------------
@@ -424,52 +472,6 @@ class NodeCache:
         only the tier's budget limits it."""
         budgets = {HOST: self.host_budget, DISK: self.disk_budget}
         return tier_quota(self.tenant_quotas.get(tenant, {}).get(tier), self.tenant_share, budgets[tier])
-
-    # -- accounting ----------------------------------------------------------------------------
-
-    def stats(self) -> dict[str, TierStats]:
-        """A snapshot of both tiers' counters; host bytes include loads in flight."""
-        with self._lock:
-            return {
-                HOST: TierStats(**vars(self.host.stats)),
-                DISK: TierStats(**vars(self.disk.stats)),
-            }
-
-    def tenant_stats(self, tenant: str | None = None) -> dict[str, TenantStats]:
-        """Per tenant: bytes held per tier, quotas, and refusals met here; only ``tenant``'s
-        entry when given (what a tenant may see of this node), else every tenant known here."""
-        with self._lock:
-            return tenant_stats(self.host, self.disk, self._refusals, self.quota, tenant)
-
-    def leases(self) -> int:
-        with self._lock:
-            return len(self._leases)
-
-    @property
-    def _released_early(self) -> dict[str, float]:
-        """Caller ids released before their grant, still remembered (tests check they go)."""
-        with self._lock:
-            return self._leases.released_early()
-
-    def callers(self, older_than_s: float) -> set[str]:
-        """Ids of the Callers holding leases granted more than ``older_than_s`` ago (whose
-        liveness the actor checks with placement)."""
-        with self._lock:
-            return {holder.id for holder in self._leases.holders(older_than_s) if isinstance(holder, Caller)}
-
-    def report(self) -> dict:
-        """What placement needs of this node, in one consistent snapshot: the best tier of every
-        blob here ("host", "loading" or "disk"), host budget and use, leases per blob, and one
-        (tenant, name, nbytes) per blob so that placement can ask another node for a copy."""
-        with self._lock:
-            residency, models, in_flight = self.host.report()
-            return {
-                "residency": {**{key: DISK for key in self.disk.sizes}, **residency},
-                "host_capacity": self.host_budget,
-                "host_used": self.host.used,
-                "in_flight": in_flight,
-                "models": models,
-            }
 
     def drain(self) -> None:
         """Waits until the disk copies of earlier loads are written."""

@@ -12,6 +12,7 @@ class, no Ray.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from .._errors import CapacityError
 from .._protocol import ASSUMED_LOAD_RATES
 
-__all__ = ["Placement", "NodeInfo", "NodeReport", "ReportSequence", "Route", "Snapshot", "TIERS", "LOADING"]
+__all__ = ["Placement", "NodeInfo", "NodeReport", "ReportSequence", "Route", "Snapshot", "TIERS", "LOADING", "task_slots"]
 
 TIERS = ("gpu", "host", "disk")
 # A model whose load into the host tier is under way on a node: an invocation sent there waits
@@ -35,9 +36,23 @@ class NodeInfo:
 
     host_capacity: int
     host_used: int = 0
-    slots: int = 1  # invocations the node runs at once (its CPUs); more wait in its queue
+    slots: float = 1  # the node's CPUs: how many 1-CPU invocations it runs at once
     in_flight: int = 0
     last_report: float = 0.0
+    gpus: float = 0.0  # the node's GPUs
+
+
+def task_slots(info: NodeInfo, cpus: float = 1.0, gpus: float = 0.0) -> float:
+    """How many invocations that ask for ``cpus`` CPUs and ``gpus`` GPUs each the node runs at
+    once (at least one; unbounded for one that asks for neither), as Ray schedules them."""
+    limits = []
+    if cpus > 0:
+        limits.append(info.slots / cpus)
+    if gpus > 0:
+        limits.append(info.gpus / gpus if info.gpus > 0 else 1.0)  # GPUs not reported: one
+    if not limits:
+        return math.inf
+    return max(1, math.floor(min(limits) + 1e-9))
 
 
 @dataclass(frozen=True)
@@ -50,7 +65,8 @@ class NodeReport:
         host_capacity: the host tier's byte budget.
         host_used: bytes the host tier holds or has reserved for loads in flight.
         in_flight: model key -> leases held now (invocations running or queued there).
-        slots: invocations the node runs at once.
+        slots: the node's CPUs (1-CPU invocations it runs at once).
+        gpus: the node's GPUs.
         models: model key -> (tenant, name, nbytes) of one model that resolves to it, so that
             placement can ask another node to load a copy. Never sent to callers.
         gpu: model key -> "gpu" for every model ready on one of the node's GPUs, kept apart
@@ -64,10 +80,11 @@ class NodeReport:
     host_capacity: int
     host_used: int = 0
     in_flight: dict[str, int] = field(default_factory=dict)
-    slots: int = 1
+    slots: float = 1
     models: dict[str, tuple[str, str, int]] = field(default_factory=dict)
     gpu: dict[str, str] = field(default_factory=dict)
     seq: tuple[int, int] | None = None
+    gpus: float = 0.0
 
 
 # Epochs handed out in this process, so that two sequences started within one clock tick are
@@ -119,7 +136,8 @@ class Snapshot:
 
     version: int
     where: dict[str, dict[str, str]]  # the host side: model key -> {node: host, loading or disk}
-    nodes: dict[str, tuple[int, int, int, int]]  # node -> (host_capacity, host_used, slots, in_flight)
+    # node -> (host_capacity, host_used, slots (CPUs), in_flight, GPUs)
+    nodes: dict[str, tuple[int, int, float, int, float]]
     gpu: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model key -> nodes, on a GPU
 
 
@@ -173,7 +191,7 @@ class Placement:
 
     # -- membership and reports ----------------------------------------------------------------
 
-    def node_joined(self, node: str, host_capacity: int, slots: int = 1) -> None:
+    def node_joined(self, node: str, host_capacity: int, slots: float = 1) -> None:
         if host_capacity < 0:
             raise ValueError(f"host_capacity must be >= 0, got {host_capacity}")
         if slots < 1:
@@ -233,7 +251,7 @@ class Placement:
         if node not in self._nodes:
             self.node_joined(node, report.host_capacity, report.slots)
         info = self._nodes[node]
-        info.host_capacity, info.slots = report.host_capacity, max(1, report.slots)
+        info.host_capacity, info.slots, info.gpus = report.host_capacity, max(1, report.slots), report.gpus
         host_side = {k: t for k, t in report.residency.items() if t != "gpu"}
         on_gpu = {k for k, t in report.residency.items() if t == "gpu"}
         on_gpu.update(k for k, t in report.gpu.items() if t == "gpu")
@@ -285,7 +303,7 @@ class Placement:
         return Snapshot(
             self.version,
             {k: dict(v) for k, v in self._where.items()},
-            {n: (i.host_capacity, i.host_used, i.slots, i.in_flight) for n, i in self._nodes.items()},
+            {n: (i.host_capacity, i.host_used, i.slots, i.in_flight, i.gpus) for n, i in self._nodes.items()},
             {k: tuple(sorted(v)) for k, v in self._gpu.items()},
         )
 
@@ -296,8 +314,8 @@ class Placement:
         placement = cls(**settings)
         placement._where = {k: dict(v) for k, v in snapshot.where.items()}
         placement._gpu = {k: set(v) for k, v in snapshot.gpu.items()}
-        for node, (capacity, used, slots, in_flight) in snapshot.nodes.items():
-            placement._nodes[node] = NodeInfo(capacity, used, slots, in_flight)
+        for node, (capacity, used, slots, in_flight, gpus) in snapshot.nodes.items():
+            placement._nodes[node] = NodeInfo(capacity, used, slots, in_flight, gpus=gpus)
         placement.version = snapshot.version
         if previous is not None:
             placement._service = previous._service
@@ -310,10 +328,11 @@ class Placement:
         if info is not None and info.in_flight < count:
             info.in_flight = count
 
-    def queued(self, node: str) -> bool:
-        """Whether an invocation sent to ``node`` now would wait for a free slot."""
+    def queued(self, node: str, cpus: float = 1.0, gpus: float = 0.0) -> bool:
+        """Whether an invocation asking for ``cpus`` and ``gpus`` sent to ``node`` now would
+        wait for a free slot."""
         info = self._nodes.get(node)
-        return info is not None and info.in_flight >= info.slots
+        return info is not None and info.in_flight >= task_slots(info, cpus, gpus)
 
     def holders(self, key: str, *, gpu: bool = True) -> dict[str, str]:
         """Node -> best tier for every node that has ``key`` (or is loading it); ``gpu``: False
@@ -329,11 +348,13 @@ class Placement:
 
     # -- routing -------------------------------------------------------------------------------
 
-    def route(self, key: str, nbytes: int, *, gpu: bool = True) -> Route:
+    def route(self, key: str, nbytes: int, *, gpu: bool = True, cpus: float = 1.0, gpus: float = 0.0) -> Route:
         """The node with the least expected start-up time for an invocation of ``key``.
 
         ``gpu``: whether the invocation can use a copy on a GPU (a task that asks for one);
-        False ranks nodes by their host side alone (host, loading, disk).
+        False ranks nodes by their host side alone (host, loading, disk). ``cpus``, ``gpus``:
+        what the invocation asks Ray for, which sets how many run at once on a node
+        (``task_slots``): the queue ahead of it is the invocations in flight beyond those.
 
         Raises:
             CapacityError: no node's host tier can ever hold ``nbytes`` (before any task starts).
@@ -361,7 +382,7 @@ class Placement:
                 else:
                     cost = self.handoff_s[tier]
                     has_copy = True
-                cost += (info.in_flight // info.slots) * service
+                cost += (info.in_flight // task_slots(info, cpus, gpus)) * service
                 if cost < best_cost:
                     best_node, best_tier, best_cost = node, tier, cost
         # Loading on a node without it: from a peer's memory when one holds it, else the store.
@@ -370,7 +391,7 @@ class Placement:
             for node, info in nodes.items():
                 if info.host_capacity < nbytes or node in where:
                     continue
-                cost = load_cost + (info.in_flight // info.slots) * service
+                cost = load_cost + (info.in_flight // task_slots(info, cpus, gpus)) * service
                 if info.host_capacity - info.host_used < nbytes:
                     cost += load_cost  # it would evict someone else's model first
                 if cost < best_cost:
@@ -391,9 +412,10 @@ class Placement:
         per_node = self._key_in_flight.setdefault(key, {})
         per_node[node] = per_node.get(node, 0) + 1
 
-    def finished(self, key: str, node: str, seconds: float | None = None) -> None:
-        """An invocation ended; ``seconds``, when known, refines the model's service time."""
-        info = self._nodes.get(node)
+    def finished(self, key: str, node: str | None, seconds: float | None = None) -> None:
+        """An invocation ended on ``node`` (None: counted as ended already); ``seconds``, the
+        time it occupied its slot when known, refines the model's service time."""
+        info = self._nodes.get(node) if node is not None else None
         if info is not None and info.in_flight:
             info.in_flight -= 1
         per_node = self._key_in_flight.get(key)

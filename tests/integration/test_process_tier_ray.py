@@ -1,0 +1,167 @@
+"""The process tier on a real Ray (``trims_ray._process_tier``, ``trims_ray.cache.pins``): a
+worker keeps the model it built between tasks, with no lease or actor call on a warm hit; the
+node counts it once, asks it back when it must (an evict, a load that needs the room), and reaps
+the pins of a worker that died.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import ray
+import torch
+from torch import nn
+
+import trims_ray
+from tests.integration.conftest import wait_for
+from trims_ray._protocol import process_start
+
+pytestmark = pytest.mark.timeout(180)
+
+MiB = 1024 * 1024
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(256, 512)
+        self.fc2 = nn.Linear(512, 16)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _weights(mb: float, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(int(mb * MiB / 4), generator=gen)}
+
+
+@trims_ray.function(num_cpus=1)
+def _where(model, x):
+    """The answer, the tier the model came from, this worker's pid and the module's id."""
+    from trims_ray import _lease
+
+    with torch.inference_mode():
+        y = model(x) if isinstance(model, nn.Module) else model["w"][:16].sum()
+    return y, _lease.served_tier(), os.getpid(), id(model)
+
+
+def _node(ray_node: str) -> trims_ray.NodeStats:
+    return trims_ray.stats().nodes[ray_node]
+
+
+def test_a_worker_keeps_the_model_between_tasks_and_the_node_counts_its_hits(cache, ray_node):
+    model = Net().eval()
+    trims_ray.register("net", model, factory=f"{__name__}:Net")
+    call = _where.options(model="net")
+    x = torch.randn(2, 256)
+    with torch.inference_mode():
+        expected = model(x)
+
+    answers = [ray.get(call.remote(x)) for _ in range(6)]
+    assert all(torch.equal(y, expected) for y, *_ in answers)
+    tiers = [tier for _, tier, _, _ in answers]
+    assert tiers[0] == "store" and "process" in tiers[1:], tiers
+    # Served from the process tier: the same module object in the same worker, built once.
+    kept = {(pid, ident) for _, tier, pid, ident in answers if tier == "process"}
+    assert len({pid for pid, _ in kept}) == len(kept), kept
+
+    # No lease is held between tasks: the worker holds a pin, and its hits reach the node.
+    stats = wait_for(lambda: (s := _node(ray_node)).tiers["host"].hits >= tiers.count("process") and s, what="hits")
+    assert stats.leases == 0 and stats.pinned >= 1
+    assert stats.tiers["host"].loads == 1 and stats.tiers["host"].models == 1
+
+
+def test_an_evict_takes_the_model_back_from_the_worker_and_frees_the_object_store(cache, ray_node):
+    trims_ray.register("m", _weights(8, seed=1))
+    call = _where.options(model="m")
+    for _ in range(3):
+        ray.get(call.remote(None))
+    before = _node(ray_node)
+    assert before.pinned >= 1
+
+    assert trims_ray.evict("m", tier="host")[ray_node]["host"] == "evicted"
+    after = _node(ray_node)
+    assert after.pinned == 0 and after.tiers["host"].bytes_used == 0
+    wait_for(lambda: _node(ray_node).object_store_bytes_used <= before.object_store_bytes_used - 8 * MiB, what="store freed")
+    # The next task leases and loads it again, and keeps it again.
+    value, tier, _, _ = ray.get(call.remote(None))
+    assert tier in ("disk", "store") and float(value) == float(_weights(8, seed=1)["w"][:16].sum())
+
+
+def test_a_load_that_needs_the_room_of_a_kept_model_gets_it_from_the_worker(ray_node, tmp_path):
+    # A host tier with room for one 12 MiB model: the second model's load asks the worker for
+    # the first, which gives it back, and the budget is never exceeded.
+    config = trims_ray.CacheConfig(host_bytes=14 * MiB, disk_dir=str(tmp_path / "disk"), lease_check_s=0.2)
+    trims_ray.init(store=str(tmp_path / "store"), config=config)
+    try:
+        trims_ray.register("a", _weights(12, seed=2))
+        trims_ray.register("b", _weights(12, seed=3))
+        for name, seed in (("a", 2), ("b", 3), ("a", 2), ("b", 3)):
+            value, tier, _, _ = ray.get(_where.options(model=name).remote(None))
+            assert float(value) == float(_weights(12, seed=seed)["w"][:16].sum())
+            assert tier != "bypass", tier  # the room came back from the worker in time
+            host = _node(ray_node).tiers["host"]
+            assert host.bytes_used <= host.capacity and host.models == 1
+        assert _node(ray_node).tiers["host"].evictions >= 3
+    finally:
+        trims_ray.shutdown()
+
+
+def test_the_pins_of_a_worker_that_died_are_reaped(cache, ray_node):
+    trims_ray.register("m", _weights(4, seed=4))
+    _, _, pid, _ = ray.get(_where.options(model="m").remote(None))
+    assert _node(ray_node).pinned == 1
+    start = process_start(pid)
+
+    os.kill(pid, signal.SIGKILL)  # the Ray worker our own task ran in
+    wait_for(lambda: process_start(pid) != start, what="the worker gone")
+    wait_for(lambda: _node(ray_node).pinned == 0, what="its pin reaped")
+    assert trims_ray.evict("m", tier="host")[ray_node]["host"] == "evicted"
+
+
+def test_a_kept_model_stays_read_only(cache, ray_node, tmp_path):
+    trims_ray.register("m", _weights(1, seed=5))
+    expected = float(_weights(1, seed=5)["w"][:16].sum())
+    call = _where.options(model="m")
+    for _ in range(4):  # both workers keep it
+        ray.get(call.remote(None))
+    seen = tmp_path / "tier"
+
+    @trims_ray.function(model="m", num_cpus=1, max_retries=0)
+    def vandal(model):
+        from trims_ray import _lease
+
+        seen.write_text(_lease.served_tier())
+        model["w"].add_(1.0)  # a write into shared memory: must fault, not land
+        return "wrote"
+
+    with pytest.raises((ray.exceptions.WorkerCrashedError, ray.exceptions.RayTaskError)):
+        ray.get(vandal.remote())
+    assert seen.read_text() == "process"  # it was the kept model it tried to change
+    for _ in range(3):
+        value, _, _, _ = ray.get(call.remote(None))
+        assert float(value) == expected
+
+
+def test_models_kept_from_a_cache_that_restarted_are_dropped(cache, ray_node):
+    # A restarted cache actor keeps its Ray id but not its objects or pins: what workers kept
+    # from its earlier start must not be served on as if the node still counted it.
+    from trims_ray._cluster import node_cache_actor
+
+    trims_ray.register("m", _weights(2, seed=6))
+    call = _where.options(model="m")
+    for _ in range(4):
+        ray.get(call.remote(None))
+    ray.kill(node_cache_actor(ray_node), no_restart=False)
+
+    def served_by_the_new_cache() -> bool:
+        _, tier, _, _ = ray.get(call.remote(None))
+        return tier in ("disk", "store")
+
+    wait_for(served_by_the_new_cache, timeout=30, interval=0.2, what="a load by the restarted cache")
+    host = _node(ray_node).tiers["host"]
+    assert host.models == 1 and host.loads == 1
+    wait_for(lambda: ray.get(call.remote(None))[1] == "process", what="kept again, from the new cache")

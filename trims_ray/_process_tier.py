@@ -1,0 +1,274 @@
+"""The process tier: models a worker process keeps built between its tasks.
+
+Ray reuses worker processes, so the module a decorated task built from the node's shared copy
+(read-only views of it, no byte copied) can serve the next task of that model in the same
+process as it is: no lease, no actor call, no build. A warm hit then costs what a plain Ray task
+costs. Each model kept holds a pin on the node's cache (``cache.pins``): the node counts its
+bytes once, never frees the copy while a process maps it, and can ask for it back. A reclaim
+thread per process long-polls the node's cache for that (``NodeCacheActor.reclaims``), carrying
+the hits served here since its last poll, and drops a model asked back as soon as no task of this
+process uses it. The pins of a process that dies end with the node's lease reaper.
+
+A kept model is one object for every task of its tenant in this process, as a model loaded once
+in a Ray Serve replica is: its weights are read-only, but Python state a task changes on it
+(attributes, hooks) is seen by that tenant's next task here. Tenants never share one object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+
+from ._protect import ProtectToken, protect_array, release
+from ._protocol import Holder, HostGrant, Resolved, cache_key
+from .actors._naming import forget_node_cache_actor
+from ._raycalls import get
+from ._store import materialize
+
+__all__ = ["PROCESS", "Kept", "ProcessTier", "process_tier"]
+
+log = logging.getLogger("trims_ray")
+
+# The tier a task served from this process's own kept model reports (``_lease.served_tier``).
+PROCESS = "process"
+# Models one process keeps at most: the least recently used one goes first. A kept model costs
+# the process only its module's Python objects (the weights are the node's shared copy), but
+# each pins a copy the node cannot free without asking.
+KEEP_AT_MOST = 8
+# How long one long poll waits for a request to give back; also how often the hits served here
+# reach the node's cache (its policy and its hit counters).
+POLL_S = 1.0
+
+
+@dataclass(eq=False)
+class Kept:
+    """A model this process keeps: the module (or state dict) and what keeps it valid."""
+
+    tenant: str
+    key: str  # the blob's cache key
+    fingerprint: str  # the registration it was built from (the manifest's fingerprint)
+    model: Any
+    view: np.ndarray  # the blob in the node's shared object: holding it keeps it mapped
+    token: ProtectToken  # its pages are read-only while kept
+    pin_id: str  # the lease on the node's cache that counts it
+    actor: Any  # that cache's actor
+    incarnation: str  # and which start of it (a restarted actor keeps its Ray id)
+    users: int = 0  # tasks of this process using it now
+    doomed: bool = False  # asked back (or its pin refused): no new task gets it
+    confirm: ray.ObjectRef | None = None  # the answer to a pin sent after the grant, until read
+
+
+class ProcessTier:
+    """The models this process keeps (one per process: ``process_tier()``)."""
+
+    def __init__(self, keep_at_most: int = KEEP_AT_MOST, poll_s: float = POLL_S) -> None:
+        self.keep_at_most = keep_at_most
+        self.poll_s = poll_s
+        self._lock = threading.Lock()
+        self._kept: OrderedDict[tuple[str, str], Kept] = OrderedDict()  # (tenant, fingerprint)
+        self._hits: dict[str, int] = {}  # cache key -> hits since the last poll
+        self._ids = itertools.count(1)
+        # Pin ids in the form of a caller's lease ids (``LeaseTable``): 32 hex digits, a colon.
+        self._prefix = uuid.uuid4().hex
+        self._holder: Holder | None = None
+        self._actor: Any = None  # the node cache actor the kept models' pins are on
+        self._incarnation = ""  # its incarnation, as the last poll answered
+        self._thread: threading.Thread | None = None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._kept)
+
+    def take(self, tenant: str, hint: Resolved) -> Kept | None:
+        """The model kept for ``tenant`` and the registration ``hint`` names, marked in use by
+        the calling task (hand it back with ``give``), or None."""
+        with self._lock:
+            kept = self._kept.get((tenant, hint.fingerprint))
+            if kept is None or kept.doomed:
+                return None
+            kept.users += 1
+            self._kept.move_to_end((tenant, kept.fingerprint))
+            self._hits[kept.key] = self._hits.get(kept.key, 0) + 1
+            return kept
+
+    def give(self, kept: Kept) -> None:
+        """The calling task is done with ``kept``; it goes now if it was asked back meanwhile,
+        or if its pin, asked for after its grant, was refused (the node let the copy go)."""
+        confirm = kept.confirm
+        if confirm is not None:
+            try:  # sent when the task started: answered by now, as a rule
+                pinned = get(confirm, timeout=10) == kept.incarnation  # "": refused
+            except Exception:
+                pinned = False
+            with self._lock:
+                kept.confirm = None
+                if not pinned:
+                    self._doom(kept)
+        with self._lock:
+            kept.users -= 1
+            going = kept.doomed and kept.users == 0
+        if going:
+            self._drop(kept)
+
+    def new_pin_id(self) -> str:
+        return f"{self._prefix}:{next(self._ids)}"
+
+    def keep(
+        self, tenant: str, grant: HostGrant, obj: np.ndarray, actor: Any, pin_id: str, holder: Holder,
+        confirm: ray.ObjectRef | None = None,
+    ) -> Kept:
+        """Builds the model of ``grant`` from its object ``obj`` (read-only from now on) and keeps
+        it under the pin ``pin_id`` on ``actor``, in use by the calling task (``give`` it back).
+        ``confirm``: the answer to the pin when it was asked for after the grant (``pin``); a
+        refusal drops the model. Raises as ``materialize`` (then nothing is kept, the pin is
+        released)."""
+        manifest = grant.manifest
+        blob = obj[grant.offset : grant.offset + manifest.nbytes]
+        token = protect_array(blob)
+        try:
+            model = materialize(manifest, blob)
+        except BaseException:
+            release(token)
+            _release_pin(actor, pin_id)
+            raise
+        kept = Kept(
+            tenant, cache_key(manifest), manifest.fingerprint, model, blob, token, pin_id, actor, grant.incarnation, 1
+        )
+        kept.confirm = confirm
+        going: list[Kept] = []
+        with self._lock:
+            if self._actor is not None and _actor_id(self._actor) != _actor_id(actor):
+                going += self._doom_all()  # the node's cache was replaced: its pins died with it
+                self._incarnation = ""
+            self._actor, self._holder = actor, holder
+            old = self._kept.pop((tenant, kept.fingerprint), None)
+            if old is not None:  # two tasks of one process built it at once: the older goes
+                going += self._doom(old)
+            self._kept[(tenant, kept.fingerprint)] = kept
+            while len(self._kept) > self.keep_at_most:
+                _, oldest = self._kept.popitem(last=False)
+                going += self._doom(oldest)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._poll_forever, name="trims-process-tier", daemon=True)
+                self._thread.start()
+        for old in going:
+            self._drop(old)
+        return kept
+
+    def _drop_from(self, actor: Any, unless: str | None = None) -> None:
+        """Drops the models kept under pins on ``actor``, but those of its incarnation
+        ``unless`` (those in use go when their task ends)."""
+        with self._lock:
+            going = []
+            for kept in list(self._kept.values()):
+                if _actor_id(kept.actor) == _actor_id(actor) and kept.incarnation != unless:
+                    going += self._doom(kept)
+        for kept in going:
+            self._drop(kept)
+
+    def drop_all(self) -> int:
+        """Drops every kept model no task uses now (the others go when their task ends)."""
+        with self._lock:
+            going = self._doom_all()
+        for kept in going:
+            self._drop(kept)
+        return len(going)
+
+    # -- the reclaim thread --------------------------------------------------------------------
+
+    def _poll_forever(self) -> None:
+        while True:
+            with self._lock:
+                hits, self._hits = self._hits, {}
+                actor, holder, known = self._actor, self._holder, self._incarnation
+            try:
+                # No retries: a poll that met its actor dying is answered by the next one, not replayed.
+                incarnation, asked = get(
+                    actor.reclaims.options(max_task_retries=0).remote(holder, hits, self.poll_s, known),
+                    timeout=self.poll_s + 30,
+                )
+            except ray.exceptions.RayActorError:
+                # The node's cache died (a restart keeps its actor id), and its objects and pins
+                # with it: nothing kept from it here is counted any more. The next task leases
+                # from its replacement; this thread polls whichever cache that is.
+                log.info("trims_ray: the node cache died; dropping the models this process kept")
+                forget_node_cache_actor()
+                self._drop_from(actor)
+                time.sleep(self.poll_s)
+                continue
+            except Exception as exc:  # a slow or unreachable cache: ask again
+                log.debug("trims_ray: reclaim poll failed: %s", exc)
+                time.sleep(self.poll_s)
+                continue
+            with self._lock:
+                if _actor_id(self._actor) == _actor_id(actor):
+                    self._incarnation = incarnation
+            # Models kept from an earlier start of this cache (it restarted: a call queued for
+            # it while it did fails nothing) are no longer counted, nor their objects owned.
+            self._drop_from(actor, unless=incarnation)
+            self._give_back(set(asked))
+
+    def _give_back(self, asked: set[str]) -> None:
+        with self._lock:
+            going = []
+            for kept in list(self._kept.values()):
+                if kept.pin_id in asked:
+                    going += self._doom(kept)
+        for kept in going:
+            self._drop(kept)
+
+    # -- under the lock: doom; outside it: drop ------------------------------------------------
+
+    def _doom(self, kept: Kept) -> list[Kept]:
+        """Takes ``kept`` out of the table; returns it if no task uses it (drop it now), else
+        [] (the last task's ``give`` drops it)."""
+        kept.doomed = True
+        if self._kept.get((kept.tenant, kept.fingerprint)) is kept:
+            del self._kept[(kept.tenant, kept.fingerprint)]
+        return [] if kept.users else [kept]
+
+    def _doom_all(self) -> list[Kept]:
+        going = []
+        for kept in list(self._kept.values()):
+            going += self._doom(kept)
+        return going
+
+    def _drop(self, kept: Kept) -> None:
+        # Pages writable again before the mapping can go (plasma may reuse the memory for an
+        # object this process writes), then the pin, so the node frees the copy after we let go.
+        release(kept.token)
+        kept.model = kept.view = None
+        _release_pin(kept.actor, kept.pin_id)
+
+
+def _actor_id(actor: Any) -> object:
+    return getattr(actor, "_actor_id", actor)
+
+
+def _release_pin(actor: Any, pin_id: str) -> None:
+    with contextlib.suppress(Exception):  # a dead cache holds no pin
+        actor.release.remote(pin_id)
+
+
+_tier: ProcessTier | None = None
+_tier_lock = threading.Lock()
+
+
+def process_tier() -> ProcessTier:
+    """This process's tier (made on first use)."""
+    global _tier
+    if _tier is None:
+        with _tier_lock:
+            if _tier is None:
+                _tier = ProcessTier()
+    return _tier

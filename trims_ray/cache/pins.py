@@ -1,0 +1,143 @@
+"""Process pins: the models worker processes keep built between tasks (the process tier,
+``trims_ray._process_tier``), as the node cache sees them.
+
+A pin is a lease held by a worker process that keeps a model's read-only views after its task
+has ended, so that its next task on that model costs no lease, no build and no actor call. Like
+any lease it keeps the blob's bytes counted once and its shared object alive. Unlike a task's
+lease it can be asked back: when the host tier needs the room or the model is evicted, the node
+cache asks the pinning processes to give it back (``ask_back``); each process's reclaim thread,
+waiting in ``wait_asked``, drops the model as soon as none of its own tasks uses it and releases
+the pin. A pin of a process that died ends with the reaper, as every lease of a dead holder does.
+
+Plain Python, no Ray. The node cache calls it under its own lock, except ``wait_asked``, which
+waits on this object's condition alone (a reclaim thread must never hold the cache's lock).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+from .._protocol import Holder
+from .host_tier import HostEntry
+
+__all__ = ["NodePins", "ProcessPins", "wait_until_gone"]
+
+# The most accesses of one model one poll tells the policy of (``NodePins.note_hits``).
+_MAX_ACCESSES_NOTED = 1000
+
+
+class ProcessPins:
+    """Which leases are pins, who holds them, and which the node cache has asked back."""
+
+    def __init__(self) -> None:
+        self._pins: dict[str, tuple[object, HostEntry]] = {}  # lease id -> (holder, entry)
+        self._asked: dict[object, set[str]] = {}  # holder -> ids of its pins asked back
+        self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self._pins)
+
+    def __contains__(self, lease_id: object) -> bool:
+        return lease_id in self._pins
+
+    def add(self, lease_id: str, holder: object, entry: HostEntry) -> None:
+        """Records a granted lease of ``holder`` on ``entry`` as a pin."""
+        self._pins[lease_id] = (holder, entry)
+        entry.pins += 1
+
+    def discard(self, lease_id: object) -> None:
+        """Forgets a pin that ended (released, or reaped); nothing for a lease that is not one."""
+        pinned = self._pins.pop(lease_id, None)
+        if pinned is None:
+            return
+        holder, entry = pinned
+        entry.pins -= 1
+        with self._cond:
+            asked = self._asked.get(holder)
+            if asked is not None:
+                asked.discard(lease_id)
+                if not asked:
+                    del self._asked[holder]
+
+    def prune(self, held: Callable[[str], bool]) -> None:
+        """Forgets the pins whose lease is no longer ``held`` (the reaper ended it)."""
+        for lease_id in [i for i in self._pins if not held(i)]:
+            self.discard(lease_id)
+
+    def of(self, entry: HostEntry) -> list[str]:
+        return [i for i, (_, e) in self._pins.items() if e is entry]
+
+    def ask_back(self, entry: HostEntry) -> int:
+        """Asks every process pinning ``entry`` to give it back; returns how many pins that is."""
+        ids = self.of(entry)
+        if ids:
+            with self._cond:
+                for lease_id in ids:
+                    self._asked.setdefault(self._pins[lease_id][0], set()).add(lease_id)
+                self._cond.notify_all()
+        return len(ids)
+
+    def wait_asked(self, holder: object, timeout_s: float) -> list[str]:
+        """The ids of ``holder``'s pins asked back, waiting up to ``timeout_s`` for one; each is
+        handed out once (the process releases it when its tasks are done with the model)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while not self._asked.get(holder):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self._cond.wait(left)
+            return sorted(self._asked.pop(holder))
+
+
+def wait_until_gone(entries: Iterable[HostEntry], gone: Callable[[HostEntry], bool], timeout_s: float) -> bool:
+    """Waits (polling every few ms) until every one of ``entries`` is ``gone``, for at most
+    ``timeout_s``; returns whether they all went. ``gone`` takes the cache's lock itself."""
+    pending = list(entries)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pending = [e for e in pending if not gone(e)]
+        if not pending:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+
+
+class NodePins:
+    """The node cache's calls for processes that keep models (a mixin of ``NodeCache``: it uses
+    the cache's lock, host tier, lease table and ``pins``)."""
+
+    def pin(self, key: str, holder: Holder, lease_id: str) -> bool:
+        """Pins the blob ``key`` for a process that keeps it built (see ``pins``) under its own
+        ``lease_id``; False when it is not ready in the tier's table (evicted, or never here)."""
+        with self._lock:
+            self._leases.check_new(lease_id)
+            entry = self.host.entries.get(key)
+            if entry is None or not entry.ready.is_set() or entry.evict_when_idle:
+                return False
+            lease_id, over = self._leases.add(entry, holder, lease_id)
+            if over:
+                return False
+            entry.leases += 1
+            self.pins.add(lease_id, holder, entry)
+            self.on_change()
+            return True
+
+    def note_hits(self, hits: Mapping[str, int]) -> None:
+        """Counts the hits processes served from the models they keep (``hits``: key -> count)
+        as host hits, and tells the policy the models were used."""
+        with self._lock:
+            for key, count in hits.items():
+                if key in self.host.entries and count > 0:
+                    self.host.stats.hits += count
+                    # Each hit, as the policy would have seen it from a lease (frequency-based
+                    # policies count them); bounded, so a flood cannot hold the lock long.
+                    for _ in range(min(count, _MAX_ACCESSES_NOTED)):
+                        self.host.policy.on_access(key)
+
+    def wait_asked(self, holder: Holder, timeout_s: float) -> list[str]:
+        """The pins of ``holder`` asked back (``ProcessPins.wait_asked``)."""
+        return self.pins.wait_asked(holder, timeout_s)
