@@ -873,7 +873,15 @@ def main(argv: list[str] | None = None) -> int:
     overhead.add_argument("--object-store-mb", type=int, default=256, help="Ray object store in MiB per node (default 256)")
     overhead.add_argument("--nodes", type=int, default=3, help="nodes of the local cluster (default 3)")
     overhead.add_argument("--dir", default=None, help="directory for the store and disk tier (default: system temp)")
+    # Its own parser (workloads.peers) reads what follows "peers": prefix_chars="+" keeps this
+    # one from taking "--mb" and the like as its own options.
+    peers = sub.add_parser("peers", help="trims_ray vs Ray Serve multiplexing, an LRU actor and no cache (--help for more)", add_help=False, prefix_chars="+")
+    peers.add_argument("peers_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.bench == "peers":
+        from workloads.peers import main as peers_main
+
+        return peers_main(args.peers_args, prog=f"{parser.prog} peers")
     if args.bench == "load":
         if args.mb < 1 or args.repeats < 1:
             parser.error("--mb and --repeats must be positive")

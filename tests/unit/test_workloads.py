@@ -5,6 +5,7 @@ commands, so a change that breaks them must fail a test, not a user.
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -119,3 +120,178 @@ def test_routing_benchmark_prints_median_and_goal(capsys):
     median = rows["all"][1]
     assert re.search(rf"goal: median <= 50 us: {median} us: ({'met' if median <= 50 else 'NOT met'})$", out, re.M)
 
+
+# -- the peers benchmark's pure parts (workloads.peers, workloads.peers_systems) ---------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--nodes", "0"], "--nodes must be positive integers"),
+        (["--nodes", "one"], "--nodes must be integers separated by commas"),
+        (["--nodes", "9"], "--nodes must be node counts from 1 to 8"),
+        (["--regimes", "warm,hot"], "--regimes: unknown ['hot']"),
+        (["--systems", "trims,vllm"], "--systems: unknown ['vllm']"),
+        (["--mb", "0"], "--mb must be an integer >= 1"),
+        (["--clients", "0"], "--clients must be an integer >= 1"),
+        (["--models", "4", "--cache-models", "4"], "holds the whole catalog of 4"),
+        (["--zoo", "resnet50,alexnet2", "--cache-models", "1"], "--zoo: unknown models ['alexnet2']"),
+        (["--zoo", "resnet50,bert_base"], "--cache-models 4 holds the whole catalog of 2"),
+        (["--sweep", "--sweep-mb", "10,x"], "--sweep-mb must be integers separated by commas"),
+    ],
+)
+def test_peers_rejects_bad_arguments_with_a_clear_message(argv, message, capsys):
+    # Through workloads.bench, as users call it: the sub-parser hands everything to peers.
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["peers", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: python -m workloads.bench peers" in err and message in err, err
+
+
+def test_peers_help_through_bench_and_the_cli(capsys):
+    from trims_ray import cli
+
+    assert cli.main(["bench", "peers", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--regimes" in out and "--sweep-mb" in out and "--zoo" in out
+
+
+def test_peers_zipf_sequence_is_seeded_and_skewed():
+    from workloads.peers import zipf_sequence
+
+    first = zipf_sequence(12, 400, exponent=1.0, seed=0)
+    assert first == zipf_sequence(12, 400, exponent=1.0, seed=0)
+    assert first != zipf_sequence(12, 400, exponent=1.0, seed=1)
+    assert len(first) == 400 and set(first) <= set(range(12))
+    counts = [first.count(i) for i in range(12)]
+    # Zipf(1.0) over 12 models: model 0 takes about 1/H(12) = 32% of requests.
+    assert counts[0] == max(counts) and 0.25 < counts[0] / 400 < 0.40
+    assert counts[0] > counts[3] > counts[11]
+    uniform = zipf_sequence(12, 1200, exponent=0.0, seed=0)
+    assert max(uniform.count(i) for i in range(12)) < 2 * 100
+
+
+def _row(system, p50, p99, rate, *, wrong=0):
+    from workloads.peers import SystemRow
+
+    return SystemRow(system, 100, wrong, 0, p50 / 1e3, p99 / 1e3, p99 / 1e3, rate, 0.5, 0.0, 0.0, 0.0)
+
+
+def test_peers_goal_lines_compare_trims_ray_with_the_best_peer():
+    from workloads.peers import goal_lines
+
+    rows = [_row("serve", 60.0, 300.0, 20.0), _row("lru", 27.0, 120.0, 40.0), _row("nocache", 30.0, 90.0, 30.0), _row("trims", 35.1, 100.0, 45.0)]
+    assert goal_lines(rows, regime="warm", nodes=1) == [
+        "GOAL p50: trims_ray 35.1 ms vs best peer (LRU actor) 27.0 ms: 1.30x, NOT MET",
+        "GOAL p99: trims_ray 100.0 ms vs best peer (no cache) 90.0 ms: 1.11x, NOT MET",
+        "GOAL throughput: trims_ray 45.00 req/s vs best peer (LRU actor) 40.00 req/s: 1.12x, MET",
+    ]
+    # Cold or several nodes: the Serve line too; p99 300 / 100 = 3x lower.
+    lines = goal_lines(rows, regime="cold", nodes=1)
+    assert lines[-1] == "GOAL p99 vs Serve (cold, 1 node): trims_ray 100.0 ms vs Ray Serve mux 300.0 ms: 3.00x lower (goal >= 2x), MET"
+    assert goal_lines(rows, regime="warm", nodes=3)[-1].startswith("GOAL p99 vs Serve (warm, 3 nodes)")
+    # Faster but with a wrong answer is not met.
+    rows[-1] = _row("trims", 20.0, 50.0, 50.0, wrong=1)
+    assert goal_lines(rows, regime="warm", nodes=1)[0] == (
+        "GOAL p50: trims_ray 20.0 ms vs best peer (LRU actor) 27.0 ms: 0.74x, NOT MET (1 trims_ray requests wrong or failed)"
+    )
+    assert goal_lines(rows[:1], regime="warm", nodes=1) == ["GOAL: n/a (trims_ray and at least one peer must run)"]
+
+
+def test_byte_lru_counts_bytes_and_evicts_least_recently_used():
+    from workloads.peers_systems import ByteLRU
+
+    cache = ByteLRU(100)
+    loads = []
+
+    def loader(key):
+        return lambda: loads.append(key) or f"model {key}"
+
+    assert cache.get("a", 40, loader("a")) == ("model a", False)
+    assert cache.get("b", 40, loader("b")) == ("model b", False)
+    assert cache.bytes_used == 80
+    assert cache.get("a", 40, loader("a")) == ("model a", True)  # a is now the most recent
+    assert cache.get("c", 40, loader("c")) == ("model c", False)  # evicts b, not a
+    assert cache.keys() == ["a", "c"] and cache.bytes_used == 80
+    assert cache.get("d", 100, loader("d")) == ("model d", False)  # takes the whole budget
+    assert cache.keys() == ["d"] and cache.bytes_used == 100
+    assert cache.get("e", 101, loader("e")) == ("model e", False)  # too big: served, not kept
+    assert cache.keys() == ["d"] and cache.bytes_used == 100
+    assert loads == ["a", "b", "c", "d", "e"]
+    s = cache.stats
+    assert (s.hits, s.misses, s.loads, s.evictions, s.uncached) == (1, 5, 5, 3, 1)
+    with pytest.raises(ValueError, match="capacity"):
+        ByteLRU(-1)
+
+
+def test_byte_lru_runs_one_load_for_concurrent_misses_and_shares_its_error():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workloads.peers_systems import ByteLRU
+
+    cache = ByteLRU(100)
+    calls = []
+    release = threading.Event()
+
+    def slow_load():
+        calls.append(1)
+        release.wait(5)
+        return "model"
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(cache.get, "m", 10, slow_load) for _ in range(8)]
+        wait_for_misses = time.monotonic() + 5
+        while cache.stats.misses < 8 and time.monotonic() < wait_for_misses:
+            time.sleep(0.01)
+        assert cache.bytes_used == 10  # reserved while the load is in flight
+        release.set()
+        results = [f.result(5) for f in futures]
+    assert len(calls) == 1 and all(value == "model" for value, _ in results)
+    assert [hit for _, hit in results] == [False] * 8 and cache.stats.loads == 1
+    assert cache.get("m", 10, slow_load) == ("model", True)
+
+    failing = threading.Event()
+
+    def broken_load():
+        failing.wait(5)
+        raise OSError("disk gone")
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(cache.get, "x", 10, broken_load) for _ in range(4)]
+        deadline = time.monotonic() + 5
+        while cache.stats.misses < 8 + 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        failing.set()
+        for f in futures:
+            with pytest.raises(OSError, match="disk gone"):
+                f.result(5)
+    assert cache.keys() == ["m"] and cache.bytes_used == 10  # nothing kept, reservation returned
+
+
+def test_peers_table_shows_a_system_without_answers_and_no_goal(capsys):
+    from workloads.peers import Outcome, print_table, summarize
+
+    failed = summarize("trims", [Outcome(1.0, None, False, "TrimsError: down")] * 3, 1.0)
+    assert (failed.requests, failed.wrong, failed.failed, failed.throughput) == (3, 0, 3, 0.0)
+    print_table([_row("lru", 10.0, 20.0, 5.0), failed], title="t", regime="cold", nodes=1)
+    out = capsys.readouterr().out
+    assert re.search(r"^trims_ray +0 +0 +3 +- +- +- +0\.00 +- +- +- +-$", out, re.M), out
+    assert "trims_ray tiers served: none (no answer)" in out
+    assert "GOAL: n/a (no right trims_ray answer: 0 wrong, 3 failed)" in out and "nan" not in out
+
+
+def test_peers_summary_counts_wrong_answers_and_times_only_right_ones():
+    from workloads.peers import Outcome, summarize
+    from workloads.peers_systems import Answer
+
+    right = [Outcome(0.010 * (i + 1), Answer(1.0, i % 2 == 0, "host", 0.002, 0.004), True) for i in range(10)]
+    wrong = Outcome(5.0, Answer(2.0, True, "host", 0.002, 0.004), False, "m: checksum 2.0, expected 1.0")
+    row = summarize("lru", [*right, wrong], wall_s=2.0)
+    assert (row.requests, row.wrong, row.failed) == (11, 1, 0)
+    assert row.p50_s == pytest.approx(0.055) and row.p99_s < 0.1  # the wrong answer's 5 s is left out
+    assert row.throughput == pytest.approx(5.0)  # right answers per second of the run
+    assert row.hit_ratio == pytest.approx(6 / 11) and row.load_s == pytest.approx(0.002)
+    assert row.errors == ["m: checksum 2.0, expected 1.0"]
+    assert summarize("nocache", right, wall_s=1.0).hit_ratio is None
