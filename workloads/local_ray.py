@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -52,6 +53,23 @@ def init_local(**kwargs) -> None:
     """``ray.init(address="local", **kwargs)``: a new one-node Ray of our own, never one that
     another test or user left running on this machine."""
     retry_slow_start(lambda: ray.init(address="local", **kwargs))
+
+
+@contextlib.contextmanager
+def preallocated_object_store() -> Iterator[None]:
+    """Ray started within the block touches its whole object store when it starts (Ray's
+    ``preallocate_plasma_memory``), so no timed run pays for first touching plasma pages: these
+    VMs take 2.5-3 ms per MiB the first time (DESIGN.md, "Benchmarks"); measured here, publishing
+    a 20 MiB model took 10-34 ms on fresh plasma memory and 3 ms on memory touched before."""
+    old = os.environ.get("RAY_preallocate_plasma_memory")
+    os.environ["RAY_preallocate_plasma_memory"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RAY_preallocate_plasma_memory", None)
+        else:
+            os.environ["RAY_preallocate_plasma_memory"] = old
 
 
 def start_cluster(nodes: int, *, log_to_driver: bool = False, **node_args) -> Cluster:
@@ -105,3 +123,23 @@ def _stop(procs: list[psutil.Process], timeout_s: float = 10.0) -> None:
         with contextlib.suppress(psutil.Error):
             p.kill()
     psutil.wait_procs(alive, timeout=timeout_s)
+
+
+@contextlib.contextmanager
+def own_ray(nodes: int, cpus: int, object_store_bytes: int) -> Iterator[list[str]]:
+    """Our own Ray (never one left running on the machine) of ``nodes`` nodes with ``cpus`` CPUs
+    each, its object store preallocated (``preallocated_object_store``); yields node ids, the
+    head first, and shuts it down on the way out."""
+    if ray.is_initialized():
+        raise RuntimeError("this benchmark starts its own Ray: run it where Ray is not initialized")
+    args = {"num_cpus": cpus, "object_store_memory": object_store_bytes}
+    if nodes == 1:
+        with preallocated_object_store():
+            init_local(include_dashboard=False, log_to_driver=False, **args)
+        try:
+            yield [ray.get_runtime_context().get_node_id()]
+        finally:
+            ray.shutdown()
+        return
+    with preallocated_object_store(), local_cluster(nodes, **args) as cluster:
+        yield [n.node_id for n in cluster.list_all_nodes()]

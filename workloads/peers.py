@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import os
 import statistics
@@ -26,11 +25,10 @@ import tempfile
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import ray
 import torch
 
 import trims_ray
@@ -318,23 +316,6 @@ def _register(config: PeersConfig, store_dir: str) -> Catalog:
     return Catalog(specs, expected, what)
 
 
-@contextlib.contextmanager
-def _ray_cluster(nodes: int, cpus: int, object_store_bytes: int) -> Iterator[list[str]]:
-    """Our own Ray (never one left running on the machine); yields node ids, the head first."""
-    if ray.is_initialized():
-        raise RuntimeError("the peers benchmark starts its own Ray: run it where Ray is not initialized")
-    args = {"num_cpus": cpus, "object_store_memory": object_store_bytes}
-    if nodes == 1:
-        local_ray.init_local(include_dashboard=False, log_to_driver=False, **args)
-        try:
-            yield [ray.get_runtime_context().get_node_id()]
-        finally:
-            ray.shutdown()
-        return
-    with local_ray.local_cluster(nodes, **args) as cluster:
-        yield [n.node_id for n in cluster.list_all_nodes()]
-
-
 @dataclass
 class RegimeResult:
     regime: str
@@ -364,7 +345,7 @@ def run_peers(config: PeersConfig, *, report: Callable[[RegimeResult, str], None
         store_dir = os.path.join(tmp, "store")
         for nodes in config.nodes:
             cpus = cpus_per_node(nodes)
-            with _ray_cluster(nodes, cpus, object_store) as node_ids:
+            with local_ray.own_ray(nodes, cpus, object_store) as node_ids:
                 if catalog is None:  # registration needs a Ray (trims_ray.init): the first one
                     started = time.perf_counter()
                     catalog = _register(config, store_dir)
@@ -414,7 +395,8 @@ def _title(r: RegimeResult, config: PeersConfig, catalog: Catalog, setup: Setup)
         f"peers: {regime}; {r.nodes} node(s) x {r.cpus} CPU(s){shards}; {catalog.what}; Zipf {config.zipf:g} (seed {config.seed}); "
         f"{config.requests} requests from {config.clients} closed-loop clients after an untimed warm-up of each model once; "
         f"memory per node {config.cache_models} models ({setup.budget_bytes / MiB:.0f} MiB: Serve {config.cache_models} per replica, "
-        f"LRU actor bytes, trims_ray host tier + guard pages); ms end to end from the driver; load/fwd: means measured in the "
+        f"LRU actor bytes, trims_ray host tier + guard pages); Ray's object store preallocated; ms end to end from the "
+        "driver; load/fwd: means measured in the "
         "serving process (load: request start there to a usable module; an mmap reads its pages in the forward); "
         "other: mean end to end - load - fwd (scheduling, queueing, transfer)"
     )
