@@ -13,7 +13,6 @@ import contextlib
 import functools
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import _api, _routing
 from ._cluster import call, forget_node_cache_actor, get, node_cache_actor
+from ._raycalls import wait_in_task as _wait
 from .actors._naming import require_running
 from ._errors import TrimsError
 from ._gpu_lease import acquire_gpu
@@ -336,29 +336,6 @@ def _mark_task_start() -> None:
     task_started = time.perf_counter()
 
 
-_waiter: ThreadPoolExecutor | None = None
-_waiter_lock = threading.Lock()
-
-
-def _wait(get: Callable[[ray.ObjectRef], Any], ref: ray.ObjectRef) -> Any:
-    """``get(ref)`` without making the task look blocked to Ray.
-
-    A ``ray.get`` on a task's main thread hands the task's CPUs back while it waits, and Ray
-    starts another worker (a fresh process that imports torch) for the next queued task: a burst
-    of misses then turned every load wait into a new worker, and tasks queued for tens of seconds
-    behind worker start-ups (measured in the replay). Ray does not release resources for a get
-    on another thread, so the wait happens there; the task keeps its CPU slot as a plain task
-    doing its own load would. The grant comes from the node's cache actor (num_cpus=0), so
-    holding the slot cannot deadlock.
-    """
-    global _waiter
-    if ray._private.worker.global_worker.mode != ray.WORKER_MODE:
-        return get(ref)  # a driver holds no resources to release
-    if _waiter is None:
-        with _waiter_lock:
-            if _waiter is None:
-                _waiter = ThreadPoolExecutor(max_workers=4, thread_name_prefix="trims-wait")
-    return _waiter.submit(get, ref).result()
 
 
 def _granted(boxed: list | None) -> tuple[HostGrant, Any] | None:

@@ -32,7 +32,7 @@ import ray
 from ._protect import ProtectToken, protect_array, release
 from ._protocol import Holder, HostGrant, Resolved, cache_key
 from .actors._naming import forget_node_cache_actor
-from ._raycalls import get
+from ._raycalls import get, wait_in_task
 from ._store import materialize
 
 __all__ = ["PROCESS", "Kept", "ProcessTier", "process_tier"]
@@ -106,8 +106,9 @@ class ProcessTier:
         or if its pin, asked for after its grant, was refused (the node let the copy go)."""
         confirm = kept.confirm
         if confirm is not None:
-            try:  # sent when the task started: answered by now, as a rule
-                pinned = get(confirm, timeout=10) == kept.incarnation  # "": refused
+            try:  # sent when the task started: answered by now, as a rule. Off the main
+                # thread: a get there would hand the task's CPU back and let Ray start a worker.
+                pinned = wait_in_task(_get_briefly, confirm) == kept.incarnation  # "": refused
             except Exception:
                 pinned = False
             with self._lock:
@@ -188,35 +189,43 @@ class ProcessTier:
 
     def _poll_forever(self) -> None:
         while True:
-            with self._lock:
-                hits, self._hits = self._hits, {}
-                actor, holder, known = self._actor, self._holder, self._incarnation
             try:
-                # No retries: a poll that met its actor dying is answered by the next one, not replayed.
-                incarnation, asked = get(
-                    actor.reclaims.options(max_task_retries=0).remote(holder, hits, self.poll_s, known),
-                    timeout=self.poll_s + 30,
-                )
-            except ray.exceptions.RayActorError:
-                # The node's cache died (a restart keeps its actor id), and its objects and pins
-                # with it: nothing kept from it here is counted any more. The next task leases
-                # from its replacement; this thread polls whichever cache that is.
-                log.info("trims_ray: the node cache died; dropping the models this process kept")
-                forget_node_cache_actor()
-                self._drop_from(actor)
+                self._poll_once()
+            except Exception as exc:  # the thread must go on: without it nothing is given back
+                log.warning("trims_ray: the process tier's reclaim thread failed a round: %r", exc)
                 time.sleep(self.poll_s)
-                continue
-            except Exception as exc:  # a slow or unreachable cache: ask again
-                log.debug("trims_ray: reclaim poll failed: %s", exc)
-                time.sleep(self.poll_s)
-                continue
-            with self._lock:
-                if _actor_id(self._actor) == _actor_id(actor):
-                    self._incarnation = incarnation
-            # Models kept from an earlier start of this cache (it restarted: a call queued for
-            # it while it did fails nothing) are no longer counted, nor their objects owned.
-            self._drop_from(actor, unless=incarnation)
-            self._give_back(set(asked))
+
+    def _poll_once(self) -> None:
+        """One long poll of the node's cache, and what its answer asks."""
+        with self._lock:
+            hits, self._hits = self._hits, {}
+            actor, holder, known = self._actor, self._holder, self._incarnation
+        try:
+            # No retries: a poll that met its actor dying is answered by the next one, not replayed.
+            incarnation, asked = get(
+                actor.reclaims.options(max_task_retries=0).remote(holder, hits, self.poll_s, known),
+                timeout=self.poll_s + 30,
+            )
+        except ray.exceptions.RayActorError:
+            # The node's cache died (a restart keeps its actor id), and its objects and pins
+            # with it: nothing kept from it here is counted any more. The next task leases
+            # from its replacement; this thread polls whichever cache that is.
+            log.info("trims_ray: the node cache died; dropping the models this process kept")
+            forget_node_cache_actor()
+            self._drop_from(actor)
+            time.sleep(self.poll_s)
+            return
+        except Exception as exc:  # a slow or unreachable cache: ask again
+            log.debug("trims_ray: reclaim poll failed: %s", exc)
+            time.sleep(self.poll_s)
+            return
+        with self._lock:
+            if _actor_id(self._actor) == _actor_id(actor):
+                self._incarnation = incarnation
+        # Models kept from an earlier start of this cache (it restarted: a call queued for
+        # it while it did fails nothing) are no longer counted, nor their objects owned.
+        self._drop_from(actor, unless=incarnation)
+        self._give_back(set(asked))
 
     def _give_back(self, asked: set[str]) -> None:
         with self._lock:
@@ -246,9 +255,16 @@ class ProcessTier:
     def _drop(self, kept: Kept) -> None:
         # Pages writable again before the mapping can go (plasma may reuse the memory for an
         # object this process writes), then the pin, so the node frees the copy after we let go.
-        release(kept.token)
+        try:
+            release(kept.token)
+        except OSError as exc:  # the pages could not be made writable: say so, let the pin go
+            log.warning("trims_ray: unprotecting a dropped model failed: %s", exc)
         kept.model = kept.view = None
         _release_pin(kept.actor, kept.pin_id)
+
+
+def _get_briefly(ref: ray.ObjectRef) -> Any:
+    return get(ref, timeout=10)
 
 
 def _actor_id(actor: Any) -> object:

@@ -5,13 +5,17 @@ own errors from an actor raised as themselves. A leaf module, so that the actors
 
 from __future__ import annotations
 
+import threading
 import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import ray
 
 from ._errors import TrimsError
 
-__all__ = ["get", "call"]
+__all__ = ["get", "call", "wait_in_task"]
 
 
 def get(refs, *, timeout: float | None = None):
@@ -50,3 +54,28 @@ def call(ref: ray.ObjectRef, *, timeout: float | None = None):
         raise ours
     finally:
         del ours
+
+
+_waiter: ThreadPoolExecutor | None = None
+_waiter_lock = threading.Lock()
+
+
+def wait_in_task(get: Callable[[ray.ObjectRef], Any], ref: ray.ObjectRef) -> Any:
+    """``get(ref)`` without making the task look blocked to Ray.
+
+    A ``ray.get`` on a task's main thread hands the task's CPUs back while it waits, and Ray
+    starts another worker (a fresh process that imports torch) for the next queued task: a burst
+    of misses then turned every load wait into a new worker, and tasks queued for tens of seconds
+    behind worker start-ups (measured in the replay). Ray does not release resources for a get
+    on another thread, so the wait happens there; the task keeps its CPU slot as a plain task
+    doing its own load would. The grant comes from the node's cache actor (num_cpus=0), so
+    holding the slot cannot deadlock.
+    """
+    global _waiter
+    if ray._private.worker.global_worker.mode != ray.WORKER_MODE:
+        return get(ref)  # a driver holds no resources to release
+    if _waiter is None:
+        with _waiter_lock:
+            if _waiter is None:
+                _waiter = ThreadPoolExecutor(max_workers=4, thread_name_prefix="trims-wait")
+    return _waiter.submit(get, ref).result()

@@ -27,8 +27,9 @@ log = logging.getLogger("trims_ray")
 
 T = TypeVar("T")
 
-# What Ray's Node.__init__ raises when the raylet does not register in time.
-START_TIMED_OUT = "timed out during startup"
+# What Ray's Node.__init__ raises when the raylet does not register in time, and when the GCS
+# server does not write its port file in time (a CI run met the second on a loaded machine).
+START_TIMED_OUT = ("timed out during startup", "Timed out waiting for file")
 
 
 def retry_slow_start(start: Callable[[], T], *, attempts: int = 2) -> T:
@@ -40,7 +41,7 @@ def retry_slow_start(start: Callable[[], T], *, attempts: int = 2) -> T:
         try:
             return start()
         except Exception as error:
-            if START_TIMED_OUT not in str(error) or attempt == attempts:
+            if not any(message in str(error) for message in START_TIMED_OUT) or attempt == attempts:
                 raise
             log.warning("Ray's start timed out (%s); stopping what it started and trying again", error)
             with contextlib.suppress(Exception):

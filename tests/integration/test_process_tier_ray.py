@@ -157,11 +157,19 @@ def test_models_kept_from_a_cache_that_restarted_are_dropped(cache, ray_node):
         ray.get(call.remote(None))
     ray.kill(node_cache_actor(ray_node), no_restart=False)
 
-    def served_by_the_new_cache() -> bool:
-        _, tier, _, _ = ray.get(call.remote(None))
-        return tier in ("disk", "store")
+    seen = []
 
-    wait_for(served_by_the_new_cache, timeout=30, interval=0.2, what="a load by the restarted cache")
+    def served_by_the_new_cache() -> bool:
+        # Anything but the kept model: the old cache is gone, so a lease is the new one's (a
+        # "host" hit too, when placement had it prefetch the model meanwhile).
+        _, tier, pid, _ = ray.get(call.remote(None))
+        seen.append((tier, pid))
+        return tier != "process"
+
+    try:
+        wait_for(served_by_the_new_cache, timeout=30, interval=0.2, what="a load by the restarted cache")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; tiers and workers seen: {seen}") from None
     host = _node(ray_node).tiers["host"]
-    assert host.models == 1 and host.loads == 1
+    assert host.models == 1 and host.loads >= 1
     wait_for(lambda: ray.get(call.remote(None))[1] == "process", what="kept again, from the new cache")

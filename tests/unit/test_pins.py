@@ -122,7 +122,7 @@ def test_a_load_takes_the_room_of_a_pinned_model_once_its_process_gives_it_back(
 
 def test_a_load_that_cannot_wait_for_a_pinned_model_is_not_kept(make_cache, file_store):
     a = file_store.register("a", weights(1), tenant=TENANT)
-    b = file_store.register("b", weights(2), tenant=TENANT)
+    file_store.register("b", weights(2), tenant=TENANT)
     cache = make_cache(host_budget=cost(a), holder_alive=lambda holder: True, reclaim_wait_s=0.1)
     cache.acquire("a", TENANT, WORKER, pin=True)  # its process never answers
 
@@ -176,7 +176,7 @@ def test_a_pin_after_the_fact_is_refused_once_the_model_left(make_cache, file_st
 
 def test_hits_served_from_kept_models_count_as_host_hits_and_reach_the_policy(make_cache, file_store):
     a = file_store.register("a", weights(1), tenant=TENANT)
-    b = file_store.register("b", weights(2), tenant=TENANT)
+    file_store.register("b", weights(2), tenant=TENANT)
     c = file_store.register("c", weights(3), tenant=TENANT)
     cache = make_cache(host_budget=2 * cost(a), holder_alive=lambda holder: True)
     for name in ("a", "b"):
