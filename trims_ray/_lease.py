@@ -367,7 +367,9 @@ def _model_for_task(name: str, tenant: str, boxed: list | None, hint: Resolved, 
     call), else from the lease its caller took at submit, else from a lease of its own; kept for
     the process's next tasks when ``keep`` and the node's cache lets it (a pin)."""
     tier = process_tier()
-    kept = tier.take(tenant, hint) if keep else None
+    # A caller that leased at submit (its routing table did not show the model here yet) had
+    # the node count that request already: the kept model serves it without a second count.
+    kept = tier.take(tenant, hint, count=boxed is None) if keep else None
     if kept is not None:
         _note_served(PROCESS)
         with _kept(kept) as model:

@@ -89,16 +89,18 @@ class ProcessTier:
         with self._lock:
             return len(self._kept)
 
-    def take(self, tenant: str, hint: Resolved) -> Kept | None:
+    def take(self, tenant: str, hint: Resolved, count: bool = True) -> Kept | None:
         """The model kept for ``tenant`` and the registration ``hint`` names, marked in use by
-        the calling task (hand it back with ``give``), or None."""
+        the calling task (hand it back with ``give``), or None. ``count``: report it as a hit
+        (not when the task's caller leased at submit: the node counted that lease's hit)."""
         with self._lock:
             kept = self._kept.get((tenant, hint.fingerprint))
             if kept is None or kept.doomed:
                 return None
             kept.users += 1
             self._kept.move_to_end((tenant, kept.fingerprint))
-            self._hits[kept.key] = self._hits.get(kept.key, 0) + 1
+            if count:
+                self._hits[kept.key] = self._hits.get(kept.key, 0) + 1
             return kept
 
     def give(self, kept: Kept) -> None:
