@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,7 +152,8 @@ class ProcessTier:
         going: list[Kept] = []
         with self._lock:
             if self._actor is not None and _actor_id(self._actor) != _actor_id(actor):
-                going += self._doom_all()  # the node's cache was replaced: its pins died with it
+                # The node's cache was replaced: its pins died with it.
+                going += self._doom_where(lambda _: True)
                 self._incarnation = ""
             self._actor, self._holder = actor, holder
             old = self._kept.pop((tenant, kept.fingerprint), None)
@@ -171,21 +173,11 @@ class ProcessTier:
     def _drop_from(self, actor: Any, unless: str | None = None) -> None:
         """Drops the models kept under pins on ``actor``, but those of its incarnation
         ``unless`` (those in use go when their task ends)."""
-        with self._lock:
-            going = []
-            for kept in list(self._kept.values()):
-                if _actor_id(kept.actor) == _actor_id(actor) and kept.incarnation != unless:
-                    going += self._doom(kept)
-        for kept in going:
-            self._drop(kept)
+        self._drop_where(lambda kept: _actor_id(kept.actor) == _actor_id(actor) and kept.incarnation != unless)
 
     def drop_all(self) -> int:
         """Drops every kept model no task uses now (the others go when their task ends)."""
-        with self._lock:
-            going = self._doom_all()
-        for kept in going:
-            self._drop(kept)
-        return len(going)
+        return self._drop_where(lambda _: True)
 
     # -- the reclaim thread --------------------------------------------------------------------
 
@@ -227,16 +219,8 @@ class ProcessTier:
         # Models kept from an earlier start of this cache (it restarted: a call queued for
         # it while it did fails nothing) are no longer counted, nor their objects owned.
         self._drop_from(actor, unless=incarnation)
-        self._give_back(set(asked))
-
-    def _give_back(self, asked: set[str]) -> None:
-        with self._lock:
-            going = []
-            for kept in list(self._kept.values()):
-                if kept.pin_id in asked:
-                    going += self._doom(kept)
-        for kept in going:
-            self._drop(kept)
+        given_back = set(asked)
+        self._drop_where(lambda kept: kept.pin_id in given_back)
 
     # -- under the lock: doom; outside it: drop ------------------------------------------------
 
@@ -248,11 +232,21 @@ class ProcessTier:
             del self._kept[(kept.tenant, kept.fingerprint)]
         return [] if kept.users else [kept]
 
-    def _doom_all(self) -> list[Kept]:
+    def _doom_where(self, which: Callable[[Kept], bool]) -> list[Kept]:
+        """``_doom`` for every kept model ``which`` selects; returns those to drop now."""
         going = []
-        for kept in list(self._kept.values()):
+        for kept in [k for k in self._kept.values() if which(k)]:
             going += self._doom(kept)
         return going
+
+    def _drop_where(self, which: Callable[[Kept], bool]) -> int:
+        """Dooms the kept models ``which`` selects and drops those no task uses (the others go
+        when their task ends); returns how many were dropped now."""
+        with self._lock:
+            going = self._doom_where(which)
+        for kept in going:
+            self._drop(kept)
+        return len(going)
 
     def _drop(self, kept: Kept) -> None:
         # Pages writable again before the mapping can go (plasma may reuse the memory for an
