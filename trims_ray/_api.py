@@ -39,6 +39,7 @@ __all__ = [
     "set_session",
     "acting_as",
     "publish_job_tenant",
+    "session_store",
 ]
 
 log = logging.getLogger("trims_ray")
@@ -61,6 +62,12 @@ def set_session(store: ModelStore | None, tenant: str | None) -> None:
     if store is None:
         with _lock:
             _stores.clear()
+
+
+def session_store() -> ModelStore | None:
+    """The store ``init`` opened in this process (with the options it was given), or None."""
+    store = _session["store"]
+    return store if isinstance(store, ModelStore) else None
 
 
 def current_store() -> ModelStore:

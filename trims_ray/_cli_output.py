@@ -1,18 +1,33 @@
-"""What the ``trims-ray`` command prints: byte sizes, tables and the push's progress bar.
+"""What the ``trims-ray`` command prints: byte sizes, tables, the JSON documents of its read
+commands, and the push's progress (drawn by tqdm).
 
-Plain text helpers with no Ray and no trims_ray state, so that ``cli`` holds only the commands.
+Plain functions of plain data, with no Ray and no trims_ray state, so that ``cli`` and
+``_cli_commands`` hold only the commands and every shape printed is unit-tested here.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import json
+from collections.abc import Iterable, Mapping
 from typing import TextIO
 
-__all__ = ["PROGRESS_MIN_BYTES", "ProgressBar", "format_bytes", "format_table"]
+__all__ = [
+    "PROGRESS_MIN_BYTES",
+    "UploadProgress",
+    "format_bytes",
+    "format_table",
+    "hit_ratio",
+    "residency_json",
+    "residency_rows",
+    "residency_summary",
+    "dump_json",
+    "short_node",
+]
 
 # Uploads smaller than this finish before a bar would tell anything (auto mode only).
 PROGRESS_MIN_BYTES = 32 * 1024 * 1024
+# How many hex digits of a node id or a sha256 a table shows (JSON shows them whole).
+SHORT = 12
 
 
 def format_bytes(n: float) -> str:
@@ -35,8 +50,86 @@ def format_table(headers: list[str], rows: list[list[object]], *, align: str) ->
     return "\n".join(lines)
 
 
-class ProgressBar:
-    """A one-line progress bar for ``ModelStore.register(progress=...)``, redrawn in place.
+def short_node(node_id: str) -> str:
+    return node_id[:SHORT]
+
+
+def hit_ratio(tier: Mapping[str, int]) -> float | None:
+    """hits / (hits + misses) of a tier's counters; None before its first access."""
+    accesses = tier["hits"] + tier["misses"]
+    return tier["hits"] / accesses if accesses else None
+
+
+def dump_json(document: object) -> str:
+    """The one JSON spelling of every read command: indented, keys sorted (diffable)."""
+    return json.dumps(document, indent=2, sort_keys=True)
+
+
+# -- residency ---------------------------------------------------------------------------------
+
+
+def residency_json(models: Iterable[object], where: Mapping[str, Mapping[str, Iterable[str]]]) -> list[dict]:
+    """The ``models`` list of ``ls`` and ``status --format json``: one entry per model, with the
+    copies placement knows of.
+
+    Args:
+        models: ``ModelInfo``-like objects (``name``, ``tenant``, ``sha256``, ``nbytes``), the
+            caller's own and public models only: nothing else is looked up in ``where``.
+        where: cache key (``<tenant>/<sha256>``) -> {node id: tiers there, best first}, as
+            ``_cluster.residency`` returns it.
+
+    Returns:
+        ``[{"name", "tenant", "sha256", "nbytes", "resident": [{"node", "tier", "nbytes"}]}]``,
+        sorted by tenant and name; ``resident`` sorted by node, then tier, best first.
+    """
+    out = []
+    for info in sorted(models, key=lambda m: (m.tenant, m.name)):
+        per_node = where.get(f"{info.tenant}/{info.sha256}", {})
+        resident = [
+            {"node": node, "tier": tier, "nbytes": info.nbytes}
+            for node in sorted(per_node)
+            for tier in per_node[node]
+        ]
+        out.append(
+            {"name": info.name, "tenant": info.tenant, "sha256": info.sha256, "nbytes": info.nbytes, "resident": resident}
+        )
+    return out
+
+
+def residency_rows(models: list[dict], *, registered: bool) -> tuple[list[str], list[list[object]], str]:
+    """``residency_json``'s entries as a table: (headers, rows, align). One row per node that
+    holds a model, its tiers there joined by "+" ("gpu+host"); the model's own columns only on
+    its first row. ``registered``: also one row ("-") per model resident nowhere (``ls``)."""
+    headers = ["MODEL", "OWNER", "SIZE", "SHA256", "NODE", "TIERS"]
+    rows: list[list[object]] = []
+    for model in models:
+        per_node: dict[str, list[str]] = {}
+        for copy in model["resident"]:
+            per_node.setdefault(copy["node"], []).append(copy["tier"])
+        if not per_node and not registered:
+            continue
+        first = [model["name"], model["tenant"], format_bytes(model["nbytes"]), model["sha256"][:SHORT]]
+        places = [[short_node(n), "+".join(t)] for n, t in per_node.items()] or [["-", "-"]]
+        rows.append(first + places[0])
+        rows += [["", "", "", ""] + place for place in places[1:]]
+    return headers, rows, "llrlll"
+
+
+def residency_summary(models: list[dict]) -> str:
+    """One line under the table: models, copies and the bytes they hold."""
+    copies = [c for m in models for c in m["resident"]]
+    resident = sum(1 for m in models if m["resident"])
+    return (
+        f"{len(models)} model(s), {resident} resident: {len(copies)} cop(ies) "
+        f"holding {format_bytes(sum(c['nbytes'] for c in copies))}"
+    )
+
+
+# -- progress ------------------------------------------------------------------------------------
+
+
+class UploadProgress:
+    """``ModelStore.register(progress=...)``'s hook, drawn as a tqdm bar on ``stream``.
 
     Args:
         label: what is being done, shown before the bar.
@@ -44,45 +137,46 @@ class ProgressBar:
         enabled: True always, False never, None for uploads of at least ``min_bytes`` when
             ``stream`` is a terminal.
         min_bytes: the size from which the bar shows in auto mode.
-        clock: monotonic seconds (injectable for tests).
-        min_interval_s: redraws closer than this are skipped, except the last.
+
+    Without tqdm installed, an explicitly asked for bar is replaced by one note on ``stream``.
     """
 
     def __init__(
-        self,
-        label: str,
-        stream: TextIO,
-        *,
-        enabled: bool | None = None,
-        min_bytes: int = PROGRESS_MIN_BYTES,
-        clock: Callable[[], float] = time.monotonic,
-        min_interval_s: float = 0.1,
-        width: int = 30,
+        self, label: str, stream: TextIO, *, enabled: bool | None = None, min_bytes: int = PROGRESS_MIN_BYTES
     ) -> None:
-        self.label, self.stream, self.enabled = label, stream, enabled
-        self.min_bytes, self.clock, self.min_interval_s, self.width = min_bytes, clock, min_interval_s, width
-        self._started: float | None = None
-        self._drawn = float("-inf")
+        self.label, self.stream, self.enabled, self.min_bytes = label, stream, enabled, min_bytes
+        self._bar = None
+        self._decided = False
 
     def __call__(self, done: int, total: int) -> None:
-        now = self.clock()
-        if self._started is None:
-            self._started = now
-            if self.enabled is None:
-                self.enabled = total >= self.min_bytes and _is_terminal(self.stream)
-        if not self.enabled or (done < total and now - self._drawn < self.min_interval_s):
+        if not self._decided:
+            self._decided = True
+            show = self.enabled if self.enabled is not None else total >= self.min_bytes and _is_terminal(self.stream)
+            if show:
+                self._bar = self._open(total)
+        if self._bar is None:
             return
-        self._drawn = now
-        fraction = done / total if total else 1.0
-        filled = int(fraction * self.width)
-        elapsed = now - self._started
-        rate = f", {format_bytes(done / elapsed)}/s" if elapsed > 0 and done else ""
-        line = (
-            f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {fraction:6.1%} "
-            f"{format_bytes(done)} / {format_bytes(total)}{rate}"
-        )
-        self.stream.write(f"\r{line}" + ("\n" if done >= total else ""))
-        self.stream.flush()
+        self._bar.update(done - self._bar.n)
+        if done >= total:
+            self.close()
+
+    def _open(self, total: int):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            if self.enabled:  # asked for by name: say why there is none (not an error line)
+                self.stream.write("(no progress bar: tqdm is not installed here; pip install tqdm)\n")
+            return None
+        return tqdm(
+            total=total, desc=self.label, unit="B", unit_scale=True, unit_divisor=1024, file=self.stream,
+            mininterval=0.1, dynamic_ncols=True, leave=True,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """Ends the bar (also when the upload failed half way, so the error starts a line)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def _is_terminal(stream: TextIO) -> bool:

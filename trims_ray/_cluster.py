@@ -6,11 +6,15 @@
 alive node (or finds the ones another driver created: they are detached and named, so every job
 on the cluster shares them); from then on placement gives nodes that join a cache of their own.
 Everything else talks to those actors by name, as the caller's tenant (``_api.acting_tenant``).
+The read-only views at the end (``is_running``, ``running_store``, ``cache_nodes``,
+``residency``, with ``stats_of``) look the actors up and start none: the CLI's ``ls`` and
+``status`` use them.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import ray
@@ -32,6 +36,7 @@ from .actors._naming import (
     our_actor_names,
     placement_actor,
     remember_node_cache_actors,
+    require_running,
 )
 from .actors.node_cache_actor import start_node_cache_actor
 from .actors.placement_actor import start_placement_actor
@@ -43,6 +48,11 @@ __all__ = [
     "init",
     "shutdown",
     "stats",
+    "stats_of",
+    "is_running",
+    "running_store",
+    "cache_nodes",
+    "residency",
     "prefetch",
     "evict",
     "scrub",
@@ -126,6 +136,12 @@ def init(
         if tenant is not None:
             env["TRIMS_RAY_TENANT"] = tenant
         ray.init(address=address, runtime_env={"env_vars": env})
+    if not is_running():
+        # Nothing runs yet: start every alive node's cache now, beside placement, whose start
+        # would otherwise start them only once its own process is up (two actor starts, each a
+        # new process importing torch, one after the other). Placement finds them by name.
+        for node in (n["NodeID"] for n in ray.nodes() if n["Alive"]):
+            start_node_cache_actor(node, model_store.uri, storage_options, config)
     placement = start_placement_actor(model_store.uri, storage_options, config)
     running_uri, _ = call(placement.store_spec.remote())
     if running_uri != model_store.uri:
@@ -241,8 +257,15 @@ def scrub(nodes: list[str] | None = None) -> dict[str, dict[str, int]]:
 def stats() -> ClusterStats:
     """Per node and tier: bytes used and capacity, models, hits, misses, loads, evictions; per
     node, the caller's own tenant's use, quotas and refusals (``NodeStats.tenants``)."""
+    return stats_of(None)
+
+
+def stats_of(nodes: list[str] | None) -> ClusterStats:
+    """``stats()`` of ``nodes`` only (None: every alive node, after placement has checked
+    membership, which gives a node without a cache one). ``stats_of(cache_nodes())`` starts
+    nothing: what read-only commands call."""
     out = ClusterStats()
-    for n, raw in _on_each_node(None, "stats", _api.caller_tenant()).items():
+    for n, raw in _on_each_node(nodes, "stats", _api.caller_tenant()).items():
         out.nodes[n] = NodeStats(
             {t: TierStats(**s) for t, s in raw["tiers"].items()},
             raw["leases"],
@@ -251,4 +274,70 @@ def stats() -> ClusterStats:
             {t: TenantStats(**s) for t, s in raw.get("tenants", {}).items()},
             raw.get("pinned", 0),
         )
+    return out
+
+
+# -- read-only views (the CLI's ls and status): they look actors up, never start one ----------
+
+
+def is_running() -> bool:
+    """Whether trims_ray runs on the cluster Ray is connected to (its placement actor exists).
+    Asks Ray, not this process's handle cache; starts nothing.
+
+    Raises:
+        TrimsError: Ray is not initialized.
+    """
+    try:
+        require_running()
+    except TrimsError:
+        if not ray.is_initialized():
+            raise
+        return False
+    return True
+
+
+def running_store() -> tuple[str, dict | None]:
+    """The store trims_ray runs with on this cluster: (URI, storage options), as placement was
+    started with it.
+
+    Raises:
+        TrimsError: Ray is not initialized, or trims_ray is not running.
+    """
+    return call(placement_actor().store_spec.remote())
+
+
+def cache_nodes() -> list[str]:
+    """The nodes whose caches have reported to placement, sorted (a node that joined a moment
+    ago may not be there yet; ``stats()`` waits for it by starting its cache).
+
+    Raises:
+        TrimsError: Ray is not initialized, or trims_ray is not running.
+    """
+    return call(placement_actor().members.remote())
+
+
+def residency(keys: Iterable[str]) -> dict[str, dict[str, tuple[str, ...]]]:
+    """Where the blobs ``keys`` (``cache_key``s: ``<tenant>/<sha256>``) are, from placement's
+    table: key -> {node: tiers there, best first}; keys resident nowhere are left out.
+
+    Per node, the tiers are "gpu" when one of its GPUs holds the blob, and the best host-side
+    tier: "host", "loading" (its host load is under way) or "disk". A blob in both the host and
+    the disk tier shows as "host": placement is told the best tier only.
+
+    The caller names its own keys: placement's table holds every tenant's blobs, and only the
+    ones asked for are read from it.
+
+    Raises:
+        TrimsError: Ray is not initialized, or trims_ray is not running.
+    """
+    snapshot = call(placement_actor().snapshot.remote())
+    out: dict[str, dict[str, tuple[str, ...]]] = {}
+    for key in dict.fromkeys(keys):
+        per_node: dict[str, list[str]] = {}
+        for node in snapshot.gpu.get(key, ()):
+            per_node.setdefault(node, []).append("gpu")
+        for node, tier in snapshot.where.get(key, {}).items():
+            per_node.setdefault(node, []).append(tier)
+        if per_node:
+            out[key] = {node: tuple(tiers) for node, tiers in sorted(per_node.items())}
     return out

@@ -146,6 +146,10 @@ class CacheConfig:
             GPU's total memory (NVML). The GPU tier is on only on nodes where Ray manages GPUs.
         gpu_fraction: share of each GPU's memory for cached models when ``gpu_bytes`` is None;
             the rest stays for the tasks' activations and workspaces.
+        metrics_per_model: whether the load, routing and invocation metrics carry a ``model``
+            label. Off by default, as in Ray Serve: a label per model multiplies each
+            histogram's series (a dozen buckets per node and tenant) by the number of models.
+            Turn it on where models are few; the tier metrics never carry one.
     """
 
     host_bytes: int | None = None
@@ -163,6 +167,7 @@ class CacheConfig:
     scrub_s: float = 0.0
     gpu_bytes: int | None = None
     gpu_fraction: float = 0.5
+    metrics_per_model: bool = False
 
     def __post_init__(self) -> None:
         if self.host_bytes is not None and (type(self.host_bytes) is not int or self.host_bytes < 0):
@@ -189,6 +194,8 @@ class CacheConfig:
             raise ValueError("manifest_ttl_s must be >= 0 and lease_check_s > 0")
         if not isinstance(self.peer_fetch, bool):
             raise TypeError(f"peer_fetch must be a bool, got {type(self.peer_fetch).__name__}")
+        if not isinstance(self.metrics_per_model, bool):
+            raise TypeError(f"metrics_per_model must be a bool, got {type(self.metrics_per_model).__name__}")
         if not 0 < self.report_s <= 60:
             raise ValueError(f"report_s must be in (0, 60] seconds, got {self.report_s!r}")
         if not self.caller_timeout_s >= 3:

@@ -25,6 +25,7 @@ from ._errors import StoreUnavailableError, TrimsError
 
 __all__ = [
     "open_fs",
+    "without_credentials",
     "is_local",
     "write_atomically",
     "translate_store_errors",
@@ -38,6 +39,25 @@ _BUCKET_RE = re.compile(r"[A-Za-z0-9.\-_]{1,255}")
 # A URI's scheme (RFC 3986, or fsspec's chain "simplecache::s3") and its "://"; anything else
 # is a local path.
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*(::[A-Za-z][A-Za-z0-9+.\-]*)*://")
+
+
+# Words in an fsspec option's name that make it a credential (s3fs' key/secret/token, botocore's
+# aws_*_key*, gcsfs' token, adlfs' account_key/sas_token/connection_string, passwords).
+_CREDENTIAL_WORDS = ("key", "secret", "token", "password", "credential", "connection_string", "sas")
+
+
+def without_credentials(storage_options: dict | None) -> dict | None:
+    """``storage_options`` without its credentials, at every level (``client_kwargs`` too): what
+    may leave trims_ray's actors. A process given these reads the store with the credentials of
+    its own environment (instance profile, ``AWS_*`` variables), or not at all."""
+    if storage_options is None:
+        return None
+    kept = {}
+    for name, value in storage_options.items():
+        if any(word in str(name).lower() for word in _CREDENTIAL_WORDS):
+            continue
+        kept[name] = without_credentials(value) if isinstance(value, dict) else value
+    return kept
 
 
 def open_fs(uri: str | os.PathLike, storage_options: dict | None = None):

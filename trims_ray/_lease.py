@@ -156,8 +156,11 @@ def _own_node_actor() -> ray.actor.ActorHandle:
 
 def _own_copy(grant: HostGrant) -> Any:
     """The model of a miss the node's cache did not keep: read (verified) by this process from
-    the node's store."""
+    the node's store, or by the node's cache for it when the store's credentials stay there."""
     manifest = grant.manifest
+    if grant.relayed:  # the store's credentials stay with the node's cache: read through it
+        relay = node_cache_actor(grant.node).read_bypassed.remote(manifest.name, manifest.tenant, manifest.sha256)
+        return materialize(manifest, _wait(call, relay))
     buffer, _ = _api.store_for(grant.store_uri, grant.storage_options).read(manifest)
     return materialize(manifest, buffer)
 

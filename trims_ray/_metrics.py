@@ -14,6 +14,11 @@ core worker, 10-20 us with five tags), and never on the invocation path itself:
   Ray by a background thread every second;
 - the placement actor: the copies of hot models it asks for, and drops (batched the same way).
 
+No metric carries a ``model`` label unless the cluster's ``CacheConfig.metrics_per_model`` asks
+for it (each process learns it through ``set_per_model``): a label per model multiplies a
+histogram's series by the number of models, which with thousands of models is millions of
+series, so Ray Serve leaves it off too. ``tenant`` stays: tenants are few.
+
 Metrics must never break the data path: exporting functions log and swallow their errors, and a
 process where Ray's metrics cannot be created (no core worker) simply records nothing.
 """
@@ -41,6 +46,8 @@ __all__ = [
     "record_decision",
     "record_invocation",
     "flush",
+    "set_per_model",
+    "per_model",
 ]
 
 log = logging.getLogger("trims_ray")
@@ -75,16 +82,25 @@ _TIER_GAUGES = {
     "models": ("trims_ray_tier_models", "Models resident in the tier on the node (count)."),
 }
 _TIER_TAGS = ("node", "tier")
-_LOAD_TAGS = ("node", "source", "tenant", "model")
-_ROUTE_TAGS = ("node", "decision", "tier", "tenant", "model")
-_INVOCATION_TAGS = ("node", "tenant", "model")
+# Each of these gains a "model" tag only where metrics_per_model is on.
+_LOAD_TAGS = ("node", "source", "tenant")
+_ROUTE_TAGS = ("node", "decision", "tier", "tenant")
+_INVOCATION_TAGS = ("node", "tenant")
 
 
 class _Metrics:
-    """The metric objects of this process (Ray registers each with the process's core worker)."""
+    """The metric objects of this process (Ray registers each with the process's core worker).
 
-    def __init__(self) -> None:
+    Args:
+        per_model: whether the load, routing and invocation metrics carry a ``model`` tag. Ray
+            fixes a metric's tag keys when it is created, so this is decided once per process.
+    """
+
+    def __init__(self, per_model: bool = False) -> None:
         from ray.util.metrics import Counter, Gauge, Histogram
+
+        self.per_model = per_model
+        model = ("model",) if per_model else ()
 
         self.tier_counters = {
             field: Counter(f"trims_ray_tier_{field}", description=help_text, tag_keys=_TIER_TAGS)
@@ -104,13 +120,13 @@ class _Metrics:
             description="Time to read and verify a model's blob from its source (disk, peer or "
             "store) into the host tier; tenant is the model's owner (seconds).",
             boundaries=LOAD_SECONDS_BUCKETS,
-            tag_keys=_LOAD_TAGS,
+            tag_keys=_LOAD_TAGS + model,
         )
         self.loaded_bytes = Counter(
             "trims_ray_loaded_bytes",
             description="Bytes loaded into the host tier, by source: disk, peer or store; tenant is "
             "the model's owner (bytes).",
-            tag_keys=_LOAD_TAGS,
+            tag_keys=_LOAD_TAGS + model,
         )
         self.routing_decisions = Counter(
             "trims_ray_routing_decisions",
@@ -119,7 +135,7 @@ class _Metrics:
             "tier none), copy (placement asked the node to load another copy of a hot model), "
             "drop (placement dropped such a copy). tenant: the caller's (hit, miss) or the "
             "model's (copy, drop).",
-            tag_keys=_ROUTE_TAGS,
+            tag_keys=_ROUTE_TAGS + model,
         )
         self.invocation_seconds = Histogram(
             "trims_ray_invocation_seconds",
@@ -127,13 +143,45 @@ class _Metrics:
             "from submission to its result existing, queueing, lease, load and the user function "
             "included (seconds).",
             boundaries=INVOCATION_SECONDS_BUCKETS,
-            tag_keys=_INVOCATION_TAGS,
+            tag_keys=_INVOCATION_TAGS + model,
         )
 
 
 _lock = threading.Lock()
 _metrics: _Metrics | None = None
 _unavailable = False
+_per_model = False
+
+
+def set_per_model(enabled: bool) -> None:
+    """Sets whether this process's load, routing and invocation metrics carry a ``model`` label
+    (``CacheConfig.metrics_per_model``). The actors call it when they start and each caller
+    when it first routes, before their first record: Ray fixes a metric's tag keys when the
+    metric is created (on the first record), so a later change is logged and ignored until the
+    process restarts.
+
+    Raises:
+        TypeError: ``enabled`` is not a bool.
+    """
+    global _per_model
+    if not isinstance(enabled, bool):
+        raise TypeError(f"metrics_per_model must be a bool, got {type(enabled).__name__}")
+    with _lock:
+        _per_model = enabled
+        if _metrics is not None and _metrics.per_model != enabled:
+            log.warning(
+                "trims_ray: this process's metrics were created %s a model label; "
+                "metrics_per_model=%s takes effect when the process restarts",
+                "with" if _metrics.per_model else "without",
+                enabled,
+            )
+
+
+def per_model() -> bool:
+    """Whether this process's metrics carry a ``model`` label (once they exist, what they were
+    created with; before, what ``set_per_model`` last said, False by default)."""
+    with _lock:
+        return _metrics.per_model if _metrics is not None else _per_model
 
 
 def _get() -> _Metrics | None:
@@ -144,11 +192,18 @@ def _get() -> _Metrics | None:
     with _lock:
         if _metrics is None and not _unavailable:
             try:
-                _metrics = _Metrics()
+                _metrics = _Metrics(per_model=_per_model)
             except Exception as exc:  # e.g. a Ray client process, which has no core worker
                 _unavailable = True
                 log.info("trims_ray: metrics are off in this process: %s", exc)
     return _metrics
+
+
+def _with_model(tags: dict[str, str], model: str, metrics: _Metrics) -> dict[str, str]:
+    """``tags``, plus the model where these metrics were created with a model label."""
+    if metrics.per_model:
+        tags["model"] = model
+    return tags
 
 
 # -- tiers (node cache actor, GPU holder) ------------------------------------------------------
@@ -238,7 +293,7 @@ def export_tiers(
                 source, tenant, name, nbytes, seconds = load_events.popleft()
             except IndexError:
                 break
-            tags = {"node": node_id, "source": source, "tenant": tenant, "model": name}
+            tags = _with_model({"node": node_id, "source": source, "tenant": tenant}, name, metrics)
             metrics.load_seconds.observe(float(seconds), tags)
             if nbytes > 0:
                 metrics.loaded_bytes.inc(int(nbytes), tags)
@@ -322,17 +377,22 @@ class _CallerBatch:
             decisions, self._decisions = self._decisions, {}
         try:
             metrics = _get()
-            for (node, decision, tier, tenant, model), count in decisions.items():
-                if metrics is not None:
-                    tags = {"node": node, "decision": decision, "tier": tier, "tenant": tenant, "model": model}
-                    metrics.routing_decisions.inc(count, tags)
+            if metrics is not None:
+                # Without a model label, the decisions of every model add up to one record.
+                counts: dict[tuple[tuple[str, str], ...], int] = {}
+                for (node, decision, tier, tenant, model), count in decisions.items():
+                    tags = {"node": node, "decision": decision, "tier": tier, "tenant": tenant}
+                    labels = tuple(_with_model(tags, model, metrics).items())
+                    counts[labels] = counts.get(labels, 0) + count
+                for labels, count in counts.items():
+                    metrics.routing_decisions.inc(count, dict(labels))
             while self._latencies:
                 try:
                     node, tenant, model, seconds = self._latencies.popleft()
                 except IndexError:
                     break
                 if metrics is not None:
-                    tags = {"node": node, "tenant": tenant, "model": model}
+                    tags = _with_model({"node": node, "tenant": tenant}, model, metrics)
                     metrics.invocation_seconds.observe(seconds, tags)
         except Exception:
             log.debug("trims_ray: metrics flush failed", exc_info=True)

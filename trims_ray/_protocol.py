@@ -181,7 +181,10 @@ class HostGrant:
         store_uri: for a bypass, the URI of the store the task reads the model from itself (its
             own process may not know the store, when Ray was started before trims_ray.init);
             None otherwise.
-        storage_options: for a bypass, the fsspec options of that store (None: none).
+        storage_options: for a bypass, the fsspec options of that store (None: none), without
+            credentials (they never leave trims_ray's actors).
+        relayed: for a bypass, the store's credentials stayed with the node's cache: the task
+            reads the blob through it (``NodeCacheActor.read_bypassed``), not from the store.
         pinned: the lease is a pin (``NodeCache.acquire(pin=True)``): the task's process keeps
             the model built after the task, and releases the lease when it drops it.
         actor_id: the granting cache actor's Ray id (hex): a process that keeps the model pins
@@ -201,6 +204,7 @@ class HostGrant:
     pinned: bool = False
     actor_id: str = ""
     incarnation: str = ""
+    relayed: bool = False
 
     @classmethod
     def of(
@@ -211,6 +215,7 @@ class HostGrant:
         storage_options: dict | None = None,
         actor_id: str = "",
         incarnation: str = "",
+        relayed: bool = False,
     ) -> HostGrant:
         """The message for the node cache's ``grant`` on ``node`` (the store only for a bypass)."""
         return cls(
@@ -225,6 +230,7 @@ class HostGrant:
             grant.pinned,
             actor_id,
             incarnation,
+            relayed,
         )
 
     @property

@@ -27,6 +27,7 @@ from ._manifest import Manifest
 from ._manifest_cache import ManifestCache
 from ._protect import GUARD_BYTES
 from ._protocol import cache_key
+from ._raycalls import call
 from .actors._naming import placement_actor
 from .cache.placement import Placement, Route, Snapshot
 
@@ -37,6 +38,9 @@ log = logging.getLogger("trims_ray")
 # A long poll returns at least this often, with fresh load figures, even when residency is
 # unchanged.
 _POLL_S = 2.0
+# How long a load this caller started stays "loading" in its table while the node's reports do
+# not show it yet (a report sent before the load began, or a load that failed).
+_LOADING_GRACE_S = 10.0
 
 _lock = threading.Lock()
 _router: Router | None = None
@@ -88,18 +92,41 @@ class Router:
         # table refreshes, since the nodes report them only later.
         self._mine: dict[tuple[str, str], int] = {}
         self._outstanding: dict[int, ray.ObjectRef] = {}
+        # Loads this caller started: (model key, node) -> when; kept across table refreshes
+        # until the node reports the model, so that the next invocation joins the load.
+        self._loads_started: dict[tuple[str, str], float] = {}
         self._closed = threading.Event()
         # Names resolve in the cluster's store, the one the node caches load from (this process
         # may not know it: a worker whose Ray was started before trims_ray.init).
-        spec, ttl_s = ray.get([self._actor.store_spec.remote(), self._actor.manifest_ttl_s.remote()])
-        self._store = _api.store_for(*spec)
+        spec, withheld, ttl_s, per_model = ray.get(
+            [
+                self._actor.store_spec.remote(),
+                self._actor.credentials_withheld.remote(),
+                self._actor.manifest_ttl_s.remote(),
+                self._actor.metrics_per_model.remote(),
+            ]
+        )
+        _metrics.set_per_model(per_model)  # before this process records its first route
         # Names resolved in the store, trusted as long as the node caches trust them; those in
         # use are refreshed in the background.
-        self._manifests = ManifestCache(lambda name, tenant: self._store.manifest(name, tenant=tenant), ttl_s)
+        self._manifests = ManifestCache(self._resolver(spec, withheld), ttl_s)
         self._placement = self._adopt(ray.get(self._actor.snapshot.remote(-1, 0.0)))
         threading.Thread(target=self._poll_forever, name="trims-routing", daemon=True).start()
         threading.Thread(target=self._release_forever, name="trims-release", daemon=True).start()
         self._manifests.start_refreshing(self._closed)
+
+    def _resolver(self, spec: tuple[str, dict | None], withheld: bool) -> Callable[[str, str], Manifest]:
+        """How this process resolves a name: in the store itself, unless the cluster's store
+        options hold credentials (placement does not hand them out) and this process did not
+        open that store itself (the driver that called init did); then through placement."""
+        own = _api.session_store()
+        if own is not None and own.uri == spec[0]:
+            store = own
+        elif not withheld:
+            store = _api.store_for(*spec)
+        else:
+            return lambda name, tenant: call(self._actor.manifest.remote(name, tenant))
+        return lambda name, tenant: store.manifest(name, tenant=tenant)
 
     @property
     def version(self) -> int:
@@ -112,6 +139,14 @@ class Router:
             per_node[node] = per_node.get(node, 0) + count
         for node, count in per_node.items():
             placement.at_least_in_flight(node, count)
+        # A snapshot may predate a load this caller just started (the node had not reported
+        # it yet): without the mark, the next invocation would start another load.
+        now = time.monotonic()
+        for (key, node), since in list(self._loads_started.items()):
+            if node in snapshot.where.get(key, {}) or now - since > _LOADING_GRACE_S:
+                del self._loads_started[(key, node)]
+            else:
+                placement.loading(key, node)
         return placement
 
     def _poll_forever(self) -> None:
@@ -206,6 +241,7 @@ class Router:
                 ) from None
             if route.tier is None:
                 self._placement.loading(key, route.node)
+                self._loads_started[(key, route.node)] = time.monotonic()
         _metrics.record_route(route.node, route.tier, tenant, name)
         return manifest, route
 

@@ -1,45 +1,82 @@
-"""The ``trims-ray`` command line: push models into a store, and look at and steer the node caches
-of a running Ray cluster (``status``, ``prefetch``, ``evict``); ``bench`` and ``demo`` hand over
-to ``workloads``.
+"""The ``trims-ray`` command line: push models into a store; start trims_ray on a running Ray
+cluster; list what the caches hold (``ls``, ``status``); steer them (``prefetch``, ``evict``,
+``scrub``); and hand ``bench`` and ``demo`` over to the repository's ``workloads``.
 
 Every command is a thin wrapper around the public API (``init``, ``register``, ``prefetch``,
-``evict``, ``stats``). Cluster commands join a running cluster and never start one; every error
-ends as one line on stderr and a non-zero exit code (2 for bad arguments, 1 for the rest).
+``evict``, ``scrub``, ``stats``) and the read-only views of ``_cluster``; the commands
+themselves are in ``_cli_commands``, what they print in ``_cli_output``. Cluster commands join a
+running cluster and never start one; only ``start``, or ``--start``, starts trims_ray on it.
+Every error ends as one line on stderr and a non-zero exit code (2 for bad arguments, 1 for the
+rest).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import trims_ray
 
-from . import _api, _cluster
-from ._config import default_store_uri, env_store_uri
+from ._cli_commands import COMMANDS, UsageError, push
+from ._cli_output import UploadProgress, format_bytes, format_table
 from ._errors import TrimsError
-from ._fsio import translate_store_errors
-from ._names import check_name
-from ._cli_output import ProgressBar, format_bytes, format_table
 from .actors._naming import NAMESPACE
+from .cache.placement import TIERS
 
-__all__ = ["ProgressBar", "UsageError", "format_bytes", "format_table", "main"]
+__all__ = ["BENCHMARKS", "UploadProgress", "UsageError", "build_parser", "format_bytes", "format_table", "main"]
 
 PROG = "trims-ray"
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 # How long to wait for a TCP answer from the cluster's GCS before calling it unreachable: Ray
 # itself would retry a dead address for minutes.
 CONNECT_TIMEOUT_S = 3.0
-_TIERS = ("host", "disk")  # the tiers prefetch and evict accept (the GPU tier comes later)
 
+# The documented shapes of --format json (one JSON object on stdout; keys sorted).
+_MODEL_SHAPE = (
+    '{"name": NAME, "tenant": OWNER, "sha256": HEX, "nbytes": INT,\n'
+    '    "resident": [{"node": NODE_ID, "tier": "gpu"|"host"|"loading"|"disk", "nbytes": INT}, ...]}'
+)
+JSON_SHAPES = {
+    "ls": '{"store": URI, "tenant": TENANT, "nodes": [NODE_ID, ...],\n "models": [MODEL, ...]}\n'
+    f"MODEL: {_MODEL_SHAPE}",
+    "status": '{"store": URI, "tenant": TENANT, "nodes": {NODE_ID: NODE, ...}, "models": [MODEL, ...]}\n'
+    "NODE: trims_ray.stats().to_dict()'s per node (tiers gpu, host, disk with bytes_used, capacity,\n"
+    "  models, hits, misses, loads, evictions, ... and hit_ratio: null before any access; leases,\n"
+    "  pinned, object_store_bytes_used, gpu, tenants: your own tenant's only)\n"
+    f"MODEL: as in ls, resident models only: {_MODEL_SHAPE}",
+    "prefetch": '{"model": NAME, "tier": TIER, "nodes": {NODE_ID: "gpu"|"host"|"disk"|"store", ...}}',
+    "evict": '{"model": NAME, "tier": TIER|null, "nodes": {NODE_ID: {TIER: "evicted"|"deferred"|"absent"}, ...}}',
+    "scrub": '{"nodes": {NODE_ID: {"scrubbed": INT, "corrupt": INT, "reloaded": INT}, ...}}',
+    "start": '{"store": URI, "nodes": [NODE_ID, ...], "started": BOOL}',
+    "dashboard": '{"installed": PATH}',
+}
 
-class UsageError(Exception):
-    """A command line that cannot be run as given (exit code 2, like argparse's errors)."""
+# `trims-ray bench NAME ARGS...`: the module that runs benchmark NAME, and what it measures.
+# Those of workloads.bench are its subcommands (NAME goes on to it); the others have a module of
+# their own (NAME is dropped). tests/unit/test_cli_parsing.py checks this against workloads.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "load": ("workloads.bench", "the store reader's rate against the raw read rate, local disk and S3"),
+    "handoff": ("workloads.bench", "task start to a usable module in a fresh worker: host hit vs loading"),
+    "routing": ("workloads.bench", "the cost of one routing decision, 1,000 models on 64 nodes"),
+    "peer": ("workloads.bench", "a miss copied from a peer node's memory vs read from the store"),
+    "locality": ("workloads.bench", "where invocations of a model resident on one node of three run"),
+    "build": ("workloads.bench", "a zoo model's build on meta: initialisers run vs skipped"),
+    "overhead": ("workloads.bench", "a decorated call on a warm model vs a plain Ray task"),
+    "peers": ("workloads.bench", "trims_ray vs Ray Serve multiplexing, an LRU actor and no cache"),
+    "replay": ("workloads.replay", "a multi-model trace on a local multi-node Ray: policies, no cache, Serve"),
+    "soak": ("workloads.soak", "minutes of a multi-tenant trace through a node's loss and a cache's kill"),
+    "gpu": ("workloads.gpu_bench", "the GPU tier: handoff, swap-in, pipelined swap, TrIMS table (needs CUDA)"),
+    "simulate": ("workloads.simulate", "the trace-driven cache simulator: hit ratio vs size per policy, no Ray"),
+}
+_OWN_MODULE = {"workloads.bench"}  # modules whose subcommand is the benchmark's name
+_PASSTHROUGH = {
+    "bench": "run one of the repository's benchmarks ('trims-ray bench --help' lists them)",
+    "demo": "the demo on an embedded local Ray (arguments go to python -m workloads.demo)",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _PASSTHROUGH:
         # Everything after the command is the workload's own command line, options included.
-        return _passthrough(argv[0], argv[1:])
+        return _passthrough(argv[0], argv[1:], debug=False)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -71,13 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help and --version print and exit 0
         return _exit_code(exc)
     if args.command in _PASSTHROUGH:  # reached only with options before the command
-        return _passthrough(args.command, args.args)
+        return _passthrough(args.command, args.args, debug=args.debug)
     connected = False
     try:
         if args.command == "push":
-            return _push(args)
+            return push(args)
+        if args.command == "dashboard":  # files on this machine: no cluster to join
+            return COMMANDS["dashboard"](args)
         connected = _connect(args.address)
-        return _COMMANDS[args.command](args)
+        return COMMANDS[args.command](args)
     except Exception as exc:
         if args.debug:
             raise
@@ -96,11 +135,93 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="trims_ray: push models into a store; see and steer the model caches of a Ray cluster.",
+        epilog="ls and status only read: they never start trims_ray. start starts it on a running Ray "
+        "cluster; prefetch, evict and scrub do only when given --start.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {trims_ray.__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_push(sub)
+
+    start = _command(sub, "start", "start trims_ray (placement and one cache per node) on a running Ray cluster")
+    _add_store(
+        start,
+        "the store every node reads models from (default: $TRIMS_RAY_STORE); tier budgets come from "
+        "this shell's TRIMS_RAY_* variables",
+    )
+    _add_cluster(start)
+
+    ls = _command(sub, "ls", "list your models: registered in the store, and resident on which node in which tier")
+    ls.add_argument(
+        "--tenant",
+        help="list your own tenant's models and the public ones (default; you are $TRIMS_RAY_TENANT or "
+        "'default'), or 'public' for the public ones alone; another tenant is refused",
+    )
+    _add_cluster(ls)
+
+    status = _command(
+        sub, "status", "per node and tier: bytes used / capacity, models, hit ratio; where your models are resident"
+    )
+    status.add_argument("--json", action="store_true", help="the same as --format json")
+    _add_cluster(status)
+
+    prefetch = _command(sub, "prefetch", "warm a tier with a model ahead of traffic")
+    prefetch.add_argument("name", help="the model's name")
+    prefetch.add_argument(
+        "--tier", choices=TIERS, default="host",
+        help="the tier to warm (default: host; gpu: the node's GPU with the most room, through its host tier)",
+    )  # fmt: skip
+    _add_tenant(prefetch)
+    _add_nodes(prefetch)
+    _add_cluster(prefetch, changes=True)
+
+    evict = _command(sub, "evict", "drop a model from a tier (a copy in use goes when released)")
+    evict.add_argument("name", help="the model's name")
+    evict.add_argument("--tier", choices=TIERS, default=None, help="the tier (default: every tier)")
+    _add_tenant(evict)
+    _add_nodes(evict)
+    _add_cluster(evict, changes=True)
+
+    scrub = _command(
+        sub, "scrub", "re-hash the host-tier copies against their manifests now; corrupt ones are dropped and reloaded"
+    )
+    _add_nodes(scrub)
+    _add_cluster(scrub, changes=True)
+
+    dashboard = _command(sub, "dashboard", "install trims_ray's Grafana dashboard where Ray's Grafana finds it")
+    dashboard.add_argument("action", choices=("install",), help="install: write the dashboard's JSON")
+    dashboard.add_argument(
+        "--dest", metavar="DIR",
+        help="the folder to write into (default: the Grafana dashboards folder of this machine's current Ray "
+        "session, or $RAY_METRICS_GRAFANA_DASHBOARD_OUTPUT_DIR)",
+    )  # fmt: skip
+
+    for name, what in _PASSTHROUGH.items():
+        p = sub.add_parser(name, add_help=False, help=what)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _command(sub, name: str, what: str) -> argparse.ArgumentParser:
+    """A cluster command's parser; one that prints JSON documents its shape under --help."""
+    shape = JSON_SHAPES.get(name)
+    parser = sub.add_parser(
+        name,
+        help=what,
+        description=what,
+        epilog=f"--format json prints:\n{shape}" if shape else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if shape:
+        parser.add_argument(
+            "--format", choices=("table", "json"), default="table",
+            help="table (default) or json: one JSON object of the shape below",
+        )  # fmt: skip
+    return parser
+
+
+def _add_push(sub) -> None:
     push = sub.add_parser(
         "push", help="register a .safetensors file, a directory of shards (Hugging Face's too) or a built model"
     )
@@ -123,31 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="progress bar on stderr (default: for uploads over 32 MiB when stderr is a terminal)",
+        help="progress bar (tqdm) on stderr (default: for uploads over 32 MiB when stderr is a terminal)",
     )
-
-    status = sub.add_parser("status", help="per node and tier: bytes used / capacity, models, hit ratio")
-    status.add_argument("--json", action="store_true", help="print stats().to_dict() and hit ratios as JSON")
-    _add_cluster(status)
-
-    prefetch = sub.add_parser("prefetch", help="warm a tier with a model ahead of traffic")
-    prefetch.add_argument("name", help="the model's name")
-    prefetch.add_argument("--tier", choices=_TIERS, default="host", help="the tier to warm (default: host)")
-    _add_tenant(prefetch)
-    _add_nodes(prefetch)
-    _add_cluster(prefetch)
-
-    evict = sub.add_parser("evict", help="drop a model from a tier (a copy in use goes when released)")
-    evict.add_argument("name", help="the model's name")
-    evict.add_argument("--tier", choices=_TIERS, default=None, help="the tier (default: every tier)")
-    _add_tenant(evict)
-    _add_nodes(evict)
-    _add_cluster(evict)
-
-    for name, (_, what) in _PASSTHROUGH.items():
-        p = sub.add_parser(name, add_help=False, help=f"{what} (arguments go to python -m workloads.{name})")
-        p.add_argument("args", nargs=argparse.REMAINDER)
-    return parser
 
 
 def _add_store(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -171,79 +269,26 @@ def _add_nodes(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_cluster(parser: argparse.ArgumentParser) -> None:
+def _add_cluster(parser: argparse.ArgumentParser, *, changes: bool = False) -> None:
     parser.add_argument(
         "--address",
         default="auto",
         help="the running Ray cluster (default 'auto': $RAY_ADDRESS, else the cluster on this machine)",
     )
-    _add_store(
-        parser,
-        "the store trims_ray runs with (default: the cluster's; starts trims_ray there when it is not running yet)",
-    )
+    if changes:
+        parser.add_argument(
+            "--start",
+            action="store_true",
+            help="start trims_ray first if it is not running (with --store URI or $TRIMS_RAY_STORE)",
+        )
+        _add_store(
+            parser,
+            "the store trims_ray runs with (checked against the running one); with --start, the store to start it with",
+        )
 
 
 # --------------------------------------------------------------------------------------------
-# push
-# --------------------------------------------------------------------------------------------
-
-
-def _push(args: argparse.Namespace) -> int:
-    tenant = _api.tenant_for_write(args.tenant)  # refused before any weights are read or built
-    weights, default_name, factory = _resolve_source(args.source, args.seed)
-    name = args.name or default_name
-    if args.name is None:  # a name taken from a file name gets a hint on how to choose another
-        try:
-            check_name(name)
-        except ValueError as exc:
-            raise UsageError(f"{exc}; choose a name with --name") from None
-    store = trims_ray.ModelStore(args.store if args.store is not None else default_store_uri())
-    bar = ProgressBar(f"push {name}", sys.stderr, enabled=args.progress)
-    info = store.register(name, weights, tenant=tenant, factory=args.factory or factory, progress=bar)
-    print(f"pushed {info.tenant}/{info.name}: {format_bytes(info.nbytes)}, sha256 {info.sha256[:16]}, to {store.uri}")
-    return 0
-
-
-def _resolve_source(source: str, seed: int) -> tuple[object, str, str | None]:
-    """What ``push SOURCE`` registers: ``(weights, default name, default factory)``.
-
-    A URI or an existing path wins over a factory reference of the same spelling. A factory's
-    model is built here, its initialisers drawing from ``seed`` (the global RNG is left as it
-    was), and registered with that factory.
-
-    Raises:
-        TrimsError: ``source`` is neither a file, a directory, a URI nor a factory that builds.
-    """
-    if "://" in source:
-        return source, _stem(source.rstrip("/").rsplit("/", 1)[-1]), None
-    path = Path(source).expanduser()
-    if path.exists():
-        return str(path), _stem(path.resolve().name), None
-    from ._factory import check_factory_ref, resolve_factory
-
-    try:
-        factory = resolve_factory({"import": check_factory_ref(source)})
-    except (TypeError, ValueError) as exc:
-        detail = f" ({exc})" if ":" in source else ""
-        raise TrimsError(
-            f"{source!r} is not a file, a directory, a URI or a factory{detail}: give the path of a "
-            ".safetensors file or of a directory of shards, a URI, or MODULE:ATTR (e.g. "
-            "workloads.zoo:resnet50)"
-        ) from None
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = factory()
-    return model.eval(), source.rsplit(":", 1)[1].rsplit(".", 1)[-1], source
-
-
-def _stem(filename: str) -> str:
-    return filename.removesuffix(".safetensors")
-
-
-# --------------------------------------------------------------------------------------------
-# Cluster commands
+# Joining the cluster
 # --------------------------------------------------------------------------------------------
 
 
@@ -300,149 +345,85 @@ def _reachable_gcs(address: str) -> str:
     return gcs
 
 
-def _attach(args: argparse.Namespace) -> trims_ray.Cluster:
-    """``trims_ray.init`` on the connected cluster, with the store trims_ray runs with there.
-
-    Raises:
-        TrimsError: trims_ray does not run there and no store was given to start it with; or it
-            runs with another store than ``--store``.
-        StoreUnavailableError: the store cannot be reached.
-    """
-    store, options = args.store, None
-    if store is None:
-        try:
-            store, options = _cluster.call(_cluster.placement_actor().store_spec.remote())
-        except TrimsError:  # not running: a store from the environment starts it
-            store = env_store_uri()
-        if store is None:
-            raise TrimsError(
-                "trims_ray is not running on this cluster: pass --store URI (or set "
-                "$TRIMS_RAY_STORE) to start it with that store"
-            )
-    # init() checks the store too, but (for now) lets an unreachable S3 endpoint through as
-    # botocore's own error: check it here, where it becomes StoreUnavailableError.
-    model_store = trims_ray.ModelStore(store, storage_options=options)
-    with translate_store_errors(model_store.fs, model_store.uri):
-        model_store._check_reachable()
-    return trims_ray.init(store, storage_options=options)
+# --------------------------------------------------------------------------------------------
+# bench and demo: the repository's workloads
+# --------------------------------------------------------------------------------------------
 
 
-def _status(args: argparse.Namespace) -> int:
-    cluster = _attach(args)
-    data = trims_ray.stats().to_dict()
-    for node in data["nodes"].values():
-        for tier in node["tiers"].values():
-            tier["hit_ratio"] = _hit_ratio(tier)
-    if args.json:
-        print(json.dumps({"store": cluster.store, **data}, indent=2, sort_keys=True))
-        return 0
-    rows = []
-    for node_id, node in sorted(data["nodes"].items()):
-        for i, (tier, s) in enumerate(node["tiers"].items()):
-            use = f"{s['bytes_used'] / s['capacity']:.0%}" if s["capacity"] else "-"
-            ratio = "-" if s["hit_ratio"] is None else f"{s['hit_ratio']:.1%}"
-            rows.append(
-                [_short(node_id) if i == 0 else "", tier, format_bytes(s["bytes_used"]), format_bytes(s["capacity"]),
-                 use, s["models"], s["hits"], s["misses"], ratio, s["loads"], s["evictions"]]
-            )  # fmt: skip
-    print(f"store {cluster.store}, {len(data['nodes'])} node(s)")
-    headers = ["NODE", "TIER", "USED", "CAPACITY", "USE", "MODELS", "HITS", "MISSES", "HIT RATIO", "LOADS", "EVICTIONS"]
-    print(format_table(headers, rows, align="ll" + "r" * 9))
-    return 0
-
-
-def _prefetch(args: argparse.Namespace) -> int:
-    _attach(args)
-    found = trims_ray.prefetch(args.name, tier=args.tier, nodes=_node_ids(args.node), tenant=args.tenant)
-    print(f"prefetched {args.name} into the {args.tier} tier of {len(found)} node(s)")
-    print(format_table(["NODE", "FOUND IN"], [[_short(n), where] for n, where in sorted(found.items())], align="ll"))
-    return 0
-
-
-def _evict(args: argparse.Namespace) -> int:
-    _attach(args)
-    result = trims_ray.evict(args.name, tier=args.tier, nodes=_node_ids(args.node), tenant=args.tenant)
-    rows = [
-        [_short(n) if i == 0 else "", tier, outcome]
-        for n, tiers in sorted(result.items())
-        for i, (tier, outcome) in enumerate(tiers.items())
+def bench_help() -> str:
+    """What ``trims-ray bench --help`` prints: every benchmark and the module that runs it."""
+    width = max(map(len, BENCHMARKS))
+    lines = [
+        f"usage: {PROG} bench BENCHMARK [ARGS ...]",
+        "",
+        "Runs one of the benchmarks in the repository's workloads/ (a checkout of the repository, run",
+        f"from its root); the arguments after BENCHMARK go to it ('{PROG} bench BENCHMARK --help' shows them).",
+        "",
+        "benchmarks:",
     ]
-    deferred = any(outcome == "deferred" for _, _, outcome in rows)
-    note = " (deferred: in use now, freed when its last lease ends)" if deferred else ""
-    print(f"evicted {args.name} from {args.tier or 'every'} tier on {len(result)} node(s){note}")
-    print(format_table(["NODE", "TIER", "RESULT"], rows, align="lll"))
-    return 0
+    for name, (module, what) in BENCHMARKS.items():
+        command = f"python -m {module}" + (f" {name}" if module in _OWN_MODULE else "")
+        lines.append(f"  {name.ljust(width)}  {what}\n  {' ' * width}  ({command})")
+    return "\n".join(lines)
 
 
-def _node_ids(prefixes: list[str] | None) -> list[str] | None:
-    """Full ids of the alive nodes that ``prefixes`` name (None: every node).
-
-    Raises:
-        UsageError: a prefix names no alive node, or more than one.
-    """
-    if prefixes is None:
-        return None
-    import ray
-
-    alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-    ids = []
-    for prefix in prefixes:
-        matches = [n for n in alive if n.startswith(prefix.strip().lower())] if prefix.strip() else []
-        if len(matches) != 1:
-            found = "no alive node" if not matches else f"{len(matches)} nodes"
-            raise UsageError(
-                f"--node {prefix!r} matches {found}; alive nodes: {', '.join(_short(n) for n in alive)}"
+def _passthrough(command: str, argv: list[str], *, debug: bool) -> int:
+    """Hands ``argv`` to the ``main`` of the workload that ``command`` names."""
+    if command == "bench":
+        if not argv:
+            return _fail(UsageError(f"bench needs a benchmark: one of {', '.join(BENCHMARKS)}"), EXIT_USAGE)
+        if argv[0] in ("-h", "--help"):
+            print(bench_help())
+            return 0
+        name = argv[0]
+        if name not in BENCHMARKS:
+            return _fail(
+                UsageError(f"no benchmark {name!r}: choose one of {', '.join(BENCHMARKS)} (see '{PROG} bench --help')"),
+                EXIT_USAGE,
             )
-        ids.append(matches[0])
-    return ids
-
-
-_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "status": _status,
-    "prefetch": _prefetch,
-    "evict": _evict,
-}
-
-
-# --------------------------------------------------------------------------------------------
-# bench and demo
-# --------------------------------------------------------------------------------------------
-
-_PASSTHROUGH = {
-    "bench": ("workloads.bench", "run a benchmark (replay, soak and gpu: workloads.replay, .soak, .gpu_bench)"),
-    "demo": ("workloads.demo", "the demo on an embedded local Ray"),
-}
-
-
-# Benchmarks with a module of their own: `trims-ray bench replay ...` runs workloads.replay.
-_BENCH_MODULES = {"replay": "workloads.replay", "soak": "workloads.soak", "gpu": "workloads.gpu_bench"}
-
-
-def _passthrough(command: str, argv: list[str]) -> int:
-    import importlib
-
-    name = _PASSTHROUGH[command][0]
-    if command == "bench" and argv and argv[0] in _BENCH_MODULES:
-        name, argv = _BENCH_MODULES[argv[0]], argv[1:]
-    module = importlib.import_module(name)
+        module_name = BENCHMARKS[name][0]
+        argv = argv if module_name in _OWN_MODULE else argv[1:]
+    else:
+        module_name = "workloads.demo"
     try:
+        module = _import_workload(module_name)
         return int(module.main(argv) or 0)
     except SystemExit as exc:  # their argparse (--help, bad arguments)
         return _exit_code(exc)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:
+        if debug:
+            raise
+        return _fail(exc, EXIT_ERROR)
+
+
+def _import_workload(name: str):
+    """Imports workload module ``name``; says what is missing when it cannot be.
+
+    Raises:
+        TrimsError: ``workloads`` is not here (an installed package without the repository), or
+            the workload needs a package that is not installed.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == "workloads" or exc.name.startswith("workloads.")):
+            raise TrimsError(
+                f"{name} is not importable here: the benchmarks and the demo are in the repository's "
+                "workloads/, run them from the root of a checkout"
+            ) from None
+        raise TrimsError(
+            f"{name} needs {exc.name}, which is not installed here: install the benchmark dependencies "
+            "(the optional dependencies in pyproject.toml)"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
-# Output
+# Errors
 # --------------------------------------------------------------------------------------------
-
-
-def _hit_ratio(tier: dict) -> float | None:
-    accesses = tier["hits"] + tier["misses"]
-    return tier["hits"] / accesses if accesses else None
-
-
-def _short(node_id: str) -> str:
-    return node_id[:12]
 
 
 def _one_line(message: str) -> str:

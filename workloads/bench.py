@@ -1,4 +1,4 @@
-"""Benchmarks that print side-by-side ratios measured in one run (DESIGN.md, Benchmarks).
+"""Benchmarks that print side-by-side ratios measured in one run (docs/benchmarks.md).
 
     python -m workloads.bench load [--mb 500] [--repeats 3] [--dir DIR] [--no-s3]
     python -m workloads.bench handoff [--sizes-mb 100,500,1000] [--repeats 3] [--object-store-mb 3072]

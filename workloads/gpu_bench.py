@@ -1,4 +1,4 @@
-"""GPU tier benchmark: four tables measured side by side in one run (issue 5, DESIGN.md).
+"""GPU tier benchmark: four tables measured side by side in one run (issue 5; docs/benchmarks.md).
 
     python -m workloads.gpu_bench [--sizes-mb 100,1000,10000] [--zoo alexnet,resnet50,...]
                                   [--repeats 2] [--tables handoff,swap,pipeline,trims] [--dir DIR]

@@ -1,4 +1,4 @@
-"""The peers benchmark (DESIGN.md, Benchmarks: peers): one multi-model workload through trims_ray
+"""The peers benchmark (docs/benchmarks.md: peers): one multi-model workload through trims_ray
 and what a Ray user would pick instead (workloads.peers_systems: Ray Serve multiplexing, an LRU
 actor per node, no cache), side by side in one run, same memory per node and same CPUs.
 

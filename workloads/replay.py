@@ -1,6 +1,6 @@
 """Replay harness: one multi-model trace through trims_ray and the systems a user would pick
-instead, on a local multi-node Ray cluster, measured side by side in one run (DESIGN.md,
-Benchmarks: replay).
+instead, on a local multi-node Ray cluster, measured side by side in one run
+(docs/benchmarks.md: replay).
 
     python -m workloads.replay [--trace azure|zipf] [--requests 300] [--speedup 2]
         [--systems lru,fifo,lfu,gdsf,cost,nocache,serve] [--out results/replay.parquet]

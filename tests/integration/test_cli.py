@@ -1,12 +1,13 @@
 """The ``trims-ray`` command line on a real local Ray and real stores under tmp_path: push (a
-file, a directory of shards, a zoo model), status, prefetch and evict, the installed console
+file, a directory of shards, a zoo model), start, ls and status (what is resident where, for
+the caller's tenant only, as tables and JSON), prefetch, evict and scrub (the GPU tier's refusal
+on this GPU-less machine included), read commands that start nothing, the installed console
 script as a second driver, and the one-line errors (unknown model, unreachable store, no
-cluster, another tenant, bad arguments).
+cluster, another tenant, bad arguments). Parsing and formatting alone: tests/unit/test_cli_parsing.py.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
@@ -21,9 +22,13 @@ import torch
 from safetensors.torch import save_file
 
 import trims_ray
-from trims_ray.cli import ProgressBar, format_bytes, format_table, main
+from trims_ray._protocol import cache_key
+from trims_ray.actors._naming import NAMESPACE, node_cache_actor_name
+from trims_ray.cli import format_bytes, main
 
 from ..conftest import free_port
+from .conftest import wait_for
+from .multinode import corrupt_resident_copy
 
 SCRIPT = Path(sys.executable).with_name("trims-ray")
 
@@ -67,6 +72,16 @@ def stats_json(capsys) -> dict:
     return json.loads(out)
 
 
+def cli_json(capsys, *argv: str) -> dict:
+    code, out, err = cli(capsys, *argv, "--format", "json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def our_actors() -> list[str]:
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE)
+
+
 # -- push (no cluster needed) ----------------------------------------------------------------
 
 
@@ -107,11 +122,12 @@ def test_push_a_model_built_by_a_factory_with_progress_bar(tmp_path, capsys):
     manifest = trims_ray.ModelStore(store).manifest("rn50", tenant="default")
     assert manifest.factory == {"import": "workloads.zoo:resnet50"}
     assert f"pushed default/rn50: {format_bytes(manifest.nbytes)}" in out
-    # The bar is redrawn in place: the first and the last state are on stderr, and it ends the line.
+    # tqdm's bar is redrawn in place: the first and the last state are on stderr, and it ends the line.
     frames = [f for f in err.split("\r") if f]
     assert len(frames) >= 2 and err.endswith("\n")
-    assert "  0.0%" in frames[0] and "100.0%" in frames[-1]
-    assert f"{format_bytes(manifest.nbytes)} / {format_bytes(manifest.nbytes)}" in frames[-1]
+    assert frames[0].startswith("push rn50:   0%") and frames[-1].startswith("push rn50: 100%")
+    size = f"{manifest.nbytes / 2**20:.1f}M"  # tqdm's binary units (unit_divisor 1024)
+    assert f"{size}/{size}" in frames[-1], frames[-1]
     model = trims_ray.ModelStore(store).load("rn50", tenant="default")
     assert torch.equal(model.fc.weight, build("resnet50").fc.weight)
 
@@ -148,8 +164,10 @@ def test_push_to_an_unreachable_store(monkeypatch, weights_file, capsys):
     [
         ([], "required: COMMAND"),
         (["prefetch"], "required: name"),
-        (["prefetch", "m", "--tier", "gpu"], "invalid choice: 'gpu'"),
+        (["prefetch", "m", "--tier", "process"], "invalid choice: 'process'"),
+        (["status", "--store", "memory://x"], "unrecognized arguments: --store"),
         (["status", "--address", "local"], "would start a new cluster"),
+        (["ls", "--address", "local"], "would start a new cluster"),
         (["push", "WEIGHTS", "--name", "../x"], "invalid model name '../x'"),
         (["push", "WEIGHTS", "--tenant", "no/such"], "tenant"),
     ],
@@ -169,7 +187,7 @@ def test_a_file_name_that_is_no_model_name_asks_for_name(tmp_path, weights_file,
 # -- cluster commands --------------------------------------------------------------------------
 
 
-def test_status_prefetch_evict(cache, ray_node, weights_file, capsys):
+def test_status_prefetch_evict_scrub(cache, ray_node, weights_file, capsys):
     assert cli(capsys, "push", str(weights_file), "--store", cache.uri)[0] == 0
     nbytes = cache.manifest("tiny", tenant="default").nbytes
 
@@ -177,6 +195,7 @@ def test_status_prefetch_evict(cache, ray_node, weights_file, capsys):
     assert before["store"] == cache.uri and set(before["nodes"]) == {ray_node}
     host = before["nodes"][ray_node]["tiers"]["host"]
     assert host["models"] == 0 and host["hit_ratio"] is None
+    assert before["models"] == [] and before["tenant"] == "default"
 
     code, out, err = cli(capsys, "prefetch", "tiny")
     assert code == 0, err
@@ -184,9 +203,13 @@ def test_status_prefetch_evict(cache, ray_node, weights_file, capsys):
     code, out, _ = cli(capsys, "prefetch", "tiny", "--node", ray_node[:8])
     assert code == 0 and re.search(rf"^{ray_node[:12]}\s+host$", out, re.MULTILINE), out  # now a hit
 
-    host = stats_json(capsys)["nodes"][ray_node]["tiers"]["host"]
+    after = stats_json(capsys)
+    host = after["nodes"][ray_node]["tiers"]["host"]
     assert host["models"] == 1 and host["bytes_used"] >= nbytes
     assert (host["hits"], host["misses"], host["hit_ratio"]) == (1, 1, 0.5)
+    assert [(m["name"], m["resident"]) for m in after["models"]] == [
+        ("tiny", [{"node": ray_node, "tier": "host", "nbytes": nbytes}])
+    ]
 
     code, out, _ = cli(capsys, "status")
     assert code == 0
@@ -197,20 +220,94 @@ def test_status_prefetch_evict(cache, ray_node, weights_file, capsys):
     ]
     # The node's first row carries its id; later rows (one per tier) start blank.
     rows = [line.split() for line in lines[2:]]
-    start = next(i for i, row in enumerate(rows) if row[0] == ray_node[:12])
+    start = next(i for i, row in enumerate(rows) if row and row[0] == ray_node[:12])
     node_rows = [rows[start][1:]] + [row for row in rows[start + 1 : start + 3]]
     assert [row[0] for row in node_rows] == ["gpu", "host", "disk"]
     host_row = lines[2 + start + 1]
     assert host_row.split()[0:2] == ["host", format_bytes(host["bytes_used"]).split()[0]]
     assert host_row.split()[-6:-3] == ["1", "1", "1"] and "50.0%" in host_row  # models, hits, misses
-    widths = {len(line) for line in lines[1:] if line.rstrip().endswith(tuple("0123456789"))}
+    widths = {len(line) for line in lines[1:5]}
     assert len(widths) == 1, "right-aligned columns end at the same place"
+    # Below the tiers: where the caller's models are.
+    resident = lines[lines.index("resident models of tenant default and public:") + 2 :]
+    assert [line.split()[-2:] for line in resident] == [[ray_node[:12], "host"]] and resident[0].startswith("tiny ")
 
     code, out, err = cli(capsys, "evict", "tiny", "--tier", "host")
     assert code == 0, err
     assert re.search(rf"^{ray_node[:12]}\s+host\s+evicted$", out, re.MULTILINE), out
-    host = stats_json(capsys)["nodes"][ray_node]["tiers"]["host"]
+    after = stats_json(capsys)
+    host = after["nodes"][ray_node]["tiers"]["host"]
     assert (host["models"], host["bytes_used"], host["evictions"]) == (0, 0, 1)
+    copies = [c["tier"] for m in after["models"] for c in m["resident"]]
+    assert copies in ([], ["disk"])  # the disk copy the load wrote behind it stays, once written
+
+    # scrub: back in the host tier, a copy that matches; then one changed in place.
+    found = cli_json(capsys, "prefetch", "tiny")["nodes"][ray_node]
+    assert found in ("disk", "store")
+    code, out, err = cli(capsys, "scrub")
+    assert code == 0, err
+    assert out.splitlines()[0] == "scrubbed the host tier of 1 node(s): every copy matches its manifest"
+    assert re.search(rf"^{ray_node[:12]}\s+1\s+0\s+0$", out, re.MULTILINE), out
+    ray.get(corrupt_resident_copy.remote(ray_node, cache_key(cache.manifest("tiny", tenant="default"))))
+    assert cli_json(capsys, "scrub") == {"nodes": {ray_node: {"scrubbed": 1, "corrupt": 1, "reloaded": 1}}}
+
+    # The GPU tier: this machine has none, and the node's refusal comes through as one line.
+    code, out, err = cli(capsys, "prefetch", "tiny", "--tier", "gpu")
+    assert out == ""
+    assert_one_line_error(code, err, 1, "cannot prefetch 'tiny' to the GPU tier of node", "no GPU on this node")
+    evicted = cli_json(capsys, "evict", "tiny", "--tier", "gpu")
+    assert evicted == {"model": "tiny", "tier": "gpu", "nodes": {ray_node: {"gpu": "absent"}}}
+
+
+def test_ls_and_status_show_the_callers_models_where_they_are(cache, ray_node, weights_file, capsys):
+    for argv in (["--name", "tiny"], ["--name", "shared", "--tenant", "public"]):
+        assert cli(capsys, "push", str(weights_file), "--store", cache.uri, *argv)[0] == 0
+    cold = cache.register("cold", tiny_tensors(2), tenant="default")
+    # Another tenant's model, resident here too: asked of the node's cache as bob's driver would.
+    secret = cache.register("secret", tiny_tensors(3), tenant="bob")
+    ray.get(ray.get_actor(node_cache_actor_name(ray_node), namespace=NAMESPACE).prefetch.remote("secret", "bob", "host"))
+    assert cli(capsys, "prefetch", "tiny")[0] == 0
+    assert cli(capsys, "prefetch", "shared", "--tier", "disk")[0] == 0
+    tiny = cache.manifest("tiny", tenant="default")
+
+    def on_disk() -> dict | None:  # the disk tier writes its copy behind the prefetch's return
+        listing = cli_json(capsys, "ls")
+        shared = next(m for m in listing["models"] if m["name"] == "shared")
+        return listing if shared["resident"] else None
+
+    listing = wait_for(on_disk, what="the public model's disk copy in ls")
+    assert (listing["store"], listing["tenant"], listing["nodes"]) == (cache.uri, "default", [ray_node])
+    models = {m["name"]: m for m in listing["models"]}
+    assert set(models) == {"tiny", "cold", "shared"}  # bob's model is not there
+    assert models["tiny"] == {
+        "name": "tiny", "tenant": "default", "sha256": tiny.sha256, "nbytes": tiny.nbytes,
+        "resident": [{"node": ray_node, "tier": "host", "nbytes": tiny.nbytes}],
+    }  # fmt: skip
+    assert models["shared"]["tenant"] == "public"
+    assert models["shared"]["resident"] == [{"node": ray_node, "tier": "disk", "nbytes": models["shared"]["nbytes"]}]
+    assert models["cold"]["resident"] == [] and models["cold"]["sha256"] == cold.sha256
+    assert secret.sha256 not in json.dumps(listing) and "bob" not in json.dumps(listing)
+
+    code, out, err = cli(capsys, "ls")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"store {cache.uri}, tenant default and public, 1 node(s)"
+    rows = {line.split()[0]: line.split() for line in lines[2:-1]}
+    assert rows["tiny"][-2:] == [ray_node[:12], "host"] and rows["shared"][-2:] == [ray_node[:12], "disk"]
+    assert rows["cold"][-2:] == ["-", "-"] and "secret" not in out
+    assert lines[-1].startswith("3 model(s), 2 resident: 2 cop(ies) holding ")
+
+    public = cli_json(capsys, "ls", "--tenant", "public")
+    assert [m["name"] for m in public["models"]] == ["shared"] and public["tenant"] == "public"
+    code, _, err = cli(capsys, "ls", "--tenant", "bob")
+    assert_one_line_error(code, err, 1, "cannot list models for tenant 'bob'")
+
+    status = stats_json(capsys)
+    assert [m["name"] for m in status["models"]] == ["tiny", "shared"]  # resident only; by tenant, name
+    assert status["nodes"][ray_node]["tiers"]["host"]["models"] == 2  # bob's counts, unnamed
+    assert set(status["nodes"][ray_node]["tenants"]) <= {"default"}
+    assert "secret" not in json.dumps(status) and secret.sha256 not in json.dumps(status)
+    assert cache_key(secret) not in json.dumps(status)
 
 
 def test_cluster_command_errors(cache, monkeypatch, capsys):
@@ -220,7 +317,9 @@ def test_cluster_command_errors(cache, monkeypatch, capsys):
     assert_one_line_error(code, err, 1, "no model named 'nosuch'")
     code, _, err = cli(capsys, "prefetch", "nosuch", "--node", "zzzz")
     assert_one_line_error(code, err, 2, "--node 'zzzz' matches no alive node")
-    code, _, err = cli(capsys, "status", "--store", (cache.root + "-other"))
+    code, _, err = cli(capsys, "prefetch", "nosuch", "--store", (cache.root + "-other"))
+    assert_one_line_error(code, err, 1, "already runs on this cluster with store")
+    code, _, err = cli(capsys, "start", "--store", (cache.root + "-other"))
     assert_one_line_error(code, err, 1, "already runs on this cluster with store")
 
     dead = f"http://127.0.0.1:{free_port()}"
@@ -228,21 +327,34 @@ def test_cluster_command_errors(cache, monkeypatch, capsys):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # see test_push_to_an_unreachable_store
-    code, _, err = cli(capsys, "status", "--store", "s3://models/x")
+    code, _, err = cli(capsys, "start", "--store", "s3://models/x")
     assert_one_line_error(code, err, 1, "cannot reach the S3 endpoint", dead)
 
 
-def test_status_starts_trims_ray_only_when_given_a_store(ray_node, tmp_path, monkeypatch, capsys):
+def test_only_start_or_start_flag_starts_trims_ray(ray_node, tmp_path, weights_file, monkeypatch, capsys):
     monkeypatch.delenv("TRIMS_RAY_STORE")
     monkeypatch.setenv("TRIMS_RAY_DISK_DIR", str(tmp_path / "disk"))
     monkeypatch.setenv("TRIMS_RAY_HOST_BYTES", str(32 * 1024 * 1024))
-    code, _, err = cli(capsys, "status")
-    assert_one_line_error(code, err, 1, "trims_ray is not running on this cluster", "--store")
     store = (tmp_path / "store").as_uri()
+    assert cli(capsys, "push", str(weights_file), "--store", store)[0] == 0
+    assert our_actors() == []
+    # Read commands say that trims_ray does not run, and how to start it; commands that change
+    # the caches say so too without --start, a --store notwithstanding.
+    for argv in (["status"], ["ls"], ["ls", "--format", "json"], ["status", "--json"]):
+        code, out, err = cli(capsys, *argv)
+        assert out == ""
+        assert_one_line_error(code, err, 1, "trims_ray is not running on this Ray cluster", "trims-ray start --store URI")
+    for argv in (["prefetch", "tiny"], ["evict", "tiny", "--store", store], ["scrub"]):
+        code, _, err = cli(capsys, *argv)
+        assert_one_line_error(code, err, 1, "trims_ray is not running", f"trims-ray {argv[0]}", "--start --store URI")
+    code, _, err = cli(capsys, "start")
+    assert_one_line_error(code, err, 2, "needs --store URI")
+    assert our_actors() == [], "a command without --start started actors"
     try:
-        code, out, err = cli(capsys, "status", "--store", store)
-        assert code == 0, err
-        assert out.startswith(f"store {store}, 1 node(s)")
+        code, out, err = cli(capsys, "prefetch", "tiny", "--start", "--store", store)
+        assert code == 0 and "prefetched tiny into the host tier of 1 node(s)" in out, err
+        assert our_actors() == sorted(["trims_ray:placement", node_cache_actor_name(ray_node)])
+        assert cli_json(capsys, "start", "--store", store) == {"store": store, "nodes": [ray_node], "started": False}
         assert stats_json(capsys)["nodes"][ray_node]["tiers"]["host"]["capacity"] == 32 * 1024 * 1024
     finally:
         trims_ray.shutdown()
@@ -264,11 +376,18 @@ def test_console_script_joins_the_test_cluster(cache, ray_node, weights_file):
     # A second driver on this machine: Ray's token auth finds ~/.ray/auth_token by itself.
     done = run_script("prefetch", "tiny", "--address", gcs)
     assert done.returncode == 0, done.stderr
+    actors = our_actors()
     status = run_script("status", "--json", "--address", gcs)
     assert status.returncode == 0, status.stderr
     seen = json.loads(status.stdout)
     assert seen["store"] == cache.uri
     assert seen["nodes"][ray_node]["tiers"]["host"]["models"] == 1
+    listing = run_script("ls", "--format", "json", "--address", gcs)
+    assert listing.returncode == 0, listing.stderr
+    assert [(m["name"], [c["tier"] for c in m["resident"]]) for m in json.loads(listing.stdout)["models"]] == [
+        ("tiny", ["host"])
+    ]
+    assert our_actors() == actors  # the read commands of another driver started nothing
     # What the other process did is what this one sees.
     assert trims_ray.stats().nodes[ray_node].tiers["host"].models == 1
 
@@ -296,33 +415,7 @@ def test_bench_and_demo_pass_their_arguments_on(capsys):
         assert code == 0 and f"python -m {module}" in out
 
 
-# -- output helpers ------------------------------------------------------------------------------
-
-
-def test_progress_bar_redraws_in_place_and_skips_small_uploads_in_auto_mode():
-    now = [0.0]
-    stream = io.StringIO()
-    bar = ProgressBar("push m", stream, enabled=True, clock=lambda: now[0], width=10)
-    for done, t in [(0, 0.0), (4 << 20, 0.05), (8 << 20, 0.5), (16 << 20, 1.0)]:
-        now[0] = t
-        bar(done, 16 << 20)
-    frames = stream.getvalue().split("\r")[1:]
-    assert len(frames) == 3  # the redraw 0.05 s after the first was skipped; the last never is
-    assert frames[1].startswith("push m [#####.....]  50.0% 8.0 MiB / 16.0 MiB, 16.0 MiB/s")
-    assert frames[2].endswith("100.0% 16.0 MiB / 16.0 MiB, 16.0 MiB/s\n")
-
-    quiet = io.StringIO()
-    auto = ProgressBar("push m", quiet, min_bytes=1 << 20)  # StringIO is no terminal
-    auto(0, 64 << 20)
-    auto(64 << 20, 64 << 20)
-    assert quiet.getvalue() == ""
-
-
-def test_format_helpers():
-    sizes = [format_bytes(n) for n in (0, 1023, 1536, 64 << 20, 20 << 30)]
-    assert sizes == ["0 B", "1023 B", "1.5 KiB", "64.0 MiB", "20.0 GiB"]
-    table = format_table(["A", "NUM"], [["x", 1], ["long", 1234]], align="lr").splitlines()
-    assert table == ["A      NUM", "x        1", "long  1234"]
+# -- push's progress hook ------------------------------------------------------------------------------
 
 
 def test_register_reports_upload_progress_in_slices(tmp_path):

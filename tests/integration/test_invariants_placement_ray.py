@@ -1,5 +1,6 @@
 """Placement invariants that need real Ray: a node cache's report that Ray delivers late does not
-undo a newer one, and a task the user placed is not counted on the node routing would have
+undo a newer one, a table refresh older than a load the caller started does not make it start
+another, and a task the user placed is not counted on the node routing would have
 chosen (one small single-node cluster for the module, see conftest).
 """
 
@@ -38,6 +39,21 @@ def test_a_node_report_delivered_late_does_not_undo_a_newer_one(cache, ray_node)
     assert ray.get(holders.remote(key)) == {node: "host"}, "a stale report undid a newer one"
     newer = ray.get(node_cache_actor(node).report.remote())
     assert newer["seq"] > older["seq"]
+
+
+def test_a_refresh_older_than_a_load_this_caller_started_keeps_the_load(cache, ray_node):
+    trims_ray.register("m", weights(3))
+    key = cache_key(cache.manifest("m", tenant="default"))
+    router = _routing.router()
+    before = ray.get(placement_actor().snapshot.remote())  # taken before the load below
+    _, route = router.route("m", "default")
+    assert route.tier is None, "nothing holds the model yet: the route starts a load"
+    with router._lock:  # the poll thread adopts a table that predates the load
+        router._placement = router._adopt(before)
+    _, again = router.route("m", "default")
+    assert (again.node, again.tier) == (route.node, "loading"), "the next invocation started another load"
+    with router._lock:
+        assert router._placement.holders(key) == {route.node: "loading"}
 
 
 def test_a_task_the_user_placed_is_not_counted_where_routing_would_have_sent_it(cache, ray_node):

@@ -1,6 +1,7 @@
 """trims_ray's metrics as Ray exports them: a local Ray with its own metrics export port runs a
 scripted sequence of invocations, and the values on http://127.0.0.1:<port>/metrics (Prometheus
-text format, Ray's ``ray_`` prefix) must be exactly what that sequence implies.
+text format, Ray's ``ray_`` prefix) must be exactly what that sequence implies; no series has a
+model label unless a process was told to add one (``CacheConfig.metrics_per_model``).
 """
 
 from __future__ import annotations
@@ -130,11 +131,16 @@ def test_known_traffic_gives_exact_counts(metrics_port, tmp_path):
                 key("ray_trims_ray_invocation_seconds_count", **at_node): n,
             },
         )
-        for name in names:  # per-model labels: one load and its bytes per model
-            labels = {"node": node, "source": "store", "model": name, "tenant": "default"}
-            assert total(samples, "ray_trims_ray_load_seconds_count", **labels) == 1
-            assert total(samples, "ray_trims_ray_loaded_bytes_total", **labels) == nbytes[name]
-        assert total(samples, "ray_trims_ray_invocation_seconds_count", model="m0") == 3
+        # By tenant, never by model (CacheConfig.metrics_per_model is off by default).
+        labels = {"node": node, "source": "store", "tenant": "default"}
+        assert total(samples, "ray_trims_ray_load_seconds_count", **labels) == k
+        assert total(samples, "ray_trims_ray_loaded_bytes_total", **labels) == sum(nbytes.values())
+        assert total(samples, "ray_trims_ray_invocation_seconds_count", tenant="default") == n
+        assert total(samples, "ray_trims_ray_routing_decisions_total", tenant="default") == n
+        with_model = sorted(
+            {name for name, series in samples.items() for lab, _ in series if "model" in lab and lab.get("tenant") == "default"}
+        )
+        assert with_model == [], f"series with a model label: {with_model}"
         # Explicit buckets, as defined: every boundary and +Inf.
         les = {lab["le"] for lab, _ in samples["ray_trims_ray_load_seconds_bucket"]}
         assert les == {str(float(b)) for b in LOAD_SECONDS_BUCKETS} | {"+Inf"}
@@ -210,3 +216,39 @@ def test_gpu_tier_is_exported_as_tier_gpu(metrics_port):
         },
     )
     ray.kill(holder)
+
+
+@ray.remote(num_cpus=0)
+class PerModelRecorder:
+    """A process told to label by model (as CacheConfig(metrics_per_model=True) tells the
+    actors and callers), recording one load and one invocation through the real exporters."""
+
+    def run(self, node: str) -> bool:
+        from collections import deque
+
+        from trims_ray import _metrics
+
+        _metrics.set_per_model(True)
+        events = deque([("store", "tenant-pm", "pm", 1234, 0.02)])
+        _metrics.export_tiers(self, node, {}, {}, events)  # this actor owns the counters
+        _metrics.record_route(node, None, "tenant-pm", "pm")
+        _metrics.record_invocation(node, "tenant-pm", "pm", 0.03)
+        _metrics.flush()
+        return _metrics.per_model()
+
+
+def test_model_label_when_asked_for(metrics_port):
+    node = ray.get_runtime_context().get_node_id()
+    recorder = PerModelRecorder.remote()
+    assert ray.get(recorder.run.remote(node)) is True
+    at = {"node": node, "tenant": "tenant-pm", "model": "pm"}
+    wait_for_export(
+        metrics_port,
+        {
+            key("ray_trims_ray_load_seconds_count", source="store", **at): 1,
+            key("ray_trims_ray_loaded_bytes_total", source="store", **at): 1234,
+            key("ray_trims_ray_routing_decisions_total", decision="miss", **at): 1,
+            key("ray_trims_ray_invocation_seconds_count", **at): 1,
+        },
+    )
+    ray.kill(recorder)

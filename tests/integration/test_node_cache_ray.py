@@ -426,7 +426,7 @@ def test_shutdown_forgets_every_handle_and_the_next_init_works(ray_node, tmp_pat
         try:
             trims_ray.register("w", weights(0.5))
             assert torch.equal(ray.get(first.remote()), expected)
-            assert _naming._handles and _routing._router is not None and _api._stores
+            assert _naming._handles and _routing._router is not None and _api.session_store() is not None
         finally:
             trims_ray.shutdown()
         assert not _naming._handles and _routing._router is None and not _api._stores

@@ -1,6 +1,6 @@
 """A node cache actor lends a blob slice by slice on a real Ray (issue 16 item 18): ``lend_chunk``
 serves bounded slices of a lend only while the lend lasts, and the borrower's copy
-(``_copy_lent``, what ``_peer_read`` runs against a peer) reads a whole blob through it,
+(``copy_lent``, what ``_peer_read`` runs against a peer) reads a whole blob through it,
 verified, without ever getting the lender's object. One node: the Ray calls are the same as
 between nodes; tests/integration/test_cluster_routing_ray.py copies between real nodes.
 """
@@ -17,7 +17,7 @@ import torch
 import trims_ray
 from trims_ray._protocol import cache_key
 from trims_ray.actors._naming import node_cache_actor
-from trims_ray.actors.node_cache_actor import _copy_lent
+from trims_ray.actors._lending import copy_lent
 from trims_ray.cache.host_loader import PEER_CHUNK_BYTES
 
 pytestmark = pytest.mark.timeout(180)
@@ -54,7 +54,7 @@ def test_a_lend_is_read_in_bounded_slices_while_it_lasts(cache, ray_node):
     assert ray.get(actor.lend.remote(cache_key(manifest), lease_id)) is not None
     out = np.zeros(manifest.nbytes, dtype=np.uint8)
     try:
-        _copy_lent(actor, ray_node, lease_id, manifest, out)
+        copy_lent(actor, ray_node, lease_id, manifest, out)
     finally:
         assert ray.get(actor.release.remote(lease_id))
     assert out.tobytes() == stored

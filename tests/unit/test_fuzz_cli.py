@@ -21,13 +21,13 @@ from workloads.s3server import free_port
 
 from .test_fuzz_formats import fuzz
 
-COMMANDS = ["push", "status", "prefetch", "evict", "nosuch", "--version", "--debug", "-h"]
+COMMANDS = ["push", "start", "ls", "status", "prefetch", "evict", "scrub", "nosuch", "--version", "--debug", "-h"]
 # Options and values the parser knows, mixed with arbitrary text, so that examples get past the
 # parser as well as fail in it.
 WORDS = [
     "--tier", "host", "disk", "gpu", "--node", "--json", "--store", "--tenant", "public", "default",
     "--name", "../x", "m", "--factory", "a:b", "nope", "--progress", "--no-progress", "--", "-",
-    "memory://fuzz", "s3://", "file:///nonexistent/x", "\x00", "é",
+    "memory://fuzz", "s3://", "file:///nonexistent/x", "\x00", "é", "--format", "json", "table", "--start",
 ]
 
 

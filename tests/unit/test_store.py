@@ -532,3 +532,26 @@ def test_read_into_a_preallocated_buffer(file_store):
     out = np.zeros(info.nbytes, dtype=np.uint8)
     buffer, _ = file_store.read(file_store.manifest("m", tenant="default"), out=out)
     assert buffer is out and out.any()
+
+
+def test_storage_options_without_credentials_keep_everything_else():
+    from trims_ray._fsio import without_credentials
+
+    options = {
+        "key": "AKIA",
+        "secret": "s3cr3t",
+        "token": "t",
+        "endpoint_url": "http://127.0.0.1:9000",
+        "anon": False,
+        "client_kwargs": {"region_name": "us-west-2", "aws_secret_access_key": "x", "aws_session_token": "y"},
+        "account_key": "azure",
+        "connection_string": "DefaultEndpointsProtocol=...",
+    }
+    assert without_credentials(options) == {
+        "endpoint_url": "http://127.0.0.1:9000",
+        "anon": False,
+        "client_kwargs": {"region_name": "us-west-2"},
+    }
+    assert options["key"] == "AKIA"  # the caller's dict is left alone
+    assert without_credentials(None) is None
+    assert without_credentials({"endpoint_url": "e"}) == {"endpoint_url": "e"}

@@ -14,25 +14,27 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .._config import CacheConfig
-from .._errors import TrimsError
+from .._errors import ModelNotFoundError, TrimsError
+from .._fsio import without_credentials
 from .._malloc import ACTOR_ENV, give_back_free_memory
 from .._manifest import Manifest
-from .._metrics import export_node_cache
+from .._metrics import export_node_cache, set_per_model
 from .._raycalls import get
 from .._store import ModelStore
 from ._naming import NAMESPACE, forget_placement_actor, node_cache_actor, node_cache_actor_name, placement_actor
 from ..cache.gpu_tier import GPU
 from .._protocol import ASSUMED_LOAD_RATES, PEER, STORE, Caller, Holder, HostGrant, Resolved, cache_key, holder_alive
-from ..cache.host_loader import LEND_CALL_TIMEOUT_S, PEER_CHUNK_BYTES, lend_ttl_s, peer_copy_timeout_s, read_in_chunks
+from ..cache.host_loader import LEND_CALL_TIMEOUT_S, PEER_CHUNK_BYTES, lend_ttl_s
 from ..cache.node_cache import NodeCache
 from ..cache.placement import ReportSequence
+from ._lending import Lent, copy_lent
 from ._node_info import bypass_budget, node_info, object_store_bytes_used
 from .gpu_tier_actor import node_gpu_residency, node_gpu_stats, start_gpu_tier_actors
 
@@ -98,6 +100,7 @@ class NodeCacheActor:
     def __init__(self, node_id: str, store_uri: str, storage_options: dict | None, config: CacheConfig) -> None:
         self.node_id = node_id
         self.config = config
+        set_per_model(config.metrics_per_model)  # before this process records anything
         self._actor_id = ray.get_runtime_context().get_actor_id()
         # Looked up once: the node's object store size and its raylet's address do not change.
         self._node = node_info(node_id)
@@ -107,7 +110,10 @@ class NodeCacheActor:
         host_budget = config.host_bytes
         if host_budget is None:
             host_budget = int(self._node["Resources"].get("object_store_memory", 0) * config.host_fraction)
-        self._store_spec = (store_uri, storage_options)
+        # What a bypassed task is told of the store: never its credentials (any process can
+        # call this actor); with them withheld, the task reads through ``read_bypassed``.
+        self._store_spec = (store_uri, without_credentials(storage_options))
+        self._relay_bypasses = self._store_spec[1] != storage_options
         self._changed = threading.Event()
         # One report at a time, each built just before it is sent: reports arrive in order.
         self._report_lock = threading.Lock()
@@ -130,9 +136,9 @@ class NodeCacheActor:
             bypass_budget=bypass_budget(self._node, host_budget),
         )
         self._dead_callers: set[str] = set()
-        # Lends a peer copies slice by slice (``lend_chunk``): lease id -> _Lent, the lent
+        # Lends a peer copies slice by slice (``lend_chunk``): lease id -> Lent, the lent
         # object mapped once per lend, dropped with its lease (release, or its ttl).
-        self._lent: dict[str, _Lent] = {}
+        self._lent: dict[str, Lent] = {}
         self._lent_lock = threading.Lock()
         self._peer_mode = "auto" if config.peer_fetch else "never"
         self._stop = threading.Event()
@@ -196,8 +202,22 @@ class NodeCacheActor:
         if grant.bypass:
             # The task reads the model itself: tell it from where (its own process may not know
             # the store, when Ray was started before trims_ray.init).
-            return HostGrant.of(grant, self.node_id, *self._store_spec)
+            return HostGrant.of(grant, self.node_id, *self._store_spec, relayed=self._relay_bypasses)
         return HostGrant.of(grant, self.node_id, actor_id=self._actor_id, incarnation=self.cache.incarnation)
+
+    def read_bypassed(self, name: str, tenant: str, sha256: str) -> np.ndarray:
+        """The verified blob of a miss this cache did not keep (a bypass), for its task, when the
+        store's credentials stay here (``HostGrant.relayed``): read from the store into an
+        object of the task's own, and not kept.
+
+        Raises:
+            ModelNotFoundError: ``name`` does not mean the blob ``sha256`` for ``tenant`` now.
+        """
+        manifest = self.cache.store.manifest(name, tenant=tenant)
+        if manifest.sha256 != sha256:
+            raise ModelNotFoundError(f"{tenant}/{name} was re-registered ({manifest.sha256}, not {sha256}): retry")
+        buffer, _ = self.cache.store.read(manifest)
+        return buffer
 
     def pin(self, key: str, holder: Holder, lease_id: str) -> str:
         """A process keeps the blob ``key`` built after a task that a caller's lease served:
@@ -238,7 +258,7 @@ class NodeCacheActor:
             return None
         with self._lent_lock:
             expires = started + lend_ttl_s(grant.manifest.nbytes)
-            self._lent[grant.lease_id] = _Lent(grant.handle, grant.offset, grant.manifest.nbytes, expires)
+            self._lent[grant.lease_id] = Lent(grant.handle, grant.offset, grant.manifest.nbytes, expires)
         return HostGrant.of(grant, self.node_id)
 
     def lend_chunk(self, lease_id: str, offset: int, length: int) -> np.ndarray | None:
@@ -453,7 +473,7 @@ class NodeCacheActor:
             if grant is None:
                 continue
             try:
-                _copy_lent(lender, peer, grant.lease_id, manifest, out)
+                copy_lent(lender, peer, grant.lease_id, manifest, out)
                 return True
             except Exception as exc:
                 if isinstance(exc, (ray.exceptions.RayError, TimeoutError)):
@@ -463,37 +483,3 @@ class NodeCacheActor:
             finally:
                 lender.release.remote(grant.lease_id)
         return False
-
-
-def _copy_lent(lender: ray.actor.ActorHandle, peer: str, lease_id: str, manifest: Manifest, out: np.ndarray) -> None:
-    """Copies the blob ``lender`` lent under ``lease_id`` into ``out``, verified, slice by slice
-    (``lend_chunk``), never as the lender's whole object: Ray pulls an object whole into this
-    node's store, a second copy of the blob beside ``out`` (our own, counted copy) that no budget
-    counted (issue 16 item 18). Each slice is a small object of its own, freed once copied
-    (``read_in_chunks`` bounds them). The whole copy keeps to the time the lend is granted for
-    (``peer_copy_timeout_s``). Raises TimeoutError (the copy took too long, or the lend ended),
-    RayError (the lender died or refused a slice), IntegrityError (a slice does not match)."""
-    deadline = time.monotonic() + peer_copy_timeout_s(manifest.nbytes)
-
-    def read_range(offset: int, length: int) -> np.ndarray:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"peer {peer} took over {peer_copy_timeout_s(manifest.nbytes):.0f} s to lend")
-        piece = get(lender.lend_chunk.remote(lease_id, offset, length), timeout=left)
-        if piece is None:
-            raise TimeoutError(f"peer {peer} ended the lend of {manifest.sha256} (its ttl passed)")
-        return piece
-
-    read_in_chunks(manifest, out, read_range, source=f"peer {peer}")
-
-
-@dataclass
-class _Lent:
-    """A lend a peer reads slice by slice: the lent object's handle, where the blob lies in it,
-    when the lend's lease ends at the latest, and the object mapped (on the first slice)."""
-
-    handle: object
-    offset: int
-    nbytes: int
-    expires: float
-    view: np.ndarray | None = None

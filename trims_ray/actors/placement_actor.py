@@ -18,8 +18,10 @@ import ray
 
 from .._config import CacheConfig
 from .._errors import ModelNotFoundError
+from .._fsio import without_credentials
 from .._malloc import ACTOR_ENV
-from .._metrics import record_decision
+from .._manifest import Manifest
+from .._metrics import record_decision, set_per_model
 from .._protocol import cache_key
 from .._store import ModelStore
 from ._naming import (
@@ -70,6 +72,7 @@ class PlacementActor:
 
     def __init__(self, store_uri: str, storage_options: dict | None, config: CacheConfig) -> None:
         self._node_args = (store_uri, storage_options, config)
+        set_per_model(config.metrics_per_model)  # before this process records anything
         self._interval = config.report_s
         self._caller_timeout_s = config.caller_timeout_s
         self._cond = threading.Condition()
@@ -147,12 +150,32 @@ class PlacementActor:
             ]
 
     def store_spec(self) -> tuple[str, dict | None]:
-        """The cluster's store: (URI, storage options) every node cache reads from."""
-        return self._node_args[0], self._node_args[1]
+        """The cluster's store: (URI, storage options) every node cache reads from, without the
+        credentials in those options (``without_credentials``): they never leave trims_ray's
+        actors, since any process of the cluster can call this."""
+        return self._node_args[0], without_credentials(self._node_args[1])
+
+    def credentials_withheld(self) -> bool:
+        """Whether ``store_spec`` left credentials out: a caller whose own environment has none
+        resolves names through ``manifest`` instead of reading the store itself."""
+        return without_credentials(self._node_args[1]) != self._node_args[1]
+
+    def manifest(self, name: str, tenant: str) -> Manifest:
+        """What ``name`` means for ``tenant`` in the store now (ModelStore.manifest), for callers
+        that cannot read the store themselves.
+
+        Raises:
+            ModelNotFoundError, ModelFormatError, StoreUnavailableError: as ModelStore.manifest.
+        """
+        return self._names.store().manifest(name, tenant=tenant)
 
     def manifest_ttl_s(self) -> float:
         """How long the cluster trusts a resolved manifest (its CacheConfig's)."""
         return self._node_args[2].manifest_ttl_s
+
+    def metrics_per_model(self) -> bool:
+        """Whether metrics carry a ``model`` label (its CacheConfig's ``metrics_per_model``)."""
+        return self._node_args[2].metrics_per_model
 
     def holders(self, key: str) -> dict[str, str]:
         with self._cond:
@@ -242,13 +265,16 @@ class _SettledNames:
         self._ttl_s = ttl_s
         self._seen: dict[tuple[str, str], tuple[str, float]] = {}  # -> (key, first seen)
 
+    def store(self) -> ModelStore:
+        if self._store is None:
+            self._store = ModelStore(self._spec[0], storage_options=self._spec[1])
+        return self._store
+
     def meaning(self, tenant: str, name: str, key: str) -> str:
         """_SAME: ``name`` means ``key`` and has for ``ttl_s``; _LATER: not for long enough yet
         (or the store cannot say now); _OTHER: it means another blob, or nothing."""
         try:
-            if self._store is None:
-                self._store = ModelStore(self._spec[0], storage_options=self._spec[1])
-            now_key = cache_key(self._store.manifest(name, tenant=tenant))
+            now_key = cache_key(self.store().manifest(name, tenant=tenant))
         except ModelNotFoundError:
             self._seen.pop((tenant, name), None)
             return _OTHER
