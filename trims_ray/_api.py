@@ -72,10 +72,8 @@ def session_store() -> ModelStore | None:
 
 def current_store() -> ModelStore:
     """The store of this process: the one ``init`` chose, else the default store."""
-    store = _session["store"]
-    if isinstance(store, ModelStore):
-        return store
-    return store_for(default_store_uri(), None)
+    store = session_store()
+    return store if store is not None else store_for(default_store_uri(), None)
 
 
 def store_for(uri: str, storage_options: dict | None) -> ModelStore:

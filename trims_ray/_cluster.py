@@ -38,6 +38,7 @@ from .actors._naming import (
     remember_node_cache_actors,
     require_running,
 )
+from .actors._node_info import alive_nodes
 from .actors.node_cache_actor import start_node_cache_actor
 from .actors.placement_actor import start_placement_actor
 
@@ -140,7 +141,7 @@ def init(
         # Nothing runs yet: start every alive node's cache now, beside placement, whose start
         # would otherwise start them only once its own process is up (two actor starts, each a
         # new process importing torch, one after the other). Placement finds them by name.
-        for node in (n["NodeID"] for n in ray.nodes() if n["Alive"]):
+        for node in alive_nodes():
             start_node_cache_actor(node, model_store.uri, storage_options, config)
     placement = start_placement_actor(model_store.uri, storage_options, config)
     running_uri, _ = call(placement.store_spec.remote())

@@ -26,6 +26,7 @@ from ._errors import StoreUnavailableError, TrimsError
 __all__ = [
     "open_fs",
     "without_credentials",
+    "has_credentials",
     "is_local",
     "write_atomically",
     "translate_store_errors",
@@ -58,6 +59,11 @@ def without_credentials(storage_options: dict | None) -> dict | None:
             continue
         kept[name] = without_credentials(value) if isinstance(value, dict) else value
     return kept
+
+
+def has_credentials(storage_options: dict | None) -> bool:
+    """Whether ``without_credentials`` would leave anything of ``storage_options`` out."""
+    return without_credentials(storage_options) != storage_options
 
 
 def open_fs(uri: str | os.PathLike, storage_options: dict | None = None):

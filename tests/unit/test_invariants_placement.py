@@ -120,7 +120,7 @@ def env(monkeypatch, tmp_path):
     actors = []
     monkeypatch.setattr(pa, "time", clock)
     monkeypatch.setattr(pa, "ray", types.SimpleNamespace(get=get))
-    monkeypatch.setattr(pa, "_alive_nodes", lambda: set(alive))
+    monkeypatch.setattr(pa, "alive_nodes", lambda: set(alive))
     monkeypatch.setattr(pa, "start_node_cache_actor", lambda node, *args: Handle(nodes[node]))
     monkeypatch.setattr(pa, "node_cache_actor", lambda node: Handle(nodes[node]))
     monkeypatch.setattr(pa, "remember_node_cache_actors", lambda handles: None)

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import ray
 
-__all__ = ["bypass_budget", "node_info", "object_store_bytes_used"]
+__all__ = ["alive_nodes", "bypass_budget", "node_info", "object_store_bytes_used"]
+
+
+def alive_nodes() -> set[str]:
+    """The ids of the nodes Ray lists as alive."""
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
 
 def bypass_budget(node: dict, host_budget: int) -> int:

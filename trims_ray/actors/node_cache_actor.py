@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .._config import CacheConfig
 from .._errors import ModelNotFoundError, TrimsError
-from .._fsio import without_credentials
+from .._fsio import has_credentials, without_credentials
 from .._malloc import ACTOR_ENV, give_back_free_memory
 from .._manifest import Manifest
 from .._metrics import export_node_cache, set_per_model
@@ -113,7 +113,7 @@ class NodeCacheActor:
         # What a bypassed task is told of the store: never its credentials (any process can
         # call this actor); with them withheld, the task reads through ``read_bypassed``.
         self._store_spec = (store_uri, without_credentials(storage_options))
-        self._relay_bypasses = self._store_spec[1] != storage_options
+        self._relay_bypasses = has_credentials(storage_options)
         self._changed = threading.Event()
         # One report at a time, each built just before it is sent: reports arrive in order.
         self._report_lock = threading.Lock()
@@ -213,7 +213,7 @@ class NodeCacheActor:
         Raises:
             ModelNotFoundError: ``name`` does not mean the blob ``sha256`` for ``tenant`` now.
         """
-        manifest = self.cache.store.manifest(name, tenant=tenant)
+        manifest = self.cache.resolve(name, tenant)  # what this node trusts the name to mean
         if manifest.sha256 != sha256:
             raise ModelNotFoundError(f"{tenant}/{name} was re-registered ({manifest.sha256}, not {sha256}): retry")
         buffer, _ = self.cache.store.read(manifest)

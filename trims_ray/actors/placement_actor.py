@@ -18,7 +18,7 @@ import ray
 
 from .._config import CacheConfig
 from .._errors import ModelNotFoundError
-from .._fsio import without_credentials
+from .._fsio import has_credentials, without_credentials
 from .._malloc import ACTOR_ENV
 from .._manifest import Manifest
 from .._metrics import record_decision, set_per_model
@@ -32,6 +32,7 @@ from ._naming import (
     node_cache_actor_name,
     remember_node_cache_actors,
 )
+from ._node_info import alive_nodes
 from .node_cache_actor import start_node_cache_actor
 from ..cache.placement import NodeReport, Placement, Snapshot
 
@@ -96,7 +97,7 @@ class PlacementActor:
         """Asks every alive node's cache for its snapshot (after a restart, the table is empty),
         creating the caches of nodes that have none."""
         pending = {}
-        for node in _alive_nodes():
+        for node in alive_nodes():
             handle = start_node_cache_actor(node, *self._node_args)
             remember_node_cache_actors({node: handle})
             pending[node] = handle.report.remote()
@@ -158,7 +159,7 @@ class PlacementActor:
     def credentials_withheld(self) -> bool:
         """Whether ``store_spec`` left credentials out: a caller whose own environment has none
         resolves names through ``manifest`` instead of reading the store itself."""
-        return without_credentials(self._node_args[1]) != self._node_args[1]
+        return has_credentials(self._node_args[1])
 
     def manifest(self, name: str, tenant: str) -> Manifest:
         """What ``name`` means for ``tenant`` in the store now (ModelStore.manifest), for callers
@@ -201,7 +202,7 @@ class PlacementActor:
                 log.exception("trims_ray: placement check failed")
 
     def _check_membership(self) -> list[str]:
-        alive = _alive_nodes()
+        alive = alive_nodes()
         with self._cond:
             known = set(self.placement.nodes())
         for node in alive - known:
@@ -289,10 +290,6 @@ class _SettledNames:
         if now_key != key:
             return _OTHER
         return _SAME if now - since >= self._ttl_s else _LATER
-
-
-def _alive_nodes() -> set[str]:
-    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
 
 def _kill_quietly(name: str) -> None:
