@@ -19,14 +19,16 @@ import contextvars
 import logging
 import threading
 from collections.abc import Callable, Iterator
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ._config import caller_tenant_from_env, default_store_uri
 from ._errors import AccessDeniedError
 from ._manifest import ModelInfo
 from ._names import DEFAULT_TENANT, PUBLIC_TENANT, check_tenant
 from ._store import ModelStore
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "register",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import importlib
-import re
 from collections.abc import Callable, Mapping
 
 import torch
@@ -22,7 +21,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._errors import ModelFormatError
-from ._safetensors import brief_repr
+# Checked where manifests are parsed (which import no torch); re-exported for the builders here.
+from ._manifest import check_factory_ref
 
 __all__ = [
     "factory_ref",
@@ -36,9 +36,6 @@ __all__ = [
     "check_reproduces",
     "same_bits",
 ]
-
-_REF_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
-
 
 def factory_ref(factory: str | Callable[[], nn.Module] | None) -> dict[str, str] | None:
     """The manifest entry for ``factory``: ``{"import": "mod:attr"}`` or ``{"pickle": b64}``.
@@ -60,20 +57,6 @@ def factory_ref(factory: str | Callable[[], nn.Module] | None) -> dict[str, str]
     from ray import cloudpickle  # imported late: only by-value factories need Ray at register
 
     return {"pickle": base64.b64encode(cloudpickle.dumps(factory)).decode("ascii")}
-
-
-def check_factory_ref(ref: object) -> str:
-    """Returns ``ref`` if it is a "package.module:attribute" reference (nothing is imported).
-
-    Raises:
-        TypeError: ``ref`` is not a str.
-        ValueError: it does not have that form (relative, empty or non-identifier parts).
-    """
-    if not isinstance(ref, str):
-        raise TypeError(f"factory reference must be a str, got {type(ref).__name__}")
-    if not _REF_RE.fullmatch(ref):
-        raise ValueError(f"factory {brief_repr(ref)} must look like 'package.module:attribute'")
-    return ref
 
 
 def _import_ref(factory: Callable) -> str | None:

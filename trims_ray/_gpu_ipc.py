@@ -18,14 +18,17 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from ._factory import assemble_module, resolve_factory
 from ._manifest import Manifest
 from ._nvml import GpuInfo, GpuInventory, normalize_uuid, parse_visible_devices, uuid_matches, visible_gpus
-from ._safetensors import DTYPES
+from ._safetensors import torch_dtypes
+
+# torch is imported by the functions that make tensors: the node cache imports this module for
+# its GPU bookkeeping and, on a node without GPUs, never needs torch.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = [
     "DeviceIdentity",
@@ -245,6 +248,9 @@ def device_tensors(buffer: torch.Tensor, manifest: Manifest) -> dict[str, torch.
         TypeError: buffer is not a 1-D uint8 tensor.
         ValueError: buffer is shorter than the blob.
     """
+    import torch
+
+    dtypes = torch_dtypes()
     if buffer.dtype != torch.uint8 or buffer.dim() != 1:
         raise TypeError(f"buffer must be a 1-D uint8 tensor, got {buffer.dtype} of shape {tuple(buffer.shape)}")
     if buffer.numel() < manifest.nbytes:
@@ -252,7 +258,7 @@ def device_tensors(buffer: torch.Tensor, manifest: Manifest) -> dict[str, torch.
     base = buffer.data_ptr()
     out: dict[str, torch.Tensor] = {}
     for spec in manifest.tensors:
-        dtype = DTYPES[spec.dtype]
+        dtype = dtypes[spec.dtype]
         raw = buffer[spec.start : spec.end]
         if (base + spec.start) % dtype.itemsize:
             raw = raw.clone()
@@ -269,6 +275,8 @@ def materialize_views(manifest: Manifest, buffer: torch.Tensor) -> nn.Module | d
     A buffer in host memory is checked against the manifest's tensor index first
     (``Manifest.check_blob``). One on a GPU is not read here: its first layer may still be in
     flight (a pipelined swap-in) and reading it would wait for it."""
+    from ._factory import assemble_module, resolve_factory
+
     tensors = device_tensors(buffer, manifest)  # checks the buffer's type and size first
     if buffer.device.type == "cpu":
         manifest.check_blob(buffer.numpy())
@@ -298,6 +306,8 @@ def attach_layer_waits(
 def quiet_from_numpy(array) -> torch.Tensor:
     """``torch.from_numpy`` of a possibly read-only array, without torch's warning: a swap-in
     only reads it."""
+    import torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(array)

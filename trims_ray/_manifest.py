@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ._errors import IntegrityError, ModelFormatError
-from ._factory import check_factory_ref
 from ._hashing import ChunkDigests
 from ._names import PUBLIC_TENANT, check_name, check_tenant
 from ._safetensors import BlobLayout, TensorSpec, brief_repr, header_length, parse_header
@@ -44,6 +43,24 @@ _TENSOR_FIELDS = frozenset({"dtype", "shape", "offsets"})
 # (``check_blob``): a fingerprint covers the sha256, whose bytes never change. Bounded.
 _CHECKED: dict[str, None] = {}
 _CHECKED_MAX = 4096
+
+
+# A factory named by import: "package.module:attribute" (checked without importing it).
+_REF_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def check_factory_ref(ref: object) -> str:
+    """Returns ``ref`` if it is a "package.module:attribute" reference (nothing is imported).
+
+    Raises:
+        TypeError: ``ref`` is not a str.
+        ValueError: it does not have that form (relative, empty or non-identifier parts).
+    """
+    if not isinstance(ref, str):
+        raise TypeError(f"factory reference must be a str, got {type(ref).__name__}")
+    if not _REF_RE.fullmatch(ref):
+        raise ValueError(f"factory {brief_repr(ref)} must look like 'package.module:attribute'")
+    return ref
 
 
 def _architecture(text: str) -> str:

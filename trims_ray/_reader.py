@@ -3,7 +3,8 @@ on the way, so that nothing unverified is ever handed on.
 
 Ranged reads run in a thread pool (``os.preadv`` straight into the buffer on a local disk; ranged
 GETs on an object store). With chunk digests (every manifest has them) each worker hashes the
-chunk it just read, so verification runs on all cores; with only a whole-blob sha256 the calling
+chunks it just read (a local file is read a chunk at a time, an object store in ranges of several
+chunks), so verification runs on all cores; with only a whole-blob sha256 the calling
 thread hashes the completed prefix in order, overlapping one hash stream with the I/O. hashlib
 and the reads release the GIL.
 
@@ -105,16 +106,21 @@ def read_blob(
             )
         buffer = _check_out(out, size) if out is not None else np.empty(size, dtype=np.uint8)
         if chunk_digests is not None:
-            ranges = chunk_digests.ranges(size)
-            if len(ranges) != len(chunk_digests.digests):
+            checks = chunk_digests.ranges(size)
+            if len(checks) != len(chunk_digests.digests):
                 raise IntegrityError(
-                    f"{source}: has {size} bytes, which is {len(ranges)} chunks, but the manifest "
+                    f"{source}: has {size} bytes, which is {len(checks)} chunks, but the manifest "
                     f"lists {len(chunk_digests.digests)} chunk digests"
                 )
-            expected = dict(zip(ranges, chunk_digests.digests))
+            expected = dict(zip(checks, chunk_digests.digests))
+            # A local file is read chunk by chunk, so that every core hashes; an object store
+            # gets ranged requests of at least options.chunk_bytes (small chunks would multiply
+            # the requests), each verifying the chunks it holds.
+            within = _grouped(checks, 1 if local else options.chunk_bytes)
+            ranges = list(within)
         else:
             ranges = chunk_ranges(size, options.chunk_bytes)
-            expected = {}
+            expected, within = {}, {}
         hasher = hashlib.sha256() if sha256 is not None and not expected else None
 
         def read_range(start: int, end: int) -> None:
@@ -127,8 +133,8 @@ def read_blob(
                         f"{source}: short read at {start}: {len(data)} of {end - start} bytes"
                     )
                 buffer[start:end] = np.frombuffer(data, dtype=np.uint8)
-            if expected:
-                _check_chunk(buffer, start, end, expected[(start, end)], source)
+            for check in within.get((start, end), ()):
+                _check_chunk(buffer, *check, expected[check], source)
 
         with ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="trims-read") as pool:
             futures: list[Future] = [pool.submit(read_range, s, e) for s, e in ranges]
@@ -233,6 +239,21 @@ def copy_verified(
         for future in [pool.submit(copy_range, s, e, d) for (s, e), d in zip(ranges, chunk_digests.digests)]:
             future.result()
     return ReadStats(len(src), time.perf_counter() - started)
+
+
+def _grouped(checks: list[tuple[int, int]], at_least: int) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """Consecutive chunks joined into ranges of at least ``at_least`` bytes (the last range may
+    be shorter): range -> the chunks in it, in order."""
+    grouped: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    group: list[tuple[int, int]] = []
+    for check in checks:
+        group.append(check)
+        if group[-1][1] - group[0][0] >= at_least:
+            grouped[(group[0][0], group[-1][1])] = group
+            group = []
+    if group:
+        grouped[(group[0][0], group[-1][1])] = group
+    return grouped
 
 
 def _check_chunk(buffer: np.ndarray, start: int, end: int, expected: str, source: str) -> None:

@@ -12,20 +12,25 @@ anything else raises ModelFormatError naming the source.
 
 from __future__ import annotations
 
+import functools
 import json
 import reprlib
 import struct
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ._errors import ModelFormatError
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "DTYPES",
+    "ELEMENT_BYTES",
     "TensorSpec",
     "BlobLayout",
     "header_length",
@@ -34,28 +39,63 @@ __all__ = [
     "iter_blob_chunks",
     "tensors_from_buffer",
     "dtype_code",
+    "torch_dtypes",
     "brief_repr",
 ]
 
-# safetensors dtype code -> torch dtype. Element sizes come from torch.
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# safetensors dtype code -> bytes per element. The parser needs only these, so that the
+# processes that parse manifests and never build a module (the node cache, placement, the CLI)
+# do not import torch (about 2 s and 250 MB each); tests/unit/test_safetensors.py checks them
+# against torch's own sizes.
+ELEMENT_BYTES: dict[str, int] = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
 }
-_CODES = {dtype: code for code, dtype in DTYPES.items()}
+
+
+@functools.cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype code -> torch dtype (imports torch on first use)."""
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U64": torch.uint64,
+        "U32": torch.uint32,
+        "U16": torch.uint16,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+
+
+def __getattr__(name: str):
+    # DTYPES stays a module attribute for the callers that build tensors, made on first use.
+    if name == "DTYPES":
+        return torch_dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Where tensors start, relative to the blob's first byte (so absolutely, in every buffer the cache
 # puts a blob in: Ray's object store, the GPU allocator and page-aligned reads align it as much).
@@ -111,13 +151,13 @@ class BlobLayout:
 
 def dtype_code(dtype: torch.dtype) -> str:
     """The safetensors code of a torch dtype; TypeError if safetensors cannot hold it."""
-    try:
-        return _CODES[dtype]
-    except KeyError:
-        raise TypeError(
-            f"dtype {dtype} cannot be stored as safetensors; supported: "
-            + ", ".join(str(d).removeprefix("torch.") for d in DTYPES.values())
-        ) from None
+    for code, known in torch_dtypes().items():
+        if known == dtype:
+            return code
+    raise TypeError(
+        f"dtype {dtype} cannot be stored as safetensors; supported: "
+        + ", ".join(str(d).removeprefix("torch.") for d in torch_dtypes().values())
+    )
 
 
 def header_length(prefix: bytes | memoryview, *, source: str) -> int:
@@ -213,7 +253,7 @@ def _parse_entry(name: str, entry: object, data_start: int, source: str) -> Tens
             f"{source}: tensor {name!r} must be an object with exactly dtype, shape, data_offsets"
         )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in ELEMENT_BYTES:
         raise ModelFormatError(
             f"{source}: tensor {name!r} has unknown dtype {brief_repr(dtype)}"
         )
@@ -238,7 +278,7 @@ def _parse_entry(name: str, entry: object, data_start: int, source: str) -> Tens
             f"{brief_repr(offsets)}"
         )
     begin, end = offsets
-    expected = (0 if 0 in shape else extent) * DTYPES[dtype].itemsize
+    expected = (0 if 0 in shape else extent) * ELEMENT_BYTES[dtype]
     if end - begin != expected:
         raise ModelFormatError(
             f"{source}: tensor {name!r} spans {end - begin} bytes but {dtype} "
@@ -302,6 +342,8 @@ def iter_blob_chunks(
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A tensor's bytes in row-major order (a view when the tensor is contiguous on the CPU)."""
+    import torch
+
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
@@ -318,13 +360,16 @@ def tensors_from_buffer(buffer: np.ndarray, layout: BlobLayout) -> dict[str, tor
         raise TypeError(f"buffer must be a 1-D uint8 array, got {buffer.dtype} {buffer.shape}")
     if len(buffer) != layout.nbytes:
         raise ValueError(f"buffer has {len(buffer)} bytes, layout needs {layout.nbytes}")
+    import torch
+
+    dtypes = torch_dtypes()
     base = buffer.ctypes.data
     out: dict[str, torch.Tensor] = {}
     with warnings.catch_warnings():
         # torch warns that a read-only array gives a writable tensor; guarding is the caller's job.
         warnings.simplefilter("ignore", UserWarning)
         for spec in layout.tensors:
-            dtype = DTYPES[spec.dtype]
+            dtype = dtypes[spec.dtype]
             raw = torch.from_numpy(buffer[spec.start : spec.end])
             if (base + spec.start) % dtype.itemsize:
                 raw = raw.clone()

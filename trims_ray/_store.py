@@ -24,10 +24,9 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from ._config import ReadOptions, caller_tenant_from_env, default_store_uri
 from ._errors import (
@@ -37,8 +36,7 @@ from ._errors import (
     ModelNotFoundError,
     StoreUnavailableError,
 )
-from ._factory import assemble_module, factory_ref, resolve_factory
-from ._hashing import CHUNK_BYTES, digest_blob
+from ._hashing import CHUNK_BYTES, chunk_bytes_for, digest_blob
 from ._fsio import (
     _protocols,
     describe_s3,
@@ -48,11 +46,14 @@ from ._fsio import (
     translate_store_errors,
     write_atomically,
 )
-from ._ingest import collect_weights, prove_rebuild
 from ._manifest import Manifest, ModelInfo
 from ._names import DEFAULT_TENANT, PUBLIC_TENANT, check_name, check_tenant
 from ._reader import ReadStats, read_blob
 from ._safetensors import iter_blob_chunks, plan_layout, tensors_from_buffer
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["ModelStore"]
 
@@ -141,6 +142,11 @@ class ModelStore:
                 module that a task would not rebuild exactly (the tensors are named).
             StoreUnavailableError: the store cannot be reached or written.
         """
+        # Registering builds and checks modules: torch is imported here, not with the store
+        # (the node cache and placement read blobs and manifests only).
+        from ._factory import factory_ref
+        from ._ingest import collect_weights, prove_rebuild
+
         check_name(name)
         check_tenant(tenant)
         publisher = _publisher(tenant, owner)
@@ -157,7 +163,9 @@ class ModelStore:
             raise ValueError("example_input needs a factory: without one tasks get a state dict")
         layout, header = plan_layout(weights_in.tensors)
 
-        sha256, chunks = digest_blob(iter_blob_chunks(layout, header, weights_in.tensors))
+        sha256, chunks = digest_blob(
+            iter_blob_chunks(layout, header, weights_in.tensors), chunk_bytes=chunk_bytes_for(layout.nbytes)
+        )
         manifest = Manifest(
             name=name,
             tenant=tenant,
@@ -422,6 +430,8 @@ def materialize(manifest: Manifest, buffer: np.ndarray) -> nn.Module | dict[str,
         for alias, target in manifest.aliases.items():
             tensors[alias] = tensors[target]
         return tensors
+    from ._factory import assemble_module, resolve_factory  # torch, in the processes that build
+
     source = f"{manifest.tenant}/{manifest.name}"
     return assemble_module(resolve_factory(manifest.factory), tensors, manifest.aliases, source=source)
 

@@ -13,8 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trims_ray import IntegrityError, ModelFormatError
-from trims_ray._hashing import ChunkDigests, chunk_ranges, digest_blob
+from trims_ray._hashing import (
+    MIN_CHUNK_BYTES,
+    PARALLEL_CHUNKS,
+    ChunkDigests,
+    chunk_bytes_for,
+    chunk_ranges,
+    digest_blob,
+)
 from trims_ray._reader import read_blob
+
+MiB = 1024 * 1024
 
 
 @settings(max_examples=200, deadline=None)
@@ -67,3 +76,13 @@ def test_manifest_with_a_chunk_list_that_does_not_fit_is_rejected(file_store):
         file_store.fs.pipe_file(path, json.dumps(broken).encode())
         with pytest.raises(ModelFormatError, match="chunk"):
             file_store.manifest("m", tenant="default")
+
+
+@pytest.mark.parametrize(
+    "nbytes, chunk_mib",
+    [(0, 2), (1, 2), (20 * MiB, 2), (32 * MiB, 4), (100 * MiB, 8), (128 * MiB, 16), (10 * 1024 * MiB, 16)],
+)
+def test_small_blobs_get_chunks_enough_to_hash_on_every_core(nbytes, chunk_mib):
+    assert chunk_bytes_for(nbytes) == chunk_mib * MiB
+    if nbytes >= PARALLEL_CHUNKS * MIN_CHUNK_BYTES:
+        assert len(chunk_ranges(nbytes, chunk_bytes_for(nbytes))) >= PARALLEL_CHUNKS

@@ -206,3 +206,22 @@ def test_every_public_name_resolves_lazily_to_its_definition():
         assert getattr(value, "__name__", name) == name, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         trims_ray.nope  # noqa: B018
+
+
+# Processes that never build a module: the node cache and placement actors (each started by
+# every trims_ray.init, where importing torch cost about 2 s of start-up and 250 MB per actor)
+# and the CLI's read commands.
+TORCH_FREE = ["actors.node_cache_actor", "actors.placement_actor", "actors.gpu_tier_actor", "cli", "_cluster"]
+
+
+def test_the_actors_and_the_cli_import_no_torch():
+    script = f"""
+import importlib
+import sys
+for module in {TORCH_FREE!r}:
+    importlib.import_module("trims_ray." + module)
+loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+print("torch loaded" if loaded else "ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.stdout + done.stderr)[-2000:]

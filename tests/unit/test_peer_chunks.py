@@ -32,7 +32,8 @@ MiB = 1 << 20
 
 
 def real_model() -> torch.nn.Module:
-    """Two 2048x2048 layers: a 32 MiB blob, so 16 MiB manifest chunks, 2 full and 1 short."""
+    """Two 2048x2048 layers: a blob of a little over 32 MiB, so 4 MiB manifest chunks
+    (``chunk_bytes_for``), 8 full and 1 short: each 8 MiB peer slice completes two."""
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2048))
 
@@ -46,7 +47,7 @@ def lent(make_cache, file_store, tmp_path):
     assert use(peer, "m") == "store"
     grant = peer.lend(cache_key(info))
     manifest = grant.manifest
-    assert len(manifest.chunks.digests) == 3 and manifest.nbytes > 32 * MiB  # several chunks
+    assert len(manifest.chunks.digests) == 9 and manifest.nbytes > 32 * MiB  # several chunks
     lent_blob = grant.handle[grant.offset : grant.offset + manifest.nbytes]
     try:
         yield manifest, lent_blob, blob(file_store, info.sha256)

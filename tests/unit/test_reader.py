@@ -15,6 +15,7 @@ import s3fs
 
 from tests.conftest import S3_KEY, S3_SECRET
 from trims_ray import IntegrityError, ReadOptions, ReadStats
+from trims_ray._hashing import digest_blob
 from trims_ray._reader import read_blob
 
 # Not a multiple of any chunk size below, so the last ranged read is a short one.
@@ -194,6 +195,32 @@ def test_memory_fs_faults(memory_blob):
         read_blob(fs, path, nbytes=len(data) - 1)
     with pytest.raises(FileNotFoundError):
         read_blob(fs, path + "-missing")
+
+
+def test_an_object_store_gets_ranges_of_several_small_chunks_each_verified(memory_blob, monkeypatch):
+    # Small models are digested in small chunks (hashed on every core); an object store is
+    # still asked for ranges of options.chunk_bytes, and every chunk in them is verified.
+    fs, path, data = memory_blob
+    _, chunks = digest_blob([data], chunk_bytes=4096)
+    requests: list[tuple[int, int]] = []
+    real_cat_file = fs.cat_file
+
+    def counted(p, start=None, end=None, **kw):
+        requests.append((start, end))
+        return real_cat_file(p, start=start, end=end, **kw)
+
+    monkeypatch.setattr(fs, "cat_file", counted)
+    options = ReadOptions(chunk_bytes=65536, concurrency=4)
+    buffer, _ = read_blob(fs, path, nbytes=len(data), chunk_digests=chunks, options=options)
+    assert buffer.tobytes() == data
+    assert len(requests) == -(-len(data) // 65536) < len(chunks.digests)
+    assert all(end - start >= 65536 for start, end in sorted(requests)[:-1])
+
+    bad = bytearray(data)
+    bad[300_000] ^= 1  # in chunk 73 (bytes 299008-303104), inside the 5th range
+    fs.pipe_file(path, bytes(bad))
+    with pytest.raises(IntegrityError, match="bytes 299008-303104"):
+        read_blob(fs, path, nbytes=len(data), chunk_digests=chunks, options=options)
 
 
 # S3 sizes keep the number of HTTP requests small (each ranged GET is a round trip to moto).

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from trims_ray._errors import ModelFormatError
 from trims_ray._safetensors import (
     DTYPES,
+    ELEMENT_BYTES,
     MAX_HEADER_BYTES,
     BlobLayout,
     dtype_code,
@@ -178,6 +179,13 @@ def test_special_float_values_survive_exactly():
 
 
 # --- canonical layout ----------------------------------------------------------------------------
+
+
+def test_the_parsers_element_sizes_are_torchs():
+    # The parser reads element sizes from ELEMENT_BYTES so that it needs no torch: they must be
+    # torch's, code for code.
+    assert set(ELEMENT_BYTES) == set(DTYPES)
+    assert {code: DTYPES[code].itemsize for code in DTYPES} == ELEMENT_BYTES
 
 
 def test_layout_aligns_every_tensor_to_its_element_size():
