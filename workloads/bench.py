@@ -6,6 +6,7 @@
     python -m workloads.bench overhead [--calls 200] [--object-store-mb 256] [--nodes 3]
     python -m workloads.bench peer [--sizes-mb 100,400] [--repeats 3] [--no-s3]
     python -m workloads.bench build [--models resnet50,bert_base,...] [--repeats 5]
+    python -m workloads.bench miss [--mb 20] [--rounds 15]
 
 ``load``: the store reader's rate for one blob from local disk (page cache dropped for the file
 before every read with POSIX_FADV_DONTNEED) and from an S3 server on loopback (moto), against the
@@ -18,6 +19,8 @@ cache, for synthetic models of 100 MiB to 1000 MiB.
 
 ``overhead``: a ``@trims_ray.function`` call on a host-resident tiny model against a plain Ray
 task doing the same work, timed end to end from the driver.
+
+``miss``: a host-tier miss against the same load done in a plain task (workloads/bench_miss.py).
 """
 
 from __future__ import annotations
@@ -873,6 +876,10 @@ def main(argv: list[str] | None = None) -> int:
     overhead.add_argument("--object-store-mb", type=int, default=256, help="Ray object store in MiB per node (default 256)")
     overhead.add_argument("--nodes", type=int, default=3, help="nodes of the local cluster (default 3)")
     overhead.add_argument("--dir", default=None, help="directory for the store and disk tier (default: system temp)")
+    miss = sub.add_parser("miss", help="a host-tier miss vs the same load in a plain task, one node")
+    miss.add_argument("--mb", type=int, default=20, help="model size in MiB (default 20)")
+    miss.add_argument("--rounds", type=int, default=15, help="timed rounds of each kind (default 15)")
+    miss.add_argument("--dir", default=None, help="directory for the store (default: system temp)")
     # Its own parser (workloads.peers) reads what follows "peers": prefix_chars="+" keeps this
     # one from taking "--mb" and the like as its own options.
     peers = sub.add_parser("peers", help="trims_ray vs Ray Serve multiplexing, an LRU actor and no cache (--help for more)", add_help=False, prefix_chars="+")
@@ -882,6 +889,13 @@ def main(argv: list[str] | None = None) -> int:
         from workloads.peers import main as peers_main
 
         return peers_main(args.peers_args, prog=f"{parser.prog} peers")
+    if args.bench == "miss":
+        from workloads.bench_miss import bench_miss, print_miss
+
+        if args.mb < 1 or args.rounds < 1:
+            parser.error("--mb and --rounds must be positive")
+        print_miss(bench_miss(args.mb, args.rounds, args.dir))
+        return 0
     if args.bench == "load":
         if args.mb < 1 or args.repeats < 1:
             parser.error("--mb and --repeats must be positive")
