@@ -55,6 +55,7 @@ from trims_ray._gpu_ipc import (
 from trims_ray._gpu_lease import GpuLease
 from trims_ray._manifest import Manifest
 from trims_ray._nvml import inventory
+from trims_ray._protocol import cache_key
 from trims_ray._store import ModelStore
 from trims_ray.cache.gpu_testing import ArraySource
 from trims_ray.cache.gpu_tier import GpuTier, GpuTierConfig
@@ -153,7 +154,7 @@ class Bench:
         return self.store.blob_path(self.manifests[name].sha256)
 
     def evict(self, name: str) -> None:
-        state = self.tier.evict(self.manifests[name].sha256)
+        state = self.tier.evict(cache_key(self.manifests[name]))
         if state == "deferred":
             raise RuntimeError(f"{name} is still leased")
 

@@ -50,13 +50,17 @@ def use_grant(grant: GpuGrant, env: dict, results, write: bool = False) -> None:
         with lease as model:
             buffer = lease._buffer
             lo, hi = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
-            tensors = [*model.parameters(), *model.buffers()]
+            # A model registered without a factory arrives as its state dict.
+            tensors = list(model.values()) if isinstance(model, dict) else [*model.parameters(), *model.buffers()]
             out["inside"] = all(lo <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= hi for t in tensors)
             out["device"] = buffer.device.index
             out["all_cuda"] = all(t.is_cuda for t in tensors)
             out["allocated_before_forward"] = torch.cuda.memory_allocated(buffer.device)
-            with torch.inference_mode():
-                out["logits"] = model(example_ids().to(buffer.device)).cpu()
+            if not isinstance(model, dict):
+                with torch.inference_mode():
+                    # As numpy, pickled by value: a tensor would go through torch's fd sharing,
+                    # which needs this process alive until the parent has read it.
+                    out["logits"] = model(example_ids().to(buffer.device)).cpu().numpy()
             if write:
                 with torch.no_grad():
                     model.layers[0].bias[0] = 12345.0

@@ -24,7 +24,7 @@ from trims_ray._nvml import inventory
 from trims_ray._store import ModelStore
 from trims_ray.cache.gpu_testing import ArraySource
 from trims_ray.cache.gpu_tier import GpuTier, GpuTierConfig
-from trims_ray._protocol import Holder
+from trims_ray._protocol import Holder, cache_key
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
 
@@ -86,9 +86,9 @@ def test_ipc_is_zero_copy_and_maps_the_device_by_uuid(store, device):
     assert seen["inside"] and seen["all_cuda"] and seen["device"] == 0
     # The task allocated nothing for its weights: they are the holder's memory.
     assert seen["allocated_before_forward"] == 0
-    torch.testing.assert_close(seen["logits"], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(seen["logits"]), expected, rtol=1e-4, atol=1e-4)
     # Its write landed in the holder's allocation: one copy, shared.
-    entry = tier._resident[manifest.sha256]
+    entry = tier._resident[cache_key(manifest)]
     bias = next(t for t in manifest.tensors if t.name == "layers.0.bias")
     value = entry.buffer.tensor[bias.start : bias.start + 4].view(torch.float32)[0].item()
     assert value == 12345.0
@@ -110,7 +110,7 @@ def test_swap_in_is_bit_exact_from_registered_shared_memory(store, device):
 
     tier = GpuTier(device=device, identity=identity(device), host=source, config=GpuTierConfig(budget_fraction=0.2))
     grant = tier.acquire(manifest, Holder.this_process())
-    on_gpu = tier._resident[manifest.sha256].buffer.tensor[: manifest.nbytes].cpu().numpy()
+    on_gpu = tier._resident[cache_key(manifest)].buffer.tensor[: manifest.nbytes].cpu().numpy()
     assert np.array_equal(on_gpu, host)
     assert tier.swap_rate is not None and tier.swap_rate > 0
     tier.release(grant.lease_id)
@@ -129,7 +129,7 @@ def test_pipelined_grant_serves_a_task_while_layers_arrive(store, device):
     if grant.events:  # the swap-in may already be done by the time the grant is built
         assert len(grant.events) == len(grant.groups) > 1
     seen = in_task(grant)
-    torch.testing.assert_close(seen["logits"], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(seen["logits"]), expected, rtol=1e-4, atol=1e-4)
     tier.release(grant.lease_id)
 
 
@@ -144,9 +144,9 @@ def test_evict_frees_device_memory_and_a_leased_model_stays(store, device):
     held = tier.acquire(manifest, Holder.this_process())
     assert torch.cuda.memory_reserved(0) - reserved_before == footprint
     in_task(held)  # a task mapped it and let go
-    assert tier.evict(manifest.sha256) == "deferred"
+    assert tier.evict(cache_key(manifest)) == "deferred"
     assert torch.cuda.memory_reserved(0) - reserved_before == footprint  # leased: kept
-    kept = tier._resident[manifest.sha256].buffer.tensor[: manifest.nbytes].cpu().numpy()
+    kept = tier._resident[cache_key(manifest)].buffer.tensor[: manifest.nbytes].cpu().numpy()
     assert np.array_equal(kept, source.blobs[manifest.sha256])
 
     free_torch = torch.cuda.mem_get_info(0)[0]
@@ -169,5 +169,5 @@ def test_over_budget_is_a_capacity_error_not_an_oom(store, device):
         tier.acquire(large, Holder.this_process())
     tier.release(held.lease_id)
     grant = tier.acquire(large, Holder.this_process())  # now the idle one is evicted for it
-    assert tier.resident() == {large.sha256: "gpu"}
+    assert tier.resident() == {cache_key(large): "gpu"}
     tier.release(grant.lease_id)
