@@ -280,6 +280,27 @@ def test_concurrent_cold_acquires_cause_exactly_one_load(make_cache, file_store,
     assert cache.leases() == 0
 
 
+def test_a_load_in_flight_does_not_hold_up_the_load_of_another_model(make_cache, file_store, reads):
+    # Issue 17: loads of different models run in parallel. A's read is held in the store; B's
+    # whole miss (read, verify, publish, grant) completes meanwhile.
+    a = file_store.register("a", weights(1), tenant=TENANT)
+    b = file_store.register("b", weights(2), tenant=TENANT)
+    cache = make_cache()
+    reads.hold.add(a.sha256)
+    threads, results = run_together(1, lambda: cache.acquire("a", TENANT, ME))
+    try:
+        assert reads.started.wait(10), "A's load never reached the store"
+        grant_b = cache.acquire("b", TENANT, ME)
+        assert grant_b.tier == "store" and served(grant_b) == blob(file_store, b.sha256)
+        assert results == [None], "A was granted before its read was let go"
+    finally:
+        reads.gate.set()
+    join_all(threads)
+    (grant_a,) = results
+    assert isinstance(grant_a, Grant) and served(grant_a) == blob(file_store, a.sha256), grant_a
+    assert cache.release(grant_a.lease_id) and cache.release(grant_b.lease_id)
+
+
 def test_a_failed_single_flight_load_fails_everyone_and_keeps_nothing(
     make_cache, file_store, reads, memory, disk_dir
 ):
