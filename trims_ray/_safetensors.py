@@ -43,27 +43,28 @@ __all__ = [
     "brief_repr",
 ]
 
-# safetensors dtype code -> bytes per element. The parser needs only these, so that the
-# processes that parse manifests and never build a module (the node cache, placement, the CLI)
-# do not import torch (about 2 s and 250 MB each); tests/unit/test_safetensors.py checks them
-# against torch's own sizes.
-ELEMENT_BYTES: dict[str, int] = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U64": 8,
-    "U32": 4,
-    "U16": 2,
-    "U8": 1,
-    "BOOL": 1,
+# safetensors dtype code -> (torch's name for the dtype, bytes per element). The parser needs
+# only the sizes (ELEMENT_BYTES), so that the processes that parse manifests and never build a
+# module (the node cache, placement, the CLI) do not import torch (about 2 s and 250 MB each);
+# tests/unit/test_safetensors.py checks the sizes against torch's own.
+_DTYPE_TABLE: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U64": ("uint64", 8),
+    "U32": ("uint32", 4),
+    "U16": ("uint16", 2),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
 }
+ELEMENT_BYTES: dict[str, int] = {code: size for code, (_, size) in _DTYPE_TABLE.items()}
 
 
 @functools.cache
@@ -71,23 +72,12 @@ def torch_dtypes() -> dict[str, torch.dtype]:
     """safetensors dtype code -> torch dtype (imports torch on first use)."""
     import torch
 
-    return {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "F8_E4M3": torch.float8_e4m3fn,
-        "F8_E5M2": torch.float8_e5m2,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U64": torch.uint64,
-        "U32": torch.uint32,
-        "U16": torch.uint16,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-    }
+    return {code: getattr(torch, name) for code, (name, _) in _DTYPE_TABLE.items()}
+
+
+@functools.cache
+def _codes() -> dict[torch.dtype, str]:
+    return {dtype: code for code, dtype in torch_dtypes().items()}
 
 
 def __getattr__(name: str):
@@ -151,13 +141,13 @@ class BlobLayout:
 
 def dtype_code(dtype: torch.dtype) -> str:
     """The safetensors code of a torch dtype; TypeError if safetensors cannot hold it."""
-    for code, known in torch_dtypes().items():
-        if known == dtype:
-            return code
-    raise TypeError(
-        f"dtype {dtype} cannot be stored as safetensors; supported: "
-        + ", ".join(str(d).removeprefix("torch.") for d in torch_dtypes().values())
-    )
+    try:
+        return _codes()[dtype]
+    except KeyError:
+        raise TypeError(
+            f"dtype {dtype} cannot be stored as safetensors; supported: "
+            + ", ".join(str(d).removeprefix("torch.") for d in torch_dtypes().values())
+        ) from None
 
 
 def header_length(prefix: bytes | memoryview, *, source: str) -> int:

@@ -15,8 +15,6 @@ forward pass would):
   trims_ray must do for every byte it reads: DESIGN's invariant 5), then builds the module;
 - plain task, mmap: safetensors' lazy mmap of the same file, no verification (what the peers
   benchmark's "no cache" does; the pages are read by the touch).
-
-The node cache's own time for the read and the put comes from its load events.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ import ray
 import trims_ray
 from trims_ray._store import materialize
 
-from .bench import MiB, _ms, ray_with_trims, synthetic, touch_every_page
+from .bench import MiB, _ms, _verdict, ray_with_trims, synthetic, touch_every_page
 from .local_ray import preallocated_object_store
 
 __all__ = ["MissResult", "bench_miss", "print_miss"]
@@ -56,16 +54,12 @@ class MissResult:
     tiers: list[str] = field(default_factory=list)  # where each trims_ray miss was served from
 
 
-def _touched(model) -> float:
-    return touch_every_page(model)
-
-
 def _plain_verified(store_dir: str, name: str) -> float:
     """The same load as trims_ray's, in the task: read and verify the blob, build the module."""
     store = trims_ray.ModelStore(store_dir)
     manifest = store.manifest(name, tenant="default")
     buffer, _ = store.read(manifest)
-    return _touched(materialize(manifest, buffer))
+    return touch_every_page(materialize(manifest, buffer))
 
 
 def _plain_mmap(path: str, mb: int) -> float:
@@ -75,7 +69,7 @@ def _plain_mmap(path: str, mb: int) -> float:
     from trims_ray._factory import assemble_module
 
     model = assemble_module(synthetic(mb), safetensors.torch.load_file(path), {}, source=path)
-    return _touched(model)
+    return touch_every_page(model)
 
 
 def bench_miss(mb: int, rounds: int, directory: str | None = None) -> MissResult:
@@ -84,15 +78,16 @@ def bench_miss(mb: int, rounds: int, directory: str | None = None) -> MissResult
         store_dir = os.path.join(tmp, "store")
         with preallocated_object_store(), ray_with_trims(tmp, max(128, 4 * mb + 64), 2 * mb * MiB + 8 * MiB, disk_bytes=0):
             info = trims_ray.register("miss-model", synthetic(mb)(), factory=synthetic(mb))
-            manifest = trims_ray.ModelStore(store_dir).manifest("miss-model", tenant="default")
-            blob = trims_ray.ModelStore(store_dir).blob_path(manifest.sha256)
+            store = trims_ray.ModelStore(store_dir)
+            manifest = store.manifest("miss-model", tenant="default")
+            blob = store.blob_path(manifest.sha256)
             result = MissResult(mb, info.nbytes, len(manifest.chunks.digests), rounds)
 
             @trims_ray.function(model="miss-model", num_cpus=1)
             def served(model) -> tuple[float, str]:
                 from trims_ray import _lease
 
-                return _touched(model), _lease.served_tier()
+                return touch_every_page(model), _lease.served_tier()
 
             verified = ray.remote(num_cpus=1)(_plain_verified)
             mmap = ray.remote(num_cpus=1)(_plain_mmap)
@@ -133,8 +128,7 @@ def print_miss(r: MissResult) -> None:
     miss = statistics.median(r.seconds[TRIMS_MISS])
     same = statistics.median(r.seconds[PLAIN_VERIFIED])
     lazy = statistics.median(r.seconds[PLAIN_MMAP])
-    ok = miss <= same
     print(
         f"goal: a miss no slower than the same load in a plain task: {_ms(miss):.1f} ms vs {_ms(same):.1f} ms "
-        f"(verified): {'met' if ok else 'NOT met'}; against the unverified mmap: {_ms(miss):.1f} vs {_ms(lazy):.1f} ms"
+        f"(verified): {_verdict(miss <= same)}; against the unverified mmap: {_ms(miss):.1f} vs {_ms(lazy):.1f} ms"
     )
