@@ -15,6 +15,12 @@ forward pass would):
   trims_ray must do for every byte it reads: DESIGN's invariant 5), then builds the module;
 - plain task, mmap: safetensors' lazy mmap of the same file, no verification (what the peers
   benchmark's "no cache" does; the pages are read by the touch).
+
+Then the miss is taken apart (``MISS_STEPS``): more rounds of the same miss, made by the calls
+``@trims_ray.function`` makes (route, lease at submit, the task's grant, object, pin and build),
+the caller's steps timed in the driver and the task's in the task; and the node cache's load
+(``LOAD_STEPS``) done once more alone in its actor, so that the wait for the grant can be split
+into the load's read + verify and its put into the object store.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import trims_ray
 from trims_ray._store import materialize
@@ -33,7 +41,7 @@ from trims_ray._store import materialize
 from .bench import MiB, _ms, _verdict, ray_with_trims, synthetic, touch_every_page
 from .local_ray import preallocated_object_store
 
-__all__ = ["MissResult", "bench_miss", "print_miss"]
+__all__ = ["LOAD_STEPS", "MISS_STEPS", "MissResult", "bench_miss", "print_miss"]
 
 TRIMS_MISS, TRIMS_HIT, PLAIN_VERIFIED, PLAIN_MMAP = "trims miss", "trims hit", "plain verified", "plain mmap"
 LABELS = {
@@ -52,6 +60,29 @@ class MissResult:
     rounds: int
     seconds: dict[str, list[float]] = field(default_factory=dict)  # method -> end to end, s
     tiers: list[str] = field(default_factory=list)  # where each trims_ray miss was served from
+    steps: dict[str, list[float]] = field(default_factory=dict)  # MISS_STEPS / LOAD_STEPS -> s
+
+
+# A miss of a decorated call, step by step, in order: the caller's, then the task's (the path of
+# ``trims_ray._lease._model_for_task`` when the caller leased at submit and the worker keeps
+# nothing), then the result's way back. "task starts" runs from the submit to the task's first
+# line (perf_counter is one clock for every process of a Linux machine).
+MISS_STEPS = (
+    "route (caller)",
+    "lease at submit (caller)",
+    "submit task (caller)",
+    "task starts",
+    "wait for the grant (task)",
+    "map the object (task)",
+    "ask for a pin (task)",
+    "build, read-only (task)",
+    "work: touch every page",
+    "give it back (task)",
+    "result reaches the caller",
+)
+# The node cache's load, done once more alone in its actor after a miss round: what the wait
+# for the grant is mostly made of.
+LOAD_STEPS = ("read + verify (node cache)", "put in the object store (node cache)")
 
 
 def _plain_verified(store_dir: str, name: str) -> float:
@@ -70,6 +101,85 @@ def _plain_mmap(path: str, mb: int) -> float:
 
     model = assemble_module(synthetic(mb), safetensors.torch.load_file(path), {}, source=path)
     return touch_every_page(model)
+
+
+def _miss_steps_task(tenant: str, boxed: list) -> tuple[list[float], str]:
+    """The task side of a miss whose caller leased at submit (``boxed``: the grant's ref), as
+    ``@trims_ray.function`` runs it; returns the marks (perf_counter) and the grant's tier."""
+    from trims_ray import _lease
+    from trims_ray._process_tier import process_tier
+    from trims_ray._protocol import cache_key
+    from trims_ray._raycalls import call, get, wait_in_task
+
+    marks = [time.perf_counter()]
+    grant = wait_in_task(call, boxed[0])
+    marks.append(time.perf_counter())
+    obj = wait_in_task(get, grant.ref)
+    marks.append(time.perf_counter())
+    actor = _lease._granting_actor(grant)
+    tier, holder = process_tier(), _lease._this_holder()
+    pin_id = tier.new_pin_id()
+    confirm = actor.pin.remote(cache_key(grant.manifest), holder, pin_id)
+    marks.append(time.perf_counter())
+    kept = tier.keep(tenant, grant, obj, actor, pin_id, holder, confirm)
+    marks.append(time.perf_counter())
+    touch_every_page(kept.model)
+    marks.append(time.perf_counter())
+    tier.give(kept)
+    marks.append(time.perf_counter())
+    return marks, grant.tier
+
+
+def _load_alone(cache_actor, name: str, tenant: str) -> list[float]:
+    """Runs in the node cache's actor (``__ray_call__``): the load of a miss done once more, its
+    read + verify and its put timed apart; the object is dropped at once, nothing is kept."""
+    cache = cache_actor.cache
+    manifest = cache.resolve(name, tenant)
+    buffer = np.empty(manifest.nbytes, dtype=np.uint8)
+    started = time.perf_counter()
+    cache.loader.read(manifest, buffer, None)
+    read = time.perf_counter()
+    ref = cache.memory.publish(buffer)
+    put = time.perf_counter()
+    del ref
+    return [read - started, put - read]
+
+
+def _miss_steps(name: str, rounds: int, node: str) -> dict[str, list[float]]:
+    """``rounds`` misses of ``name`` taken apart (``MISS_STEPS``), each after an evict of the host
+    tier, and as many loads done alone in the node cache (``LOAD_STEPS``); seconds per step."""
+    from trims_ray._api import caller_tenant
+    from trims_ray._cluster import node_cache_actor
+    from trims_ray._protocol import Caller, Resolved
+    from trims_ray._routing import router
+
+    placed = NodeAffinitySchedulingStrategy(node, soft=True)
+    task = ray.remote(num_cpus=1)(_miss_steps_task).options(scheduling_strategy=placed)
+    routes, tenant = router(), caller_tenant()
+    samples: dict[str, list[float]] = {s: [] for s in (*MISS_STEPS, *LOAD_STEPS)}
+    for _ in range(rounds):
+        trims_ray.evict(name, tier="host")
+        time.sleep(0.2)  # as in the timed rounds
+        marks = [time.perf_counter()]
+        manifest, route = routes.route(name, tenant)
+        marks.append(time.perf_counter())
+        actor = node_cache_actor(route.node)
+        lease_id = routes.new_lease_id()
+        grant = actor.acquire.remote(name, tenant, Caller(routes.id), lease_id, Resolved.of(manifest))
+        marks.append(time.perf_counter())
+        ref = task.remote(tenant, [grant])
+        marks.append(time.perf_counter())
+        inside, tier = ray.get(ref)
+        ended = time.perf_counter()
+        actor.release.remote(lease_id)
+        if tier not in ("store", "disk", "peer"):
+            raise RuntimeError(f"a step round was not a miss (served from {tier!r}): the evict did not take")
+        marks += inside + [ended]
+        for step, (a, b) in zip(MISS_STEPS, zip(marks, marks[1:])):
+            samples[step].append(b - a)
+        for step, seconds in zip(LOAD_STEPS, ray.get(actor.__ray_call__.remote(_load_alone, name, tenant))):
+            samples[step].append(seconds)
+    return samples
 
 
 def bench_miss(mb: int, rounds: int, directory: str | None = None) -> MissResult:
@@ -109,6 +219,7 @@ def bench_miss(mb: int, rounds: int, directory: str | None = None) -> MissResult
                     result.seconds.setdefault(method, []).append(time.perf_counter() - started)
                     if method == TRIMS_MISS:
                         result.tiers.append(answer[1])
+            result.steps = _miss_steps("miss-model", rounds, ray.get_runtime_context().get_node_id())
     return result
 
 
@@ -125,6 +236,20 @@ def print_miss(r: MissResult) -> None:
         print(f"{label:44} {_ms(statistics.median(xs)):10.1f} {_ms(p90):8.1f}")
     tiers = {t: r.tiers.count(t) for t in sorted(set(r.tiers))}
     print(f"trims_ray misses were served from: {tiers}")
+    if r.steps:
+        print(
+            f"\nwhere a miss goes: {r.rounds} more misses made step by step as @trims_ray.function makes them "
+            "(medians, ms; the caller's steps timed in the driver, the task's in the task):"
+        )
+        whole = 0.0
+        for step in MISS_STEPS:
+            median = statistics.median(r.steps[step])
+            whole += median
+            print(f"  {step:40} {_ms(median):8.1f}")
+        print(f"  {'sum of the medians':40} {_ms(whole):8.1f}")
+        print("the node cache's load done alone in its actor after each round (what the wait for the grant holds):")
+        for step in LOAD_STEPS:
+            print(f"  {step:40} {_ms(statistics.median(r.steps[step])):8.1f}")
     miss = statistics.median(r.seconds[TRIMS_MISS])
     same = statistics.median(r.seconds[PLAIN_VERIFIED])
     lazy = statistics.median(r.seconds[PLAIN_MMAP])

@@ -123,6 +123,16 @@ def test_miss_benchmark_times_a_real_miss_against_plain_loads(tmp_path, capsys):
     if medians[bench_miss.TRIMS_MISS] != medians[bench_miss.PLAIN_VERIFIED]:  # not a tie once rounded
         met = medians[bench_miss.TRIMS_MISS] < medians[bench_miss.PLAIN_VERIFIED]
         assert (": met;" in goal) == met, goal
+    # The miss taken apart: every step once, a positive time each, the sum printed is their sum.
+    steps = {}
+    for step in (*bench_miss.MISS_STEPS, *bench_miss.LOAD_STEPS):
+        line = next(line for line in lines if line.strip().startswith(step))
+        steps[step] = float(line.split()[-1])
+        assert steps[step] >= 0, line
+    whole = float(next(line for line in lines if line.strip().startswith("sum of the medians")).split()[-1])
+    assert whole == pytest.approx(sum(steps[s] for s in bench_miss.MISS_STEPS), abs=0.1 * len(bench_miss.MISS_STEPS))
+    # The grant waits for the node cache's load, which reads and verifies every byte.
+    assert steps["wait for the grant (task)"] > 0 and steps["read + verify (node cache)"] > 0
     assert not list(tmp_path.iterdir()), "the benchmark must remove its temporary files"
 
 
