@@ -336,6 +336,7 @@ class Setup:
     budget_bytes: int  # LRU actor's bytes per node; trims_ray's host tier adds guard pages
     host_bytes: int  # trims_ray's host tier per node
     extra: dict = field(default_factory=dict)
+    policy: str = trims_ray.CacheConfig.policy  # trims_ray's host-tier policy
 
 
 Submit = Callable[[ModelSpec], Awaitable[Answer]]
@@ -374,6 +375,7 @@ def _trims(setup: Setup) -> Iterator[Submit]:
         disk_bytes=0,  # memory against memory: on one machine a disk tier is the page cache
         disk_dir=os.path.join(setup.tmp, "disk"),
         manifest_ttl_s=30.0,  # the catalog does not change during a run
+        policy=setup.policy,
     )
     trims_ray.init(setup.store_dir, address=None, config=config)
     try:

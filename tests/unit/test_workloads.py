@@ -167,6 +167,7 @@ def test_routing_benchmark_prints_median_and_goal(capsys):
         (["--zoo", "resnet50,alexnet2", "--cache-models", "1"], "--zoo: unknown models ['alexnet2']"),
         (["--zoo", "resnet50,bert_base"], "--cache-models 4 holds the whole catalog of 2"),
         (["--sweep", "--sweep-mb", "10,x"], "--sweep-mb must be integers separated by commas"),
+        (["--policy", "belady"], "--policy: unknown 'belady'; choose from cost, fifo, gdsf, lfu, lru"),
     ],
 )
 def test_peers_rejects_bad_arguments_with_a_clear_message(argv, message, capsys):
