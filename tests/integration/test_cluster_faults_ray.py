@@ -110,7 +110,11 @@ def test_killing_a_node_cache_during_a_stream_loses_nothing(own_cluster):
     fn = trims_ray.function(model="m", num_cpus=1)(where_and_sum)
     results = run_stream(fn, w, 60, during=lambda: ray.kill(node_cache_actor(nodes[1]), no_restart=False), at=15)
     assert len(results) == 60
-    assert nodes[1] in {node for node, _ in results[30:]}
+    # Whether the rest of the stream goes back to nodes[1] is routing's choice: the nodes that
+    # loaded the model while its cache was down have free slots for four at a time, so nothing
+    # sends it back (CI saw both ways). What routing needs to use it again: the restarted cache
+    # is a member of placement.
+    wait_for(lambda: nodes[1] in ray.get(placement_actor().members.remote()), timeout=20, what="nodes[1] a member again")
     counted = trims_ray.stats().nodes[nodes[1]].tiers["host"]
     assert counted.hits + counted.misses < 60  # a new cache's counters: it restarted
     # The restarted cache (its host tier empty at first) serves invocations there again. Workers
