@@ -28,7 +28,7 @@ from ._gpu_lease import acquire_gpu
 from ._names import check_name
 from ._process_tier import PROCESS, process_tier
 from ._protect import protect_array, release
-from ._protocol import HOST, Caller, Holder, HostGrant, Resolved, cache_key
+from ._protocol import BYPASS, DISK, HOST, PEER, STORE, Caller, Holder, HostGrant, Resolved, cache_key
 from ._store import materialize
 
 __all__ = ["open", "function", "ModelFunction"]
@@ -332,6 +332,22 @@ def _wants_gpu(options: dict) -> bool:
     return num_gpus > 0
 
 
+# The tiers a task's model is loaded from rather than found ready (``served_tier``).
+_LOADED_FROM = frozenset({DISK, PEER, STORE, BYPASS})
+
+
+def _service_seconds(started: float, ready: float, ended: float) -> float:
+    """The seconds a task held its slot, as the router learns a model's service time from it:
+    without the wait for its model when this task loaded it. Routing prices a load apart (its
+    bytes over the source's rate), and the next invocations behind this one mostly find the
+    model ready; counted in, a miss's load (tens to hundreds of ms, against a few ms of work)
+    made a model's first invocation set its service time, and a queue of one on its node
+    looked dearer than a load elsewhere until hits wore it down."""
+    if served_tier() in _LOADED_FROM:
+        return ended - ready
+    return ended - started
+
+
 def _mark_task_start() -> None:
     # A module-level function: the closure below travels to workers by value (cloudpickle), with
     # a copy of this module's globals, so it must not assign module globals itself.
@@ -430,11 +446,12 @@ def _make_remote(fn: Callable, model: str, options: dict):
         # A GPU task's model comes from its GPU's holder; the process tier keeps host views.
         try:
             with _model_for_task(model, tenant, boxed, hint, keep=not gpu) as leased:
+                ready = time.perf_counter()
                 result = fn(leased, *args, **kwargs)
         finally:
             if gpu and reused:
                 _free_task_gpu_memory()
-        return (result, time.perf_counter() - started) if timed else result
+        return (result, _service_seconds(started, ready, time.perf_counter())) if timed else result
 
     run_with_model.__name__ = getattr(fn, "__name__", "run_with_model")
     # Ray makes every task that asks for GPUs non-recyclable (max_calls=1, ray#29624): each one

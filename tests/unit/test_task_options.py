@@ -42,3 +42,21 @@ def test_the_caller_gets_the_results_ref_and_keeps_the_timing_apart():
 
     assert _returns(["result", "seconds"], {}) == ("result", "seconds")
     assert _returns(["a", "b"], {"num_returns": 2}) == (["a", "b"], None)  # the user's own two
+
+
+def test_a_tasks_service_time_leaves_out_the_wait_for_a_model_it_loaded():
+    # What the router learns a model's service time from (the task's second return): the slot
+    # time, less the wait for the model when this task's lease loaded it (routing prices loads
+    # apart), not when it found the model ready.
+    from trims_ray import _lease
+
+    started, ready, ended = 10.0, 10.5, 10.75
+    try:
+        for tier in ("store", "disk", "peer", "bypass"):
+            _lease._note_served(tier)
+            assert _lease._service_seconds(started, ready, ended) == pytest.approx(0.25), tier
+        for tier in ("process", "host", "gpu"):
+            _lease._note_served(tier)
+            assert _lease._service_seconds(started, ready, ended) == pytest.approx(0.75), tier
+    finally:
+        _lease._note_served("")
