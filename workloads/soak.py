@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import math
 import os
 import sys
@@ -354,7 +355,8 @@ def evict_everything(catalog: Sequence[SoakModel], servers: dict[str, list]) -> 
     """Every tenant evicts its models (this driver also the public ones) from every tier, then
     waits until no lease is left and the freed objects have left the node stores."""
     evict_as_tenant([m.name for m in catalog if m.tenant in (DRIVER_TENANT, PUBLIC)])
-    ray.get([servers[t][0].evict.remote([m.name for m in catalog if m.tenant == t]) for t in SERVER_TENANTS])
+    for tenant in SERVER_TENANTS:
+        call_any_server(servers[tenant], "evict", [m.name for m in catalog if m.tenant == tenant])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         nodes = trims_ray.stats().nodes.values()
@@ -362,6 +364,22 @@ def evict_everything(catalog: Sequence[SoakModel], servers: dict[str, list]) -> 
             break
         time.sleep(0.2)
     settled_store()
+
+
+def call_any_server(group: Sequence, method: str, *args, wait_s: float = 120.0):
+    """Calls ``method`` on one of a tenant's servers and returns its answer: the first, or while
+    Ray reports it restarting (its node went: a restart on two loaded cores takes seconds), the
+    next, until ``wait_s`` has passed. For calls any of the tenant's servers can answer."""
+    deadline = time.monotonic() + wait_s
+    for attempt in itertools.count():
+        server = group[attempt % len(group)]
+        try:
+            return ray.get(getattr(server, method).remote(*args))
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            if attempt % len(group) == len(group) - 1:  # every one restarting: give them a moment
+                time.sleep(0.5)
 
 
 def settled_store() -> dict[str, int]:
