@@ -336,14 +336,15 @@ def _wants_gpu(options: dict) -> bool:
 _LOADED_FROM = frozenset({DISK, PEER, STORE, BYPASS})
 
 
-def _service_seconds(started: float, ready: float, ended: float) -> float:
+def _service_seconds(tier: str, started: float, ready: float, ended: float) -> float:
     """The seconds a task held its slot, as the router learns a model's service time from it:
     without the wait for its model when this task loaded it. Routing prices a load apart (its
     bytes over the source's rate), and the next invocations behind this one mostly find the
     model ready; counted in, a miss's load (tens to hundreds of ms, against a few ms of work)
     made a model's first invocation set its service time, and a queue of one on its node
-    looked dearer than a load elsewhere until hits wore it down."""
-    if served_tier() in _LOADED_FROM:
+    looked dearer than a load elsewhere until hits wore it down. ``tier``: where this task's
+    model came from (``served_tier`` when it was ready, before the function could open others)."""
+    if tier in _LOADED_FROM:
         return ended - ready
     return ended - started
 
@@ -447,11 +448,13 @@ def _make_remote(fn: Callable, model: str, options: dict):
         try:
             with _model_for_task(model, tenant, boxed, hint, keep=not gpu) as leased:
                 ready = time.perf_counter()
+                # Read now: the function's own trims_ray.open calls note their tiers after it.
+                tier = served_tier()
                 result = fn(leased, *args, **kwargs)
         finally:
             if gpu and reused:
                 _free_task_gpu_memory()
-        return (result, _service_seconds(started, ready, time.perf_counter())) if timed else result
+        return (result, _service_seconds(tier, started, ready, time.perf_counter())) if timed else result
 
     run_with_model.__name__ = getattr(fn, "__name__", "run_with_model")
     # Ray makes every task that asks for GPUs non-recyclable (max_calls=1, ray#29624): each one

@@ -51,12 +51,7 @@ def test_a_tasks_service_time_leaves_out_the_wait_for_a_model_it_loaded():
     from trims_ray import _lease
 
     started, ready, ended = 10.0, 10.5, 10.75
-    try:
-        for tier in ("store", "disk", "peer", "bypass"):
-            _lease._note_served(tier)
-            assert _lease._service_seconds(started, ready, ended) == pytest.approx(0.25), tier
-        for tier in ("process", "host", "gpu"):
-            _lease._note_served(tier)
-            assert _lease._service_seconds(started, ready, ended) == pytest.approx(0.75), tier
-    finally:
-        _lease._note_served("")
+    for tier in ("store", "disk", "peer", "bypass"):
+        assert _lease._service_seconds(tier, started, ready, ended) == pytest.approx(0.25), tier
+    for tier in ("process", "host", "gpu"):
+        assert _lease._service_seconds(tier, started, ready, ended) == pytest.approx(0.75), tier
