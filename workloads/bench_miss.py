@@ -145,6 +145,13 @@ def _load_alone(cache_actor, name: str, tenant: str) -> list[float]:
     return [read - started, put - read]
 
 
+def _evict_host_tier(name: str) -> None:
+    """Evicts ``name`` from the host tier, so that the next invocation misses, and lets the
+    evict's frees and the worker's give-back settle before anything is timed."""
+    trims_ray.evict(name, tier="host")
+    time.sleep(0.2)
+
+
 def _miss_steps(name: str, rounds: int, node: str) -> dict[str, list[float]]:
     """``rounds`` misses of ``name`` taken apart (``MISS_STEPS``), each after an evict of the host
     tier, and as many loads done alone in the node cache (``LOAD_STEPS``); seconds per step."""
@@ -158,8 +165,7 @@ def _miss_steps(name: str, rounds: int, node: str) -> dict[str, list[float]]:
     routes, tenant = router(), caller_tenant()
     samples: dict[str, list[float]] = {s: [] for s in (*MISS_STEPS, *LOAD_STEPS)}
     for _ in range(rounds):
-        trims_ray.evict(name, tier="host")
-        time.sleep(0.2)  # as in the timed rounds
+        _evict_host_tier(name)
         marks = [time.perf_counter()]
         manifest, route = routes.route(name, tenant)
         marks.append(time.perf_counter())
@@ -212,8 +218,7 @@ def bench_miss(mb: int, rounds: int, directory: str | None = None) -> MissResult
             for _ in range(rounds):
                 for method, submit in methods.items():
                     if method == TRIMS_MISS:
-                        trims_ray.evict("miss-model", tier="host")
-                        time.sleep(0.2)  # the evict's frees and the worker's give-back settle
+                        _evict_host_tier("miss-model")
                     started = time.perf_counter()
                     answer = ray.get(submit())
                     result.seconds.setdefault(method, []).append(time.perf_counter() - started)
