@@ -357,6 +357,26 @@ def test_eviction_follows_the_policy(models, policy, evicted):
     assert tier.stats().evictions == 1 and len(device.freed) == 1
 
 
+def test_gdsf_swaps_in_a_model_as_popular_as_an_idle_resident_one_whatever_its_swap_took(models):
+    # The policy weighs a newcomer's swap-in cost against what its victims cost when they came
+    # in. Both must be on one scale: a resident model whose slow first swap was recorded as its
+    # cost outweighed every later newcomer of the same popularity, and they all bypassed.
+    device = FakeDevice(64 << 20)
+    tier = make_tier(models, device, config=GpuTierConfig(budget_bytes=300_000, policy="gdsf"))
+    a, b = models.add(200_000), models.add(200_000)
+    models.source.gate = gate = threading.Event()
+    thread, out = in_thread(lambda: tier.acquire(a, ME))
+    time.sleep(0.3)  # a slow host load: a's swap-in takes over 0.3 s
+    gate.set()
+    thread.join(10)
+    tier.release(out[0].lease_id)
+
+    grant = tier.acquire(b, ME)  # requested once, as a was: a tie, and ties admit
+    assert grant.tier != "bypass" and grant.handle is not None
+    assert tier.resident() == {cache_key(b): "gpu"} and tier.stats().evictions == 1
+    tier.release(grant.lease_id)
+
+
 class Refuses(LRU):
     name = "refuses"
 

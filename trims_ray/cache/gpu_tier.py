@@ -277,7 +277,7 @@ class GpuTier:
             self.policy,
             key,
             need,
-            self.expected_swap_s(manifest.nbytes),
+            self.policy_cost(manifest.nbytes),
             budget=self.budget,
             used=self._used(),
             sizes=sizes,
@@ -312,10 +312,15 @@ class GpuTier:
             raise CapacityError(message)
         self._stats.bypasses += 1
 
-    def expected_swap_s(self, nbytes: int) -> float:
-        """What swapping ``nbytes`` in is expected to take, by the measured rate: the miss
-        cost the policy weighs."""
-        return nbytes / (self.swap_rate or ASSUMED_SWAP_RATE)
+    @staticmethod
+    def policy_cost(nbytes: int) -> float:
+        """The miss cost the policy weighs for a blob of ``nbytes``, at admission and at insert
+        alike: its swap-in time at the assumed rate. Every swap-in on one GPU crosses the same
+        link, so the cost per byte is the same for every blob, and measured times would only add
+        noise: a resident blob whose swap-in was slow (a slow host load, a busy link) kept that
+        time as its cost and outweighed every newcomer of the same popularity, so those bypassed
+        the GPU (cost-aware policies: gdsf, cost)."""
+        return nbytes / ASSUMED_SWAP_RATE
 
     def _drop(self, entry: _Resident, dropped: list[_Resident], *, evicted: bool) -> None:
         """Takes an entry out of the tier; its memory stays counted until ``_free`` frees it.
@@ -417,7 +422,7 @@ class GpuTier:
             self._stats.loads += 1
             entry.ready.set()
             if self._resident.get(key) is entry:  # the policy tracks exactly what is resident
-                self.policy.on_insert(key, entry.nbytes, seconds)
+                self.policy.on_insert(key, entry.nbytes, self.policy_cost(manifest.nbytes))  # as admission weighed it
                 if entry.evict_when_idle and entry.leases == 0:  # evicted while copying, unleased
                     self._drop(entry, dropped, evicted=True)
             self._settle(entry, dropped)
