@@ -420,6 +420,30 @@ def test_lru_evicts_the_least_recently_used_idle_model(make_cache, file_store):
     assert use(cache, "b") == "disk"  # b was the one that went (its disk copy remains)
 
 
+def test_gdsf_keeps_a_miss_as_popular_as_the_idle_model_it_evicts_however_long_that_load_took(
+    make_cache, file_store, memory, monkeypatch
+):
+    # The policy weighs a newcomer's expected load against its victims' costs. A victim's cost
+    # is estimated as a newcomer's is, not the time its load took: that time also holds the
+    # put (slow here), and a newcomer as popular as the victim was refused behind it.
+    infos = [file_store.register(n, weights(30 + i), tenant=TENANT) for i, n in enumerate("ab")]
+    cache = make_cache(host_budget=cost(infos[0]), policy="gdsf")
+    publish = memory.publish
+
+    def slow_publish(buffer):
+        time.sleep(0.3)
+        return publish(buffer)
+
+    monkeypatch.setattr(memory, "publish", slow_publish)
+    assert use(cache, "a") == "store"
+    monkeypatch.setattr(memory, "publish", publish)
+
+    assert use(cache, "b") == "store"  # requested once, as a was: a tie, and ties admit
+    host = cache.stats()["host"]
+    assert (host.evictions, host.bypasses, host.models) == (1, 0, 1)
+    assert use(cache, "b") == "host"
+
+
 def test_lru_skips_leased_models(make_cache, file_store):
     for i, name in enumerate("abc"):
         file_store.register(name, weights(20 + i), tenant=TENANT)

@@ -306,12 +306,12 @@ class HostTier:
 
     # -- the end of a load ---------------------------------------------------------------------
 
-    def loaded(self, entry: HostEntry, handle: object, seconds: float) -> None:
-        """An admitted entry's load published its object: waiters may have it."""
+    def loaded(self, entry: HostEntry, handle: object, miss_cost: float) -> None:
+        """An admitted entry's load published its object: waiters may have it. ``miss_cost``:
+        what a miss of it is expected to cost (seconds), by the same estimate as admission's."""
         entry.handle = handle
         if self.entries.get(cache_key(entry.manifest)) is entry:  # kept (not evicted, not a bypass)
-            # The miss cost a cost-aware policy weighs: what this load took.
-            self.policy.on_insert(cache_key(entry.manifest), entry.nbytes, max(0.0, seconds))
+            self.policy.on_insert(cache_key(entry.manifest), entry.nbytes, max(0.0, miss_cost))
         if not self._is_bypass(entry):
             self.stats.loads += 1
         entry.ready.set()

@@ -379,7 +379,6 @@ class NodeCache(NodeCacheViews, NodePins):
         """Reads the blob (disk tier, a peer, else the store), publishes it, queues its disk
         copy if it came from elsewhere, and wakes the waiters."""
         key = cache_key(entry.manifest)
-        started = self.clock()
         try:
             entry.source, handle = self.loader.load(
                 entry.manifest, entry.nbytes, self.memory, self.peer_read, lambda view: self._disk_copies.submit(key, view)
@@ -390,7 +389,13 @@ class NodeCache(NodeCacheViews, NodePins):
                 self.host.failed(entry, detached(exc))
             raise
         with self._lock:
-            self.host.loaded(entry, handle, self.clock() - started)
+            # The cost a cost-aware policy (gdsf, cost) weighs for this model: the estimate
+            # admission gives every newcomer (bytes over the source's measured rate, which this
+            # load has just updated), not the time the load took. That time also holds the put,
+            # the wait for room and a first load's warm-up, and the first estimate was made at
+            # an assumed rate: every resident model outweighed a newcomer as popular as itself,
+            # and such misses went unkept (bypasses) while an idle model stayed.
+            self.host.loaded(entry, handle, self.expected_load_s(entry.manifest.nbytes, entry.source))
 
     # -- eviction and prefetch -----------------------------------------------------------------
 
