@@ -156,7 +156,7 @@ class CacheConfig:
     host_fraction: float = 0.5
     disk_bytes: int = 20 * 1024**3
     disk_dir: str | None = None
-    policy: str = "lru"
+    policy: str = "gdsf"
     manifest_ttl_s: float = 2.0
     lease_check_s: float = 1.0
     peer_fetch: bool = True
@@ -306,7 +306,7 @@ class GpuTierConfig:
 
     budget_bytes: int | None = None
     budget_fraction: float = 0.5
-    policy: str = "lru"
+    policy: str = "gdsf"
     unclaimed_ttl_s: float = 600.0
     lease_check_s: float = 1.0
     min_layer_bytes: int = 4 * MiB

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+import trims_ray
 from workloads import peers
 from workloads.peers_systems import SYSTEMS
 
@@ -25,7 +26,8 @@ def test_smallest_regime_answers_every_request_of_every_system(tmp_path, capsys)
         assert (int(ok), int(wrong), int(failed)) == (20, 0, 0), line
         assert 0 < float(p50) <= float(p90) <= float(p99) and float(rate) > 0, line
     assert re.search(r"^trims_ray tiers served: .*\d", out, re.M), out
-    assert re.search(r"trims_ray's\s+policy\s+lru\b", out), out  # the default, named in the title
+    default = trims_ray.CacheConfig.policy
+    assert re.search(rf"trims_ray's\s+policy\s+{default}\b", out), out  # the default, named in the title
     for goal in ("p50", "p99", "throughput"):
         assert re.search(rf"^GOAL {goal}: trims_ray .* vs best peer \(.+\) .*: [\d.]+x, (MET|NOT MET)$", out, re.M), out
     assert not list(tmp_path.iterdir()), "the benchmark must remove its temporary store"

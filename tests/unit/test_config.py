@@ -11,9 +11,10 @@ from trims_ray.policy import available_policies, online_policies
 
 def test_defaults_are_valid_and_frozen():
     config = CacheConfig()
-    assert config.policy == "lru" and config.peer_fetch is True and config.host_bytes is None
+    assert config.policy == "gdsf" and config.peer_fetch is True and config.host_bytes is None
+    assert config.gpu_tier_config().policy == "gdsf"
     with pytest.raises(AttributeError):
-        config.policy = "gdsf"  # type: ignore[misc]
+        config.policy = "lru"  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
