@@ -31,17 +31,28 @@ def ray_node():
         ray.shutdown()
 
 
-@pytest.fixture
-def cache(ray_node, tmp_path):
-    """trims_ray on the module's Ray, with its own store and disk tier; yields the store."""
-    config = trims_ray.CacheConfig(
-        host_bytes=HOST_BUDGET, disk_dir=str(tmp_path / "disk"), lease_check_s=0.2, caller_timeout_s=3.0
-    )
-    trims_ray.init(store=str(tmp_path / "store"), config=config)
+def _trims_ray_on(tmp_path, **overrides):
+    """Starts trims_ray with its own store and disk tier under ``tmp_path``; yields the store."""
+    settings = dict(host_bytes=HOST_BUDGET, disk_dir=str(tmp_path / "disk"), lease_check_s=0.2, caller_timeout_s=3.0)
+    trims_ray.init(store=str(tmp_path / "store"), config=trims_ray.CacheConfig(**{**settings, **overrides}))
     try:
         yield trims_ray.ModelStore(str(tmp_path / "store"))
     finally:
         trims_ray.shutdown()
+
+
+@pytest.fixture
+def cache(ray_node, tmp_path):
+    """trims_ray on the module's Ray, with its own store and disk tier and the default policy;
+    yields the store."""
+    yield from _trims_ray_on(tmp_path)
+
+
+@pytest.fixture
+def lru_cache(ray_node, tmp_path):
+    """As ``cache``, with the lru policy: for tests that check which model goes (lru's order is
+    the one a test can name; gdsf's depends on the measured load rates)."""
+    yield from _trims_ray_on(tmp_path, policy="lru")
 
 
 def wait_for(condition, timeout: float = 15.0, interval: float = 0.1, what: str = "condition"):

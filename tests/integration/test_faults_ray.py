@@ -295,8 +295,10 @@ def test_object_store_pressure_from_another_job(cache_dir, ray_node):
         # whatever does not fit), and trims_ray keeps to its budget by evicting its own models.
         for name in ["p1", "p2", "p3", "p0", "p3"]:
             assert ray.get(functions[name].remote()) == expected(models[name])
+        # p3 cannot fit beside the other three: one of them goes (which, and whether p0 comes
+        # back by evicting another, is the policy's choice).
         host = node_stats(ray_node).tiers["host"]
-        assert host.bytes_used <= host.capacity and host.evictions >= evictions + 2
+        assert host.bytes_used <= host.capacity and host.evictions >= evictions + 1
     finally:
         ray.get(other.let_go.remote())
         ray.kill(other)

@@ -202,7 +202,7 @@ def test_eviction_really_frees_object_store_memory(cache, ray_node):
     wait_for(lambda: node_stats(ray_node).object_store_bytes_used <= loaded - size)
 
 
-def test_host_budget_is_respected_and_lru_evicts(cache, ray_node):
+def test_host_budget_is_respected_and_lru_evicts(lru_cache, ray_node):
     for i in range(4):  # 20 MiB each against a 64 MiB budget: three fit
         trims_ray.register(f"m{i}", weights(20, seed=i))
     for i in range(4):
