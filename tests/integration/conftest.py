@@ -51,7 +51,7 @@ def cache(ray_node, tmp_path):
 @pytest.fixture
 def lru_cache(ray_node, tmp_path):
     """As ``cache``, with the lru policy: for tests that check which model goes (lru's order is
-    the one a test can name; gdsf's depends on the measured load rates)."""
+    the one a test can name; gdsf's among equally popular models follows how long loads took)."""
     yield from _trims_ray_on(tmp_path, policy="lru")
 
 

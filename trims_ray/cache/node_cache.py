@@ -30,7 +30,6 @@ from .._manifest_cache import ManifestCache
 from .._names import check_tenant
 from .._protect import GUARD_BYTES
 from .._protocol import (
-    ASSUMED_LOAD_RATES,
     BYPASS,
     DENIED,
     DISK,
@@ -301,7 +300,7 @@ class NodeCache(NodeCacheViews, NodePins):
             with self._lock:
                 try:
                     reclaim = time.monotonic() < deadline
-                    return self.host.request(manifest, force, self._policy_cost(manifest), reclaim)
+                    return self.host.request(manifest, force, self._miss_cost(manifest), reclaim)
                 except RoomPending as pending:
                     asked = pending.entries
             wait_until_gone(asked, self._gone, max(0.0, deadline - time.monotonic()))
@@ -366,21 +365,11 @@ class NodeCache(NodeCacheViews, NodePins):
 
     # -- loading -------------------------------------------------------------------------------
 
-    def _policy_cost(self, manifest: Manifest) -> float:
-        """The miss cost (seconds) the host tier's policy weighs for ``manifest``, at admission
-        and when the load is kept alike: what keeping it saves, a later miss, which reads the
-        disk tier when that can hold the blob (every load writes one there), else the store;
-        at the assumed rate of that source.
-
-        Why one estimate for newcomers and kept models, and not a measured one: admission
-        weighs a newcomer's cost against its victims'. A kept model's cost was once the time
-        its load took (the put, the wait for room and a first load's warm-up included), so a
-        newcomer as popular as the idle model it would evict was refused and the idle one
-        stayed; costs from measured rates drift with every load, so among models equally
-        popular the order of eviction followed that drift. With one rate per source, equals
-        tie, ties admit, and the oldest goes first."""
-        source = DISK if self.disk.budget >= manifest.nbytes else STORE
-        return manifest.nbytes / ASSUMED_LOAD_RATES[source]
+    def _miss_cost(self, manifest: Manifest) -> float:
+        """What a host-tier miss of ``manifest`` costs now (seconds): a load from the disk tier
+        if it is there, else from the store."""
+        source = DISK if cache_key(manifest) in self.disk.sizes else STORE
+        return self.expected_load_s(manifest.nbytes, source)
 
     def expected_load_s(self, nbytes: int, source: str) -> float:
         """What loading ``nbytes`` from ``source`` is expected to take, by measured rates."""
@@ -400,7 +389,13 @@ class NodeCache(NodeCacheViews, NodePins):
                 self.host.failed(entry, detached(exc))
             raise
         with self._lock:
-            self.host.loaded(entry, handle, self._policy_cost(entry.manifest))  # as admission weighed it
+            # The cost a cost-aware policy (gdsf, cost) weighs for this model: the estimate
+            # admission gives every newcomer (bytes over the source's measured rate, which this
+            # load has just updated), not the time the load took. That time also holds the put,
+            # the wait for room and a first load's warm-up, and the first estimate was made at
+            # an assumed rate: every resident model outweighed a newcomer as popular as itself,
+            # and such misses went unkept (bypasses) while an idle model stayed.
+            self.host.loaded(entry, handle, self.expected_load_s(entry.manifest.nbytes, entry.source))
 
     # -- eviction and prefetch -----------------------------------------------------------------
 
