@@ -210,6 +210,9 @@ class Traffic:
             disk_dir=str(self.disk_dir),
             report_s=0.2,
             tenant_quotas={"default": {"disk": DISK_QUOTA}},
+            # lru: every miss is admitted, so each ROUND evicts and the evictions charts have
+            # data; gdsf (the default) may refuse a one-off newcomer and bypass instead.
+            policy="lru",
         )
         trims_ray.init(store=str(tmp_path / "store"), config=config)
         self.infos = {name: trims_ray.register(name, {"w": torch.full((MODEL_BYTES // 4,), float(i))}) for i, name in enumerate("abc")}
