@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ._names import check_tenant
 
-__all__ = ["default_store_uri", "env_store_uri", "caller_tenant_from_env", "protection_from_env", "ReadOptions", "CacheConfig", "GpuTierConfig"]
+__all__ = ["default_store_uri", "env_store_uri", "caller_tenant_from_env", "protection_from_env", "gc_freeze_from_env", "ReadOptions", "CacheConfig", "GpuTierConfig"]
 
 MiB = 1024 * 1024
 
@@ -29,7 +29,13 @@ def default_store_uri() -> str:
 def protection_from_env() -> bool:
     """False when ``$TRIMS_RAY_PROTECT`` is 0/false/no/off (page protection of leased weights
     off, e.g. for debugging); read per call."""
-    return os.environ.get("TRIMS_RAY_PROTECT", "1").strip().lower() not in ("0", "false", "no", "off")
+    return _env_on("TRIMS_RAY_PROTECT")
+
+
+def gc_freeze_from_env() -> bool:
+    """False when ``$TRIMS_RAY_GC_FREEZE`` is 0/false/no/off: trims_ray's long-lived processes
+    then leave every object to the garbage collector's full collections (``_gc``)."""
+    return _env_on("TRIMS_RAY_GC_FREEZE")
 
 
 def env_store_uri() -> str | None:
@@ -41,6 +47,11 @@ def caller_tenant_from_env() -> str | None:
     """``$TRIMS_RAY_TENANT`` (Ray's runtime_env carries it to tasks), or None when unset."""
     tenant = os.environ.get("TRIMS_RAY_TENANT", "").strip()
     return tenant or None
+
+
+def _env_on(name: str) -> bool:
+    """A switch that is on unless ``$name`` is 0/false/no/off."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _env_int(name: str, default: int) -> int:

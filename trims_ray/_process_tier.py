@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from ._gc import freeze_startup_objects
 from ._protect import ProtectToken, protect_array, release
 from ._protocol import Holder, HostGrant, Resolved, cache_key
 from .actors._naming import forget_node_cache_actor
@@ -283,4 +284,7 @@ def process_tier() -> ProcessTier:
         with _tier_lock:
             if _tier is None:
                 _tier = ProcessTier()
+                # A worker that keeps models lives on: what it holds by now (its imports, torch)
+                # need not be walked by every node-wide gc.collect of Ray's (``_gc``).
+                freeze_startup_objects()
     return _tier

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import psutil
 import ray
 from ray.cluster_utils import Cluster
+
+from trims_ray._gc import quick_frees, ray_env
 
 __all__ = ["init_local", "start_cluster", "stop_cluster", "local_cluster", "retry_slow_start"]
 
@@ -52,8 +53,10 @@ def retry_slow_start(start: Callable[[], T], *, attempts: int = 2) -> T:
 
 def init_local(**kwargs) -> None:
     """``ray.init(address="local", **kwargs)``: a new one-node Ray of our own, never one that
-    another test or user left running on this machine."""
-    retry_slow_start(lambda: ray.init(address="local", **kwargs))
+    another test or user left running on this machine; it frees released objects every 100 ms,
+    as a Ray that ``trims_ray.init`` starts does (``trims_ray._gc.quick_frees``)."""
+    with quick_frees():
+        retry_slow_start(lambda: ray.init(address="local", **kwargs))
 
 
 @contextlib.contextmanager
@@ -62,21 +65,16 @@ def preallocated_object_store() -> Iterator[None]:
     ``preallocate_plasma_memory``), so no timed run pays for first touching plasma pages: these
     VMs take 2.5-3 ms per MiB the first time (DESIGN.md, "Benchmarks"); measured here, publishing
     a 20 MiB model took 10-34 ms on fresh plasma memory and 3 ms on memory touched before."""
-    old = os.environ.get("RAY_preallocate_plasma_memory")
-    os.environ["RAY_preallocate_plasma_memory"] = "1"
-    try:
+    with ray_env({"RAY_preallocate_plasma_memory": "1"}):
         yield
-    finally:
-        if old is None:
-            os.environ.pop("RAY_preallocate_plasma_memory", None)
-        else:
-            os.environ["RAY_preallocate_plasma_memory"] = old
 
 
 def start_cluster(nodes: int, *, log_to_driver: bool = False, **node_args) -> Cluster:
     """A head and ``nodes - 1`` worker nodes on this machine, each started with ``node_args``
     (``num_cpus``, ``object_store_memory``, ...), and this driver connected to them. The
-    dashboard is off. Stop it with :func:`stop_cluster`."""
+    dashboard is off; the nodes started here free released objects every 100 ms, as a Ray that
+    ``trims_ray.init`` starts does (``trims_ray._gc.quick_frees``). Stop it with
+    :func:`stop_cluster`."""
 
     def start() -> Cluster:
         cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
@@ -90,7 +88,8 @@ def start_cluster(nodes: int, *, log_to_driver: bool = False, **node_args) -> Cl
             raise
         return cluster
 
-    return retry_slow_start(start)
+    with quick_frees():
+        return retry_slow_start(start)
 
 
 def stop_cluster(cluster: Cluster) -> None:

@@ -174,3 +174,34 @@ def test_models_kept_from_a_cache_that_restarted_are_dropped(cache, ray_node):
     host = _node(ray_node).tiers["host"]
     assert host.models == 1 and host.loads >= 1
     wait_for(lambda: ray.get(call.remote(None))[1] == "process", what="kept again, from the new cache")
+
+
+@trims_ray.function(num_cpus=1)
+def _gc_state(model):
+    """How many objects this worker's garbage collector has frozen, and its pid."""
+    import gc
+
+    return gc.get_freeze_count(), os.getpid()
+
+
+def test_a_worker_that_keeps_models_freezes_its_start_up_objects_unless_told_not_to(cache, ray_node):
+    # Ray's node-wide gc.collect then walks only what came after (``trims_ray._gc``).
+    trims_ray.register("m", _weights(1, seed=7))
+    frozen, pid = ray.get(_gc_state.options(model="m").remote())
+    assert frozen > 10_000, frozen  # torch's import alone makes some 200,000 objects
+    # Another runtime_env gets another worker, which reads the switch before it freezes.
+    off = {"env_vars": {"TRIMS_RAY_GC_FREEZE": "0"}}
+    frozen_off, pid_off = ray.get(_gc_state.options(model="m", runtime_env=off).remote())
+    assert pid_off != pid and frozen_off == 0
+
+
+def test_a_ray_of_our_own_frees_released_objects_every_100_ms(ray_node):
+    # init_local starts the raylet as trims_ray.init would (``trims_ray._gc.quick_frees``),
+    # and the setting stays out of this process's environment afterwards.
+    import psutil
+    from ray._private import ray_constants
+    from ray._private.worker import _global_node
+
+    raylet = _global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
+    assert psutil.Process(raylet.pid).environ().get("RAY_free_objects_period_milliseconds") == "100"
+    assert "RAY_free_objects_period_milliseconds" not in os.environ

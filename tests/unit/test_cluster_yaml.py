@@ -178,6 +178,14 @@ def test_dockerfile_installs_trims_ray_from_this_checkout_without_swapping_torch
     assert {".git", ".venv", "tests"} <= set(ignored), ignored
 
 
+def test_every_ray_the_image_starts_frees_released_objects_as_trims_ray_init_does():
+    # The image's environment reaches `ray start` under `ray up` and in KubeRay's pods alike.
+    from trims_ray._gc import QUICK_FREES
+
+    env = dict(re.findall(r"^ENV (\w+)=(\S+)$", dockerfile(), re.MULTILINE))
+    assert QUICK_FREES.items() <= env.items(), env
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_node_runs_the_image_the_dockerfile_builds(name):
     (built,) = BUILD_RE.finditer(dockerfile())

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "trims_ray"
 # Lowest first. A module may import modules of its own layer and of the layers below.
 LAYERS: dict[str, tuple[str, ...]] = {
     "protocol": (
-        "_errors", "_names", "_config", "_protocol", "_malloc", "_torchvision_ops",
+        "_errors", "_names", "_config", "_protocol", "_malloc", "_gc", "_torchvision_ops",
         "policy", "policy.base", "policy._heap", "policy.lru", "policy.lfu", "policy.fifo",
         "policy.gdsf", "policy.cost", "policy.belady", "policy.admission",
     ),

@@ -20,6 +20,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .._errors import TrimsError
+from .._gc import freeze_startup_objects
 from .._gpu_ipc import DeviceIdentity, holder_env, node_gpus
 from .._malloc import ACTOR_ENV
 from .._manifest import Manifest
@@ -270,6 +271,7 @@ class GpuTierActor:
         if self.tier is not None:
             threading.Thread(target=self._reap_forever, name="trims-gpu-reaper", daemon=True).start()
             self.manifests.start_refreshing(self._stop)
+        freeze_startup_objects()  # what Ray's node-wide gc.collect would walk for nothing (``_gc``)
 
     def _reap_forever(self) -> None:
         while not self._stop.wait(self.config.lease_check_s):

@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .._config import CacheConfig
 from .._errors import ModelNotFoundError, TrimsError
+from .._gc import freeze_startup_objects
 from .._fsio import has_credentials, without_credentials
 from .._malloc import ACTOR_ENV, give_back_free_memory
 from .._manifest import Manifest
@@ -146,6 +147,7 @@ class NodeCacheActor:
         threading.Thread(target=self._reap_forever, name="trims-lease-reaper", daemon=True).start()
         threading.Thread(target=self._report_forever, name="trims-report", daemon=True).start()
         self.cache.manifests.start_refreshing(self._stop)
+        freeze_startup_objects()  # what Ray's node-wide gc.collect would walk for nothing (``_gc``)
 
     def _reap_forever(self) -> None:
         scrubbed_at = time.monotonic()

@@ -18,6 +18,7 @@ import ray
 
 from .._config import CacheConfig
 from .._errors import ModelNotFoundError
+from .._gc import freeze_startup_objects
 from .._fsio import has_credentials, without_credentials
 from .._malloc import ACTOR_ENV
 from .._manifest import Manifest
@@ -90,6 +91,7 @@ class PlacementActor:
         self._ready_at = time.monotonic()
         self._stop = threading.Event()
         threading.Thread(target=self._watch_forever, name="trims-placement", daemon=True).start()
+        freeze_startup_objects()  # what Ray's node-wide gc.collect would walk for nothing (``_gc``)
 
     # -- state from the node caches ------------------------------------------------------------
 
