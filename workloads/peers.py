@@ -71,6 +71,9 @@ class PeersConfig:
     timeout_s: float = 120.0
     directory: str | None = None
     policy: str = trims_ray.CacheConfig.policy  # trims_ray's host-tier policy: its default unless chosen
+    # CPUs each trims_ray task asks Ray for: 0.5 runs two invocations at once per CPU, as a Serve
+    # replica runs several requests in threads.
+    trims_cpus: float = 1.0
 
     def __post_init__(self) -> None:
         for label in ("models", "mb", "requests", "clients", "cache_models"):
@@ -90,6 +93,9 @@ class PeersConfig:
             raise ValueError(f"--systems: unknown {bad}; choose from {', '.join(SYSTEMS)}")
         if not (self.zipf >= 0 and self.timeout_s > 0):
             raise ValueError("--zipf must be >= 0 and the timeout > 0")
+        if not 0 < self.trims_cpus <= 1:
+            # Above one CPU a three-node run (1 CPU a node) could never schedule the task.
+            raise ValueError(f"--trims-cpus must be > 0 and <= 1, got {self.trims_cpus!r}")
         from trims_ray.policy import online_policies
 
         if self.policy not in online_policies():
@@ -363,7 +369,7 @@ def run_peers(config: PeersConfig, *, report: Callable[[RegimeResult, str], None
                 host = budget + config.cache_models * 2 * GUARD_BYTES
                 setup = Setup(
                     node_ids, cpus, store_dir, tmp, {s.name: s for s in catalog.specs}, config.cache_models, budget, host,
-                    policy=config.policy,
+                    policy=config.policy, trims_cpus=config.trims_cpus,
                 )  # fmt: skip
                 order = zipf_sequence(len(catalog.specs), config.requests, exponent=config.zipf, seed=config.seed)
                 timed = [catalog.specs[i] for i in order]
@@ -403,7 +409,8 @@ def _title(r: RegimeResult, config: PeersConfig, catalog: Catalog, setup: Setup)
         f"peers: {regime}; {r.nodes} node(s) x {r.cpus} CPU(s){shards}; {catalog.what}; Zipf {config.zipf:g} (seed {config.seed}); "
         f"{config.requests} requests from {config.clients} closed-loop clients after an untimed warm-up of each model once; "
         f"memory per node {config.cache_models} models ({setup.budget_bytes / MiB:.0f} MiB: Serve {config.cache_models} per replica, "
-        f"LRU actor bytes, trims_ray host tier + guard pages; trims_ray's policy {config.policy}); Ray's object store "
+        f"LRU actor bytes, trims_ray host tier + guard pages; trims_ray's policy {config.policy}); "
+        f"trims_ray tasks ask for {config.trims_cpus:g} CPU; Ray's object store "
         "preallocated; ms end to end from the "
         "driver; load/fwd: means measured in the "
         "serving process (load: request start there to a usable module; an mmap reads its pages in the forward); "
@@ -431,6 +438,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", default=",".join(d.systems), help=f"subset of {','.join(SYSTEMS)} (default all)")
     parser.add_argument("--timeout-s", type=float, default=d.timeout_s, help="a request not answered by then fails")
     parser.add_argument("--dir", default=None, help="directory for the store (default: system temp)")
+    parser.add_argument(
+        "--trims-cpus", type=float, default=d.trims_cpus,
+        help=f"CPUs each trims_ray task asks Ray for (default {d.trims_cpus:g}; 0.5 runs two invocations at once per CPU)",
+    )  # fmt: skip
     parser.add_argument("--policy", default=d.policy, help=f"trims_ray's host-tier policy, CacheConfig.policy (default {d.policy})")
     parser.add_argument("--sweep", action="store_true", help="measure the hit overhead by model size instead")
     parser.add_argument("--sweep-mb", default="10,100,1000", help="sweep sizes in MiB (default 10,100,1000)")
@@ -466,7 +477,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             models=args.models, mb=args.mb, zoo=_names(args.zoo), requests=args.requests, clients=args.clients,
             cache_models=args.cache_models, zipf=args.zipf, seed=args.seed, regimes=_names(args.regimes),
             nodes=_ints(parser, "--nodes", args.nodes), systems=_names(args.systems), timeout_s=args.timeout_s,
-            directory=args.dir, policy=args.policy,
+            directory=args.dir, policy=args.policy, trims_cpus=args.trims_cpus,
         )  # fmt: skip
     except ValueError as exc:
         parser.error(str(exc))

@@ -337,6 +337,7 @@ class Setup:
     host_bytes: int  # trims_ray's host tier per node
     extra: dict = field(default_factory=dict)
     policy: str = trims_ray.CacheConfig.policy  # trims_ray's host-tier policy
+    trims_cpus: float = 1.0  # CPUs each trims_ray task asks for
 
 
 Submit = Callable[[ModelSpec], Awaitable[Answer]]
@@ -346,9 +347,19 @@ def _pinned(node: str) -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(node, soft=False)
 
 
-def _start_workers(setup: Setup) -> None:
-    warm = ray.remote(num_cpus=1)(_warm_process)
-    ray.get([warm.options(scheduling_strategy=_pinned(n)).remote() for n in setup.nodes for _ in range(setup.cpus)])
+def workers_per_node(cpus: int, task_cpus: float) -> int:
+    """How many tasks asking for ``task_cpus`` CPUs Ray runs at once on a node of ``cpus``."""
+    if task_cpus <= 0:
+        raise ValueError(f"task_cpus must be > 0, got {task_cpus!r}")
+    return max(1, int(cpus / task_cpus + 1e-9))
+
+
+def _start_workers(setup: Setup, task_cpus: float = 1.0) -> None:
+    """Starts as many workers on each node as tasks asking for ``task_cpus`` run there at once
+    (sent together, so that each starts a process of its own)."""
+    warm = ray.remote(num_cpus=task_cpus)(_warm_process)
+    per_node = workers_per_node(setup.cpus, task_cpus)
+    ray.get([warm.options(scheduling_strategy=_pinned(n)).remote() for n in setup.nodes for _ in range(per_node)])
 
 
 @contextlib.contextmanager
@@ -379,8 +390,8 @@ def _trims(setup: Setup) -> Iterator[Submit]:
     )
     trims_ray.init(setup.store_dir, address=None, config=config)
     try:
-        _start_workers(setup)
-        infer = trims_ray.function(trims_infer, num_cpus=1)
+        _start_workers(setup, setup.trims_cpus)
+        infer = trims_ray.function(trims_infer, num_cpus=setup.trims_cpus)
         # One function per model, made before the clock starts.
         functions = {name: infer.options(model=name) for name in setup.catalog}
         yield lambda spec: functions[spec.name].remote(spec)

@@ -168,6 +168,8 @@ def test_routing_benchmark_prints_median_and_goal(capsys):
         (["--zoo", "resnet50,bert_base"], "--cache-models 4 holds the whole catalog of 2"),
         (["--sweep", "--sweep-mb", "10,x"], "--sweep-mb must be integers separated by commas"),
         (["--policy", "belady"], "--policy: unknown 'belady'; choose from cost, fifo, gdsf, lfu, lru"),
+        (["--trims-cpus", "0"], "--trims-cpus must be > 0 and <= 1, got 0.0"),
+        (["--trims-cpus", "1.5"], "--trims-cpus must be > 0 and <= 1, got 1.5"),
     ],
 )
 def test_peers_rejects_bad_arguments_with_a_clear_message(argv, message, capsys):
@@ -184,7 +186,21 @@ def test_peers_help_through_bench_and_the_cli(capsys):
 
     assert cli.main(["bench", "peers", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "--regimes" in out and "--sweep-mb" in out and "--zoo" in out
+    assert "--regimes" in out and "--sweep-mb" in out and "--zoo" in out and "--trims-cpus" in out
+
+
+@pytest.mark.parametrize(("cpus", "task_cpus", "workers"), [(2, 1.0, 2), (1, 1.0, 1), (2, 0.5, 4), (1, 0.3, 3), (1, 0.1, 10), (2, 2.0, 1)])
+def test_peers_starts_a_worker_for_each_task_a_node_runs_at_once(cpus, task_cpus, workers):
+    from workloads.peers_systems import workers_per_node
+
+    assert workers_per_node(cpus, task_cpus) == workers
+
+
+def test_peers_worker_count_rejects_a_task_that_asks_for_no_cpu():
+    from workloads.peers_systems import workers_per_node
+
+    with pytest.raises(ValueError, match="task_cpus must be > 0"):
+        workers_per_node(2, 0)
 
 
 def test_peers_zipf_sequence_is_seeded_and_skewed():
