@@ -29,6 +29,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import trims_ray
 from trims_ray._factory import assemble_module, resolve_factory
+from trims_ray.cache.placement import NodeInfo, task_slots
 
 __all__ = [
     "SYSTEMS",
@@ -348,10 +349,11 @@ def _pinned(node: str) -> NodeAffinitySchedulingStrategy:
 
 
 def workers_per_node(cpus: int, task_cpus: float) -> int:
-    """How many tasks asking for ``task_cpus`` CPUs Ray runs at once on a node of ``cpus``."""
+    """How many tasks asking for ``task_cpus`` CPUs Ray runs at once on a node of ``cpus``: the
+    slots trims_ray's routing counts (``task_slots``), so that each slot has a warm worker."""
     if task_cpus <= 0:
         raise ValueError(f"task_cpus must be > 0, got {task_cpus!r}")
-    return max(1, int(cpus / task_cpus + 1e-9))
+    return int(task_slots(NodeInfo(host_capacity=0, slots=cpus), cpus=task_cpus))
 
 
 def _start_workers(setup: Setup, task_cpus: float = 1.0) -> None:
