@@ -9,6 +9,7 @@ node's cache to a task, ``GpuGrant`` from a GPU holder to a task), read by attri
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,6 +41,8 @@ __all__ = [
     "GpuGrant",
     "TierStats",
     "TenantStats",
+    "USE_DECAY_S",
+    "RecentUses",
 ]
 
 HOST, DISK, PEER, STORE = "host", "disk", "peer", "store"
@@ -54,6 +57,30 @@ BYPASS = "bypass"
 # The two refusals a tenant can meet, counted per tenant (TenantStats): a name that resolves to
 # nothing it may see, and naming another tenant explicitly.
 NOT_FOUND, DENIED = "not_found", "denied"
+# How fast a node forgets a model's uses (seconds, the time constant of an exponential decay):
+# its recent request rate is the decayed count over this, which placement weighs to choose the
+# node whose eviction a new load would cost least.
+USE_DECAY_S = 30.0
+
+
+@dataclass(frozen=True)
+class RecentUses:
+    """A model's uses on a node, as a count decayed with ``USE_DECAY_S``, at ``at`` (wall-clock
+    seconds: the value crosses nodes, whose monotonic clocks differ). Changes only when the
+    model is used, so a node's report stays the same while nothing happens."""
+
+    count: float = 0.0
+    at: float = 0.0
+
+    def count_at(self, now: float) -> float:
+        return self.count * math.exp(-max(0.0, now - self.at) / USE_DECAY_S)
+
+    def used(self, now: float, times: int = 1) -> RecentUses:
+        return RecentUses(self.count_at(now) + times, now)
+
+    def per_s(self, now: float) -> float:
+        """Uses per second lately."""
+        return self.count_at(now) / USE_DECAY_S
 
 
 

@@ -92,9 +92,10 @@ class Router:
         # table refreshes, since the nodes report them only later.
         self._mine: dict[tuple[str, str], int] = {}
         self._outstanding: dict[int, ray.ObjectRef] = {}
-        # Loads this caller started: (model key, node) -> when; kept across table refreshes
-        # until the node reports the model, so that the next invocation joins the load.
-        self._loads_started: dict[tuple[str, str], float] = {}
+        # Loads this caller started: (model key, node) -> (when, bytes); kept across table
+        # refreshes until the node reports the model, so that the next invocation joins the
+        # load and the next load elsewhere does not count on the room this one takes.
+        self._loads_started: dict[tuple[str, str], tuple[float, int]] = {}
         self._closed = threading.Event()
         # Names resolve in the cluster's store, the one the node caches load from (this process
         # may not know it: a worker whose Ray was started before trims_ray.init).
@@ -142,11 +143,11 @@ class Router:
         # A snapshot may predate a load this caller just started (the node had not reported
         # it yet): without the mark, the next invocation would start another load.
         now = time.monotonic()
-        for (key, node), since in list(self._loads_started.items()):
+        for (key, node), (since, nbytes) in list(self._loads_started.items()):
             if node in snapshot.where.get(key, {}) or now - since > _LOADING_GRACE_S:
                 del self._loads_started[(key, node)]
             else:
-                placement.loading(key, node)
+                placement.loading(key, node, nbytes)
         return placement
 
     def _poll_forever(self) -> None:
@@ -231,17 +232,18 @@ class Router:
         """
         manifest = self.manifest(name, tenant)
         key = cache_key(manifest)
+        nbytes = manifest.nbytes + 2 * GUARD_BYTES
         with self._lock:
             try:
-                route = self._placement.route(key, manifest.nbytes + 2 * GUARD_BYTES, gpu=gpu, cpus=cpus, gpus=gpus)
+                route = self._placement.route(key, nbytes, gpu=gpu, cpus=cpus, gpus=gpus)
             except LookupError:
                 raise TrimsError(
                     "no trims_ray node cache has reported to placement yet: retry in a moment, "
                     "or check that trims_ray.init() succeeded"
                 ) from None
             if route.tier is None:
-                self._placement.loading(key, route.node)
-                self._loads_started[(key, route.node)] = time.monotonic()
+                self._placement.loading(key, route.node, nbytes)
+                self._loads_started[(key, route.node)] = (time.monotonic(), nbytes)
         _metrics.record_route(route.node, route.tier, tenant, name)
         return manifest, route
 

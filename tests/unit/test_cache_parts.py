@@ -6,6 +6,7 @@ and its write-behind, the scrub of host copies, and the per-tenant quota helpers
 from __future__ import annotations
 
 import errno
+import math
 import shutil
 import threading
 from collections.abc import Callable
@@ -29,11 +30,13 @@ from trims_ray._protocol import (
     NOT_FOUND,
     PEER,
     STORE,
+    RecentUses,
     TenantStats,
     cache_key,
 )
 from trims_ray._reader import copy_verified, read_blob
 from trims_ray.cache import host_loader as host_loader_module
+from trims_ray.cache import host_tier as host_tier_module
 from trims_ray.cache.disk_tier import LOCAL_FS, DiskTier
 from trims_ray.cache.host_loader import HostLoader, WriteBehind
 from trims_ray.cache.host_tier import HostEntry, HostTier, detached
@@ -302,6 +305,36 @@ def test_a_failed_load_wakes_its_waiters_with_the_error_and_frees_its_bytes(file
     # The next miss of that model is admitted afresh.
     again = host.admit(a, False, 1.0)
     assert again is not None and again is not entry and again.error is None
+
+
+def test_host_tier_reports_what_a_load_could_evict_in_order_with_recent_uses(file_store, monkeypatch):
+    a, b, c = (model(file_store, n, 30 + i) for i, n in enumerate("abc"))
+    memory = FakeSharedMemory()
+    wall = [1000.0]
+    host = HostTier(BIG, make_policy("lru"), lambda: None, quota=lambda t: None, wall_clock=lambda: wall[0])
+    for manifest in (a, b, c):
+        entry, leader = host.request(manifest, False, 1.0)  # one use each, at its miss
+        assert leader
+        publish(host, entry, file_store, memory)
+        host.unlease(entry)
+    wall[0] += 30.0
+    host.request(a, False, 1.0)[0].leases -= 1  # a hit: a is now the most recently used
+    host.note_use(cache_key(b), 4)  # hits that processes served from b while they kept it
+    running, _ = host.request(c, False, 1.0)  # c is leased by an invocation: not evictable
+    order = host.evictable()
+    assert [key for key, *_ in order] == [cache_key(b), cache_key(a)]  # LRU's order
+    assert all(nbytes == host.entries[key].nbytes for key, nbytes, *_ in order)
+    uses = {key: RecentUses(count, at) for key, _, count, at in order}
+    # b: one use 30 s ago (decayed by e) and 4 now; a: likewise, and 1 now.
+    assert uses[cache_key(b)].count_at(wall[0]) == pytest.approx(4 + math.exp(-1))
+    assert uses[cache_key(a)].count_at(wall[0]) == pytest.approx(1 + math.exp(-1))
+    assert uses[cache_key(b)].per_s(wall[0]) > uses[cache_key(a)].per_s(wall[0])
+    # Pinned by a process only (leases == pins): evictable, since the node can ask it back.
+    running.pins = running.leases
+    assert cache_key(c) in [key for key, *_ in host.evictable()]
+    # A report lists the first few only: every caller gets it.
+    monkeypatch.setattr(host_tier_module, "EVICTABLE_REPORTED", 2)
+    assert [key for key, *_ in host.evictable()] == [cache_key(b), cache_key(a)]
 
 
 def test_detached_keeps_type_message_and_details_but_no_traceback_cause_or_context():

@@ -260,3 +260,76 @@ def test_the_service_time_a_task_measured_sets_the_queue_cost():
     for _ in range(20):
         p.finished("m", None, 5.0)  # now five seconds each: loading elsewhere is cheaper
     assert p.route("m", 10 * MB).node == "n1"
+
+
+# -- where a load evicts: the node whose victims are least likely asked for soon -------------
+
+
+def full_node(p: Placement, node: str, victims: list[tuple[str, float]], *, at: float = 1000.0) -> None:
+    """Reports ``node`` full (10 MB), holding 5 MB models ``victims``: (key, recent uses at ``at``)."""
+    report_evictable = [(key, 5 * MB, uses, at) for key, uses in victims]
+    p.report(
+        node,
+        NodeReport({key: "host" for key, _ in victims}, 10 * MB, 10 * MB, evictable=report_evictable),
+    )
+
+
+def test_a_load_evicts_on_the_node_whose_victims_are_used_least_lately():
+    wall = Clock()
+    wall.now = 1000.0
+    p = Placement(clock=lambda: 0.0, wall_clock=wall)
+    full_node(p, "n0", [("hot-a", 30.0), ("hot-b", 30.0)])  # about one use a second each
+    full_node(p, "n1", [("cold-a", 0.5), ("hot-c", 30.0)])  # its evict-first model is cold
+    full_node(p, "n2", [("warm-a", 2.0), ("warm-b", 2.0)])
+    route = p.route("new", 5 * MB)
+    assert route.tier is None and route.node == "n1"
+    assert p.eviction_cost(p._nodes["n1"], 5 * MB) < p.eviction_cost(p._nodes["n2"], 5 * MB)
+    # Room for one more needs both of n1's models: now n2's two warm ones cost less.
+    assert p.route("bigger", 10 * MB).node == "n2"
+    # Time passes without uses: the counts decay alike, the order stays.
+    wall.now += 60.0
+    assert p.route("new", 5 * MB).node == "n1"
+
+
+def test_a_node_with_free_room_is_charged_nothing_and_one_that_cannot_make_room_a_load():
+    p = Placement(clock=lambda: 0.0, wall_clock=lambda: 1000.0)
+    full_node(p, "n0", [("hot", 30.0)])  # 5 MB evictable of a full 10 MB: not enough for 6 MB
+    p.report("n1", NodeReport({}, 10 * MB, 0))
+    assert p.eviction_cost(p._nodes["n1"], 6 * MB) == 0.0
+    assert p.eviction_cost(p._nodes["n0"], 6 * MB) is None
+    assert p.route("new", 6 * MB).node == "n1"
+
+
+def test_a_callers_load_takes_its_room_and_victims_until_the_node_reports():
+    # Two loads routed before the nodes report: the second must not count on the room, or the
+    # cold victim, that the first one takes.
+    p = Placement(clock=lambda: 0.0, wall_clock=lambda: 1000.0)
+    full_node(p, "n0", [("cold-a", 0.1), ("hot-a", 30.0)])
+    full_node(p, "n1", [("warm-b", 3.0), ("hot-b", 30.0)])
+    copy = Placement.from_snapshot(p.snapshot(), wall_clock=lambda: 1000.0)
+    first = copy.route("new-1", 5 * MB)
+    assert first.node == "n0"
+    copy.loading("new-1", first.node, 5 * MB)
+    assert copy._nodes["n0"].evictable[0][0] == "hot-a"  # cold-a is counted as gone
+    assert copy.route("new-2", 5 * MB).node == "n1"  # hot-a next on n0 costs more than warm-b
+    # A snapshot carries each node's evictable models to callers unchanged.
+    assert Placement.from_snapshot(p.snapshot())._nodes["n1"].evictable == p._nodes["n1"].evictable
+
+
+def test_a_second_copy_that_must_evict_needs_a_longer_queue_than_one_that_fits():
+    # n0 holds m (1 slot, 50 ms a call). Loading m from n0's memory costs about 61 ms; on n1,
+    # full, it would evict a model nobody used lately (about free), and a second copy there is
+    # charged one more load: 122 ms. Two calls queued at n0 (110 ms) keep the next one there;
+    # three (160 ms) send it to n1. With room on n2 instead, two queued are enough to go there.
+    p = Placement(clock=lambda: 0.0, wall_clock=lambda: 1000.0)
+    p.report("n0", NodeReport({"m": "host"}, 10 * MB, MB))
+    full_node(p, "n1", [("cold", 0.0), ("other", 0.0)])
+    for _ in range(2):
+        p.started("m", "n0")
+    assert p.route("m", MB).node == "n0"
+    p.started("m", "n0")
+    route = p.route("m", MB)
+    assert (route.node, route.tier) == ("n1", None)
+    p.report("n2", NodeReport({}, 10 * MB, 0))
+    p.finished("m", "n0")
+    assert p.route("m", MB).node == "n2"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,11 +22,15 @@ import numpy as np
 from .._errors import CapacityError
 from .._manifest import Manifest
 from .._protect import GUARD_BYTES
-from .._protocol import HOST, TierStats, cache_key
+from .._protocol import HOST, RecentUses, TierStats, cache_key
 from ..policy import EvictionPolicy, Outcome, decide_admission
 from .quotas import tenant_quota
 
 __all__ = ["HostMemory", "HostEntry", "HostTier", "RoomPending", "detached"]
+
+# The most evict-first models a report lists (every caller gets them): enough for any load
+# but one that would evict more models than this, which placement then prices as a bypass.
+EVICTABLE_REPORTED = 64
 
 
 def detached(error: BaseException) -> BaseException:
@@ -90,6 +95,7 @@ class HostTier:
             ``budget`` (see ``bypass``); 0: none, each such miss is read by its task.
         ask_back: asks the processes pinning an entry to give it back (``pins.ProcessPins``);
             called when a pinned entry is evicted or chosen to make room.
+        wall_clock: wall-clock time source, for the recent uses it reports (``RecentUses``).
     """
 
     def __init__(
@@ -100,8 +106,13 @@ class HostTier:
         quota: Callable[[str], int | None],
         bypass_budget: int = 0,
         ask_back: Callable[[HostEntry], int] = lambda entry: 0,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.budget = budget
+        self.wall_clock = wall_clock
+        # Recent uses of the models in the table (requests and the hits processes served from
+        # the models they keep), which placement weighs when it chooses where a load evicts.
+        self.uses: dict[str, RecentUses] = {}
         self.ask_back = ask_back
         self.policy = policy
         self.on_change = on_change
@@ -159,6 +170,34 @@ class HostTier:
         models = {k: (e.manifest.tenant, e.manifest.name, e.manifest.nbytes) for k, e in self.entries.items()}
         return residency, models, {k: e.leases - e.pins for k, e in self.entries.items() if e.leases > e.pins}
 
+    def evictable(self) -> list[tuple[str, int, float, float]]:
+        """For placement, the models a load could evict now, in the policy's eviction order
+        (the first ``EVICTABLE_REPORTED``): (key, accounted bytes, recent uses' count and time:
+        ``RecentUses``). Those leased by an invocation are not; those only processes' pins hold
+        are (they are asked back)."""
+
+        def idle(k: str) -> bool:
+            entry = self.entries[k]
+            return entry.ready.is_set() and entry.leases == entry.pins
+
+        order = []
+        for key in self.policy.victims(idle):
+            uses = self.uses.get(key, RecentUses())
+            order.append((key, self.entries[key].nbytes, uses.count, uses.at))
+            if len(order) == EVICTABLE_REPORTED:
+                break
+        return order
+
+    def note_use(self, key: str, times: int = 1) -> None:
+        """``key`` was used ``times`` times now (a request, or hits processes served)."""
+        now = self.wall_clock()
+        self.uses[key] = self.uses.get(key, RecentUses()).used(now, times)
+        if len(self.uses) > max(256, 4 * len(self.entries)):
+            # Bounded: half of the models not here, those used least lately, are forgotten.
+            gone = sorted((u.count_at(now), k) for k, u in self.uses.items() if k not in self.entries)
+            for _, k in gone[: len(gone) // 2]:
+                del self.uses[k]
+
     # -- admission -----------------------------------------------------------------------------
 
     def request(
@@ -168,6 +207,7 @@ class HostTier:
         whether the caller loads it (a miss admitted, or a new shared copy), or (None, False):
         a bypass, which the task reads itself. Raises as ``admit``."""
         key = cache_key(manifest)
+        self.note_use(key)
         entry = self.entries.get(key)
         leader = entry is None
         if leader:

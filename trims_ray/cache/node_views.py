@@ -53,7 +53,8 @@ class NodeCacheViews:
     def report(self) -> dict:
         """What placement needs of this node, in one consistent snapshot: the best tier of every
         blob here ("host", "loading" or "disk"), host budget and use, leases per blob, and one
-        (tenant, name, nbytes) per blob so that placement can ask another node for a copy."""
+        (tenant, name, nbytes) per blob so that placement can ask another node for a copy, and
+        what a load here could evict, in order, with each model's recent uses."""
         with self._lock:
             residency, models, in_flight = self.host.report()
             return {
@@ -62,4 +63,5 @@ class NodeCacheViews:
                 "host_used": self.host.used,
                 "in_flight": in_flight,
                 "models": models,
+                "evictable": self.host.evictable(),
             }

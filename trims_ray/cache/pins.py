@@ -137,6 +137,7 @@ class NodePins:
             for key, count in hits.items():
                 if key in self.host.entries and count > 0:
                     self.host.stats.hits += count
+                    self.host.note_use(key, count)
                     # Each hit, as the policy would have seen it from a lease (frequency-based
                     # policies count them); bounded, so a flood cannot hold the lock long.
                     for _ in range(min(count, _MAX_ACCESSES_NOTED)):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .._errors import CapacityError
-from .._protocol import ASSUMED_LOAD_RATES
+from .._protocol import ASSUMED_LOAD_RATES, RecentUses
 
 __all__ = ["Placement", "NodeInfo", "NodeReport", "ReportSequence", "Route", "Snapshot", "TIERS", "LOADING", "task_slots"]
 
@@ -40,6 +40,8 @@ class NodeInfo:
     in_flight: int = 0
     last_report: float = 0.0
     gpus: float = 0.0  # the node's GPUs
+    # What a load there could evict, evict-first first: (key, bytes, RecentUses count, at).
+    evictable: tuple[tuple[str, int, float, float], ...] = ()
 
 
 def task_slots(info: NodeInfo, cpus: float = 1.0, gpus: float = 0.0) -> float:
@@ -74,6 +76,9 @@ class NodeReport:
             "gpu" in ``residency`` itself means the same, with the host side unknown.
         seq: where this report stands among the node's reports (``ReportSequence``); None:
             unordered, always applied.
+        evictable: what a load into the host tier could evict now, in the node's eviction
+            order: (model key, accounted bytes, and its recent uses there: ``RecentUses``'s
+            count and time), so that placement loads where the eviction costs least.
     """
 
     residency: dict[str, str]
@@ -85,6 +90,7 @@ class NodeReport:
     gpu: dict[str, str] = field(default_factory=dict)
     seq: tuple[int, int] | None = None
     gpus: float = 0.0
+    evictable: list[tuple[str, int, float, float]] = field(default_factory=list)
 
 
 # Epochs handed out in this process, so that two sequences started within one clock tick are
@@ -136,8 +142,8 @@ class Snapshot:
 
     version: int
     where: dict[str, dict[str, str]]  # the host side: model key -> {node: host, loading or disk}
-    # node -> (host_capacity, host_used, slots (CPUs), in_flight, GPUs)
-    nodes: dict[str, tuple[int, int, float, int, float]]
+    # node -> (host_capacity, host_used, slots (CPUs), in_flight, GPUs, evictable)
+    nodes: dict[str, tuple[int, int, float, int, float, tuple]]
     gpu: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model key -> nodes, on a GPU
 
 
@@ -157,7 +163,10 @@ class Placement:
         drop_after_s: how long demand must stay low before an extra copy is dropped.
         copy_timeout_s: how long a copy placement asked for may take to load before it asks
             again (elsewhere).
+        evict_horizon_s: how far ahead a load's evictions are charged: a victim costs its
+            reload times the requests expected for it within this time, at its recent rate.
         clock: monotonic time source.
+        wall_clock: wall-clock time source (nodes stamp recent uses with it).
     """
 
     handoff_s: dict[str, float] = field(
@@ -171,7 +180,9 @@ class Placement:
     copy_when_in_flight: int = 4
     drop_after_s: float = 10.0
     copy_timeout_s: float = 60.0
+    evict_horizon_s: float = 10.0
     clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
         self._nodes: dict[str, NodeInfo] = {}
@@ -252,6 +263,7 @@ class Placement:
             self.node_joined(node, report.host_capacity, report.slots)
         info = self._nodes[node]
         info.host_capacity, info.slots, info.gpus = report.host_capacity, max(1, report.slots), report.gpus
+        info.evictable = tuple(tuple(victim) for victim in report.evictable)
         host_side = {k: t for k, t in report.residency.items() if t != "gpu"}
         on_gpu = {k for k, t in report.residency.items() if t == "gpu"}
         on_gpu.update(k for k, t in report.gpu.items() if t == "gpu")
@@ -303,7 +315,10 @@ class Placement:
         return Snapshot(
             self.version,
             {k: dict(v) for k, v in self._where.items()},
-            {n: (i.host_capacity, i.host_used, i.slots, i.in_flight, i.gpus) for n, i in self._nodes.items()},
+            {
+                n: (i.host_capacity, i.host_used, i.slots, i.in_flight, i.gpus, i.evictable)
+                for n, i in self._nodes.items()
+            },
             {k: tuple(sorted(v)) for k, v in self._gpu.items()},
         )
 
@@ -314,8 +329,8 @@ class Placement:
         placement = cls(**settings)
         placement._where = {k: dict(v) for k, v in snapshot.where.items()}
         placement._gpu = {k: set(v) for k, v in snapshot.gpu.items()}
-        for node, (capacity, used, slots, in_flight, gpus) in snapshot.nodes.items():
-            placement._nodes[node] = NodeInfo(capacity, used, slots, in_flight, gpus=gpus)
+        for node, (capacity, used, slots, in_flight, gpus, evictable) in snapshot.nodes.items():
+            placement._nodes[node] = NodeInfo(capacity, used, slots, in_flight, gpus=gpus, evictable=evictable)
         placement.version = snapshot.version
         if previous is not None:
             placement._service = previous._service
@@ -392,8 +407,17 @@ class Placement:
                 if info.host_capacity < nbytes or node in where:
                     continue
                 cost = load_cost + (info.in_flight // task_slots(info, cpus, gpus)) * service
-                if info.host_capacity - info.host_used < nbytes:
-                    cost += load_cost  # it would evict someone else's model first
+                if cost >= best_cost:
+                    continue  # what it would evict only adds to that
+                evicting = self.eviction_cost(info, nbytes)
+                # What it would evict costs their expected reloads; a node that cannot make room
+                # (everything leased) would serve it without keeping it: a load the next one pays again.
+                cost += load_cost if evicting is None else evicting
+                must_evict = info.host_capacity - info.host_used < nbytes
+                if must_evict and any(tier != "disk" for tier in where.values()):
+                    # A second copy in memory, for a queue, holds its bytes long after the queue
+                    # is gone (copy scaling adds copies for lasting demand): one more load.
+                    cost += load_cost
                 if cost < best_cost:
                     best_node, best_tier, best_cost = node, None, cost
         if best_node is None:
@@ -403,6 +427,26 @@ class Placement:
                 f"(largest: {largest}): raise the host budget or add a bigger node"
             )
         return Route(best_node, best_tier, best_cost)
+
+    def eviction_cost(self, info: NodeInfo, nbytes: int) -> float | None:
+        """The reloads a load of ``nbytes`` on this node is expected to cause (seconds): the
+        models it reported evicting first, until the load fits, each its load from the store
+        times the requests expected for it within ``evict_horizon_s`` at its recent rate
+        there; charged pro rata to the bytes the load takes of those it frees (the last victim
+        usually frees more than needed, and what is left serves the next load). 0 when it fits
+        already; None when what the node can evict is not enough."""
+        free = info.host_capacity - info.host_used
+        if free >= nbytes:
+            return 0.0
+        now, cost, freed = self.wall_clock(), 0.0, 0
+        reload_base = self.handoff_s["host"] + self.load_overhead_s
+        for _key, size, count, at in info.evictable:
+            asked = RecentUses(count, at).per_s(now) * self.evict_horizon_s
+            cost += asked * (reload_base + size / self.load_bytes_per_s["store"])
+            freed += size
+            if free + freed >= nbytes:
+                return cost * (nbytes - free) / freed
+        return None
 
     def started(self, key: str, node: str) -> None:
         """An invocation of ``key`` was sent to ``node`` (counts until ``finished``)."""
@@ -425,11 +469,22 @@ class Placement:
             old = self._service.get(key)
             self._service[key] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
-    def loading(self, key: str, node: str) -> None:
+    def loading(self, key: str, node: str, nbytes: int = 0) -> None:
         """Marks ``key`` as loading on ``node`` until the node's next report says otherwise, so
-        that the caller's next invocations join that load instead of starting another."""
-        if node in self._nodes:
-            self._where.setdefault(key, {}).setdefault(node, LOADING)
+        that the caller's next invocations join that load instead of starting another; with
+        ``nbytes``, the load's bytes count as used there and what it evicts as gone, so that
+        the caller's next load does not count on the same room."""
+        info = self._nodes.get(node)
+        if info is None:
+            return
+        if node not in self._where.get(key, {}) and nbytes > 0:
+            info.host_used += nbytes
+            victims = list(info.evictable)
+            while victims and info.host_capacity - info.host_used < 0:
+                _victim, size, _count, _at = victims.pop(0)
+                info.host_used -= size
+            info.evictable = tuple(victims)
+        self._where.setdefault(key, {}).setdefault(node, LOADING)
 
     # -- copies of hot models ------------------------------------------------------------------
 
