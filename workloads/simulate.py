@@ -3,7 +3,9 @@
 It replays a trace (workloads.traces) through a policy exactly as a node cache tier uses it
 (the one admission sequence, ``trims_ray.policy.decide_admission``, then evict and insert), so
 hit-ratio-vs-size curves for every policy, Belady included, take seconds.
-``python -m workloads.simulate curves|speed``.
+``python -m workloads.simulate curves|speed``. ``nodes`` replays a trace through several node
+caches, each with its own budget and policy, with every miss sent where trims_ray's placement
+routes it (``Placement.route`` on the nodes' reports), against one cache of their bytes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import math
 import sys
 import time
+import zlib
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +30,7 @@ from trims_ray.policy import (
 )
 from workloads import traces
 
-__all__ = ["Requests", "SimResult", "main", "simulate"]
+__all__ = ["Requests", "SimResult", "main", "simulate", "simulate_nodes"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -265,6 +268,113 @@ def simulate(trace: Requests | pa.Table, budget: int, policy: str, **policy_kwar
 CACHE_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # of the catalog's bytes
 
 
+def simulate_nodes(
+    trace: Requests, nodes: int, node_budget: int, policy: str, routing: str = "placement"
+) -> tuple[float, list[int]]:
+    """Replays ``trace`` through ``nodes`` caches of ``node_budget`` bytes each, run by the named
+    online policy; returns the hit ratio and the misses per node.
+
+    ``routing``: "placement", each request goes where ``trims_ray.cache.placement.Placement``
+    routes it, from reports the simulated nodes make as node caches do (residency, bytes used,
+    what a load would evict in the policy's order with recent uses; nothing in flight), so
+    that a hit goes to a holder and a miss to the node whose eviction costs least; "hash",
+    each model always to the same node (a CRC of its key modulo ``nodes``, as a partition by model
+    does). The policies' clock and the recent uses' wall clock are the trace's time. A model
+    bigger than a node misses on no node with placement (the cluster refuses it) and on its
+    node by hash (served, never kept).
+    """
+    from trims_ray._errors import CapacityError
+    from trims_ray._protocol import HOST, RecentUses
+    from trims_ray.cache.placement import NodeReport, Placement
+
+    if routing not in ("placement", "hash"):
+        raise ValueError(f"routing must be 'placement' or 'hash', got {routing!r}")
+    if policy_class(policy).offline:
+        raise ValueError(f"{policy} is offline: simulate_nodes runs online policies")
+    cursor = _Cursor()
+    names = [f"node-{i}" for i in range(nodes)]
+    caches = {n: make_policy(policy, clock=cursor) for n in names}
+    resident: dict[str, dict[Hashable, int]] = {n: {} for n in names}
+    uses: dict[str, dict[Hashable, RecentUses]] = {n: {} for n in names}
+    placement = Placement(clock=cursor, wall_clock=cursor)
+
+    def report(node: str) -> None:
+        here = resident[node]
+        evictable = [
+            (str(key), here[key], uses[node][key].count, uses[node][key].at)
+            for key in caches[node].victims(lambda _key: True)
+        ]
+        residency = {str(key): HOST for key in here}  # placement's keys are strings (blob digests)
+        placement.report(node, NodeReport(residency, node_budget, sum(here.values()), evictable=evictable))
+
+    for node in names:
+        report(node)
+    hits, misses = 0, dict.fromkeys(names, 0)
+    for i, key in enumerate(trace.keys):
+        cursor.index, cursor.now = i, trace.times[i]
+        size = trace.sizes[i]
+        if routing == "hash":
+            node = names[zlib.crc32(str(key).encode()) % nodes]  # stable across processes
+        else:
+            try:
+                node = placement.route(str(key), size).node
+            except CapacityError:
+                continue  # bigger than any node: the cluster refuses it (a miss, on no node)
+        here = resident[node]
+        uses[node][key] = uses[node].get(key, RecentUses()).used(cursor.now)
+        if key in here:
+            hits += 1
+            caches[node].on_access(key)
+        else:
+            misses[node] += 1
+            decision = decide_admission(
+                caches[node], key, size, trace.costs[i], budget=node_budget, used=sum(here.values()), sizes=here
+            )
+            if decision.kept:
+                for victim in decision.victims:
+                    caches[node].on_remove(victim)
+                    del here[victim]
+                    uses[node].pop(victim, None)
+                caches[node].on_insert(key, size, trace.costs[i])
+                here[key] = size
+        if routing == "placement":
+            report(node)
+    return hits / len(trace) if len(trace) else 0.0, list(misses.values())
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from trims_ray._protect import GUARD_BYTES
+
+    try:
+        table = traces.validate_trace(pq.read_table(args.trace))
+    except FileNotFoundError:
+        print(
+            f"no trace at {args.trace}: run `python -m workloads.replay` first (it writes one beside "
+            "its results), or name a trace Parquet with --trace",
+            file=sys.stderr,
+        )
+        return 2
+    # Sizes as the host tier counts them (guard pages included), as the replay's simulation does.
+    sizes = pa.compute.add(table["size"], 2 * GUARD_BYTES)
+    requests = Requests.from_table(table.set_column(table.schema.get_field_index("size"), "size", sizes))
+    node_budget = args.node_mb << 20
+    total = args.nodes * node_budget
+    belady = simulate(requests, total, "belady").object_hit_ratio
+    print(
+        f"{len(requests)} requests of {args.trace}; {args.nodes} nodes of {args.node_mb} MiB against "
+        f"one cache of {args.nodes * args.node_mb} MiB (Belady there: {belady:.3f}); object hit ratio:"
+    )
+    print(f"{'policy':<8} {'one cache':>10} {'placement':>10} {'by hash':>8}  misses per node (placement)")
+    for policy in args.policies.split(","):
+        one = simulate(requests, total, policy).object_hit_ratio
+        routed, per_node = simulate_nodes(requests, args.nodes, node_budget, policy, "placement")
+        hashed, _ = simulate_nodes(requests, args.nodes, node_budget, policy, "hash")
+        print(f"{policy:<8} {one:>10.3f} {routed:>10.3f} {hashed:>8.3f}  {per_node}")
+    return 0
+
+
 def _workloads(
     n_requests: int, seed: int, trace_dir: str | None
 ) -> list[tuple[str, str, pa.Table, int]]:
@@ -393,8 +503,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     speed = sub.add_parser("speed", help="time 1M requests through every policy")
     speed.add_argument("--requests", type=int, default=1_000_000)
     speed.add_argument("--seed", type=int, default=0)
+    nodes = sub.add_parser("nodes", help="a trace through several node caches routed by placement")
+    nodes.add_argument(
+        "--trace", default="results/replay.trace.parquet", help="a trace Parquet (default: the replay's)"
+    )
+    nodes.add_argument("--nodes", type=int, default=3)
+    nodes.add_argument("--node-mb", type=int, default=32, help="host tier per node, MiB (default 32)")
+    nodes.add_argument("--policies", default="gdsf,cost,lru,lfu,fifo")
     args = parser.parse_args(argv)
-    return _curves(args) if args.command == "curves" else _speed(args)
+    return {"curves": _curves, "speed": _speed, "nodes": _nodes}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -226,3 +226,53 @@ def test_curves_command_prints_a_table_per_metric_and_workload(capsys, tmp_path)
         assert len(rows) == 4 * len(sim.CACHE_FRACTIONS)
         for row in rows[: 2 * len(sim.CACHE_FRACTIONS)]:  # the two hit-ratio tables
             assert all(0 <= float(x) <= 1 for x in row[2:]) and len(row) == 2 + len(columns)
+
+
+# -- several nodes routed by placement (simulate_nodes) -------------------------------------
+
+
+def test_a_miss_on_full_nodes_evicts_where_the_victims_are_cold():
+    # Two nodes of 2 MiB, 1 MiB models, a request a second. a, b fill node-0 (the first of
+    # equals), c and d go to node-1 (node-0 has no room). a and b are then asked for three
+    # times each; e must evict: node-1's c (one use, 8 s ago) costs less than node-0's a or b,
+    # so e goes to node-1 and the last a and b still hit. 8 hits of 13; misses 2 and 3.
+    mib = 1 << 20
+    trace = Requests.from_keys("abcd" "ababab" "e" "ab", dict.fromkeys("abcde", mib))
+    ratio, misses = sim.simulate_nodes(trace, 2, 2 * mib, "lru")
+    assert (ratio, misses) == (pytest.approx(8 / 13), [2, 3])
+    # Partitioned by model instead, the same trace loses hits that one cache would keep.
+    one_cache = simulate(trace, 4 * mib, "lru").object_hit_ratio
+    assert ratio == pytest.approx(one_cache)
+
+
+def test_placement_routing_keeps_more_than_a_partition_by_model_on_a_zipf_trace():
+    catalog = traces.zoo_catalog(40, seed=3)
+    trace = Requests.from_table(traces.synthetic_trace(3000, catalog, seed=3, exponent=0.9))
+    node_budget = int(0.1 * catalog.total_bytes)
+    routed, misses = sim.simulate_nodes(trace, 3, node_budget, "gdsf")
+    hashed, _ = sim.simulate_nodes(trace, 3, node_budget, "gdsf", routing="hash")
+    one = simulate(trace, 3 * node_budget, "gdsf").object_hit_ratio
+    assert hashed < routed <= one + 0.02
+    assert sum(misses) == round((1 - routed) * len(trace)) and min(misses) > 0
+    with pytest.raises(ValueError, match="routing"):
+        sim.simulate_nodes(trace, 3, node_budget, "gdsf", routing="random")
+    with pytest.raises(ValueError, match="offline"):
+        sim.simulate_nodes(trace, 3, node_budget, "belady")
+
+
+def test_nodes_command_prints_every_policy_and_says_when_the_trace_is_missing(capsys, tmp_path):
+    import pyarrow.parquet as pq
+
+    catalog = traces.zoo_catalog(20, seed=1)
+    path = tmp_path / "trace.parquet"
+    pq.write_table(traces.synthetic_trace(400, catalog, seed=1, exponent=0.9), path)
+    node_mb = int(0.1 * catalog.total_bytes) >> 20
+    assert sim.main(["nodes", "--trace", str(path), "--node-mb", str(node_mb), "--policies", "lru,gdsf"]) == 0
+    out = capsys.readouterr().out
+    assert f"3 nodes of {node_mb} MiB" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["lru"], ["gdsf"])]
+    assert [row[0] for row in rows] == ["lru", "gdsf"]
+    for row in rows:
+        assert all(0 <= float(x) <= 1 for x in row[1:4])
+    assert sim.main(["nodes", "--trace", str(tmp_path / "missing.parquet")]) == 2
+    assert "run `python -m workloads.replay` first" in capsys.readouterr().err
