@@ -792,13 +792,16 @@ def bench_routing(models: int, nodes: int, calls: int, seed: int = 0) -> dict[st
     """Seconds per ``Placement.route`` call over a seeded cluster, split by the kind of model
     routed: "resident" (in one to three of ``nodes`` nodes, in a random tier) and "cold" (in no
     node: every node is a candidate to load on, the costliest case); a fifth of the models are
-    cold, and each node reports a few invocations in flight. Pure Python, no Ray."""
+    cold, each node reports a few invocations in flight, and its host tier full but for up to
+    2 GiB, with its host-resident models as what a load would evict (in a random order, with
+    random recent uses), so that a cold model's route prices evictions. Pure Python, no Ray."""
     import random
 
     from trims_ray.cache.placement import TIERS, NodeReport, Placement
 
     rng = random.Random(seed)
-    placement = Placement()
+    now = time.time()
+    placement = Placement(wall_clock=lambda: now)
     names = [f"node{i:02d}" for i in range(nodes)]
     residency: dict[str, dict[str, str]] = {n: {} for n in names}
     sizes = {f"model{i:04d}": rng.randint(10, 2000) * MiB for i in range(models)}
@@ -808,7 +811,11 @@ def bench_routing(models: int, nodes: int, calls: int, seed: int = 0) -> dict[st
             residency[node][key] = rng.choice(TIERS)
     for node in names:
         busy = {key: rng.randint(0, 2) for key in rng.sample(list(sizes), 4)}
-        placement.report(node, NodeReport(residency[node], 64 * 1024**3, rng.randint(0, 32) * 1024**3, busy, slots=8))
+        evictable = [(key, sizes[key], rng.uniform(0, 20), now - rng.uniform(0, 60)) for key, tier in residency[node].items() if tier == "host"]
+        rng.shuffle(evictable)
+        capacity = 64 * 1024**3
+        report = NodeReport(residency[node], capacity, capacity - rng.randint(0, 2) * 1024**3, busy, slots=8, evictable=evictable)
+        placement.report(node, report)
     samples: dict[str, list[float]] = {"resident": [], "cold": []}
     for key in rng.choices(list(sizes), k=calls):
         started = time.perf_counter()
