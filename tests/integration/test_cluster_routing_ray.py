@@ -1,7 +1,7 @@
 """trims_ray as a distributed cache on a real three-node Ray (one cluster for the module):
 invocations go where their model is and follow it when it moves, hot models get more copies,
-a miss copies from a peer's memory (verified) instead of the store, and a model no node can
-hold fails before any task starts.
+a miss on full nodes evicts where the models are used least, a miss copies from a peer's memory
+(verified) instead of the store, and a model no node can hold fails before any task starts.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import ray
 
 import trims_ray
 from trims_ray import CapacityError
+from trims_ray._cluster import placement_actor
+from trims_ray._protect import GUARD_BYTES
 from trims_ray._protocol import cache_key
 
 from .conftest import wait_for
@@ -171,3 +173,44 @@ def test_peer_bytes_are_verified(cache3):
     wait_for(lambda: host_nodes("m") == {c})
     fn = trims_ray.function(model="m", num_cpus=1)(where_and_sum)
     assert ray.get(fn.remote()) == (c, expected_sum(w))
+
+
+def test_a_miss_on_full_nodes_evicts_where_the_models_are_used_least(cache3):
+    # Every node's host tier (24 MiB) holds two 10 MiB models; all are used but one, "cold",
+    # on the second node. A new model must evict somewhere: it goes to that node, and only
+    # "cold" leaves (before, a miss on full nodes went to the first full node in the table).
+    a, b, c = cache3
+    layout = {a: ["hot-1", "hot-2"], b: ["hot-3", "cold"], c: ["hot-4", "hot-5"]}
+    sums = {}
+    for node, names in layout.items():
+        for i, name in enumerate(names):
+            w = weights(10, seed=10 + len(sums))
+            sums[name] = expected_sum(w)
+            trims_ray.register(name, w)
+            assert trims_ray.prefetch(name, nodes=[node]) == {node: "store"}
+    for name in [n for names in layout.values() for n in names if n != "cold"]:
+        fn = trims_ray.function(model=name, num_cpus=1)(where_and_sum)
+        holder = next(n for n, ms in layout.items() if name in ms)
+        for _ in range(4):
+            node, total = ray.get(fn.remote())
+            # approx: a sum this long may be reduced in another order by another thread count
+            assert (node, total) == (holder, pytest.approx(sums[name], rel=1e-12))
+    w_new = weights(10, seed=99)
+    info = trims_ray.register("new", w_new)
+    key, nbytes = cache_key(info), info.nbytes + 2 * GUARD_BYTES
+
+    def placement_would_load_on() -> str:
+        return ray.get(placement_actor().__ray_call__.remote(lambda actor: actor.placement.route(key, nbytes).node))
+
+    # Placement sees the uses once the nodes have reported them (hits that processes served
+    # from the models they keep arrive with their next poll).
+    wait_for(lambda: placement_would_load_on() == b, timeout=20)
+    trims_ray._routing.refresh()
+    fn = trims_ray.function(model="new", num_cpus=1)(where_and_sum)
+    node, total = ray.get(fn.remote())
+    assert (node, total) == (b, pytest.approx(expected_sum(w_new), rel=1e-12))
+    wait_for(lambda: host_nodes("cold") == set())
+    for node, names in layout.items():
+        for name in names:
+            if name != "cold":
+                assert host_nodes(name) == {node}, name
