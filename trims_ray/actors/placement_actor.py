@@ -41,15 +41,21 @@ __all__ = ["PlacementActor", "start_placement_actor"]
 
 log = logging.getLogger("trims_ray")
 
-# Every caller process keeps one long poll open here; beyond that, reports and queries.
+# Every caller process keeps one long poll open here; beyond that, queries.
 _CONCURRENCY = 1000
 _LONG_POLL_S = 10.0
+# The node caches' reports, the most frequent calls (one soon after every change on a node),
+# run on threads of their own: spread over the 1,000 above, each call would touch another
+# thread's stack, which the process keeps (soak: the actor's private memory grew past 32 MiB).
+# They take the table's lock in turn anyway.
+_REPORT_CONCURRENCY = 2
 
 
 def start_placement_actor(store_uri: str, storage_options: dict | None, config: CacheConfig) -> ray.actor.ActorHandle:
     """Gets or creates the cluster's placement actor (returns at once)."""
     return (
-        ray.remote(PlacementActor)
+        # Concurrency groups are class options in Ray, not ``.options()``.
+        ray.remote(concurrency_groups={"reports": _REPORT_CONCURRENCY})(PlacementActor)
         .options(
             name=PLACEMENT_ACTOR_NAME,
             namespace=NAMESPACE,
@@ -109,6 +115,7 @@ class PlacementActor:
             except Exception as exc:  # a cache still starting reports by itself when it is up
                 log.info("trims_ray: placement could not rebuild node %s yet: %s", node, exc)
 
+    @ray.method(concurrency_group="reports")
     def report(self, node: str, report: dict) -> None:
         """A node cache's snapshot (see ``NodeReport``)."""
         with self._cond:
