@@ -207,8 +207,11 @@ def test_a_miss_on_full_nodes_evicts_where_the_models_are_used_least(cache3):
     wait_for(lambda: placement_would_load_on() == b, timeout=20)
     trims_ray._routing.refresh()
     fn = trims_ray.function(model="new", num_cpus=1)(where_and_sum)
-    node, total = ray.get(fn.remote())
-    assert (node, total) == (b, pytest.approx(expected_sum(w_new), rel=1e-12))
+    # gdsf asks a newcomer for twice what its victims save: "new", asked for once, is served
+    # without being kept ("cold" was asked for once, by its prefetch); asked for again, it is.
+    for _ in range(2):
+        node, total = ray.get(fn.remote())
+        assert (node, total) == (b, pytest.approx(expected_sum(w_new), rel=1e-12))
     wait_for(lambda: host_nodes("cold") == set())
     for node, names in layout.items():
         for name in names:

@@ -314,7 +314,9 @@ def test_tasks_queued_behind_busy_slots_take_no_lease_until_they_start(ray_node,
     # Two tasks hold the node's two CPUs; three more, each for another model, queue behind them.
     # Leases taken at submit would pin all five models' bytes, more than the host tier holds, so
     # the last would be served past the cache (a bypass). Queued tasks lease when they start.
-    config = trims_ray.CacheConfig(host_bytes=10 * 1024 * 1024, disk_dir=str(tmp_path / "disk"))
+    # lru: every miss is admitted, so a bypass here can only come from leases (gdsf would refuse
+    # the last newcomer, asked for once, against models asked for as often).
+    config = trims_ray.CacheConfig(host_bytes=10 * 1024 * 1024, disk_dir=str(tmp_path / "disk"), policy="lru")
     trims_ray.init(store=str(tmp_path / "store"), config=config)
     go = tmp_path / "go"
     try:

@@ -178,7 +178,9 @@ class FakeGpuHolder:
             device=FakeDevice(64 * MiB),
             identity=DeviceIdentity("GPU-00000000-0000-0000-0000-000000000000", 0, "0", node),
             host=ArraySource(blobs),
-            config=GpuTierConfig(budget_bytes=MiB + MiB // 2),
+            # lru: every swap-in is admitted, so each tick evicts (gdsf asks a newcomer for twice
+            # what the resident model saves, and g2 would never get in).
+            config=GpuTierConfig(budget_bytes=MiB + MiB // 2, policy="lru"),
         )
 
     def tick(self) -> dict:

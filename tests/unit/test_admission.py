@@ -130,8 +130,9 @@ def test_a_huge_one_off_does_not_flush_a_hot_set():
         one_off = decide_admission(policy, "huge", 40, 4.0, budget=40, used=40, sizes=sizes)
         assert one_off == Admission(Outcome.REFUSED), name
         assert set(policy.keys()) == set("abcd")
-        # A small newcomer worth as much per byte as one victim is let in at its price.
-        small = decide_admission(policy, "small", 10, 6.0, budget=40, used=40, sizes=sizes)
+        # A small newcomer that saves twice what one victim does per byte (12 s for 10 bytes
+        # against 6 requests of 1 s; GDSF asks for twice, cost for as much) is let in at its price.
+        small = decide_admission(policy, "small", 10, 12.0, budget=40, used=40, sizes=sizes)
         assert small.kept and len(small.victims) == 1, name
 
 

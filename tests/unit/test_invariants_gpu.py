@@ -160,8 +160,12 @@ def test_a_busy_gpu_answers_bypass_and_a_model_too_big_raises(file_store, node, 
     # A model that can never fit the GPU's budget is an error (DESIGN, invariant 3).
     with pytest.raises(CapacityError, match="budget is"):
         holder.acquire("huge", TENANT, ME)
-    # Once the lease ends, b is swapped in (a is evicted).
+    # Once the lease ends, b can be swapped in (a evicted) when GDSF's admission lets it: on
+    # the request that makes it twice as asked for as a.
     holder.release(held.lease_id)
+    refused = holder.acquire("b", TENANT, ME)
+    assert refused.bypass and holder.tier.leases() == 0
+    holder.release(refused.lease_id)
     grant = holder.acquire("b", TENANT, ME)
     assert grant.tier == "store" and not grant.bypass
 

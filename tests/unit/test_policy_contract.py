@@ -602,13 +602,14 @@ class AdmissionChecks:
         assert answers[answers.index(True) :] == [True] * (12 - answers.index(True))
 
     def test_admission_weighs_value_per_byte(self):
-        # Victims a and b (6 requests, 1 s per 10 bytes each) free 20 bytes. A 10-byte
-        # newcomer requested once at 10 s saves more per byte (1.0 against 0.6), though less
-        # in total (10 against 12): admitted. At 1 s it saves less per byte: refused.
+        # Victims a, b and c (6 requests, 1 s per 10 bytes each) free 30 bytes. A 10-byte
+        # newcomer requested once at 15 s saves more per byte (1.5 against 0.6, past GDSF's
+        # margin of 2 too), though less in total (15 against 18): admitted. At 1 s it saves
+        # less per byte: refused.
         policy, clock = self.hot_set()
         clock.advance(1.0)
-        assert policy.admit("dense", 10, 10.0, ["a", "b"]) is True
-        assert policy.admit("plain", 10, 1.0, ["a", "b"]) is False
+        assert policy.admit("dense", 10, 15.0, ["a", "b", "c"]) is True
+        assert policy.admit("plain", 10, 1.0, ["a", "b", "c"]) is False
 
 
 class TestGDSF(AdmissionChecks, PolicyContract):
@@ -634,6 +635,22 @@ class TestGDSF(AdmissionChecks, PolicyContract):
         policy.on_remove("a")  # L = 0.4
         policy.on_insert("c", 10, 2.0)  # 0.4 + 0.2 = 0.6; without L it would be 0.2 < b
         assert list(policy.victims(everything)) == ["b", "c"]
+
+    def test_a_newcomer_must_promise_twice_what_its_victims_save(self):
+        # Victims a and b (6 requests, 1 s per 10 bytes each): 0.6 per byte. A 10-byte newcomer
+        # at 10 s, requested once, promises 1.0: more, not twice (1.2); at 13 s, 1.3: admitted.
+        policy, clock = self.hot_set()
+        clock.advance(1.0)
+        assert policy.admit("better", 10, 10.0, ["a", "b"]) is False
+        assert policy.admit("twice", 10, 13.0, ["a", "b"]) is True
+        even, clock = self.hot_set(admit_margin=1.0)
+        clock.advance(1.0)
+        assert even.admit("better", 10, 10.0, ["a", "b"]) is True
+
+    @pytest.mark.parametrize("margin", [0.5, 0.0, float("nan")])
+    def test_a_margin_below_one_is_rejected(self, margin):
+        with pytest.raises(ValueError, match="admit_margin"):
+            self.make(admit_margin=margin)
 
     def test_removing_a_hot_key_lifts_l_only_to_the_lowest_priority(self):
         policy = self.make()

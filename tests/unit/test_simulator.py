@@ -84,6 +84,18 @@ def test_belady_beats_or_equals_lru_with_equal_sizes():
         assert optimum.object_hit_ratio >= lru.object_hit_ratio > 0
 
 
+def test_gdsf_keeps_one_of_two_equally_asked_models_instead_of_swapping_them():
+    # Room for one of a, b, asked for in turn. Admitting ties, each miss evicts the other: b's
+    # first request (1, with this one) ties a's 1, a's next (2) beats b's 1, and so on: 40
+    # misses, 39 evictions. With the margin of 2, b needs twice a's count and never has it (its
+    # refused requests count, a's hits too): a misses once and hits 19 times, b is refused 20.
+    trace = Requests.from_keys("ab" * 20, ONES)
+    swapping = simulate(trace, 1, "gdsf", admit_margin=1.0)
+    assert (swapping.hits, swapping.evictions) == (0, 39)
+    steady = simulate(trace, 1, "gdsf")
+    assert (steady.hits, steady.evictions, steady.refused) == (19, 0, 20)
+
+
 @pytest.mark.parametrize("policy", available_policies())
 def test_the_budget_is_never_exceeded(policy):
     rng = random.Random(11)

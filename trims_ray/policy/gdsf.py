@@ -34,25 +34,37 @@ class GDSF(EvictionPolicy):
     loses against a hot set holding the same bytes, yet a model that turns hot wins after a few
     requests. Per byte, not in total: the victims usually free more bytes than the newcomer
     needs (the last one overshoots), and totals would count that against every newcomer (the
-    simulator's curves lost 2-6 points of hit ratio at large caches that way). Ties admit, so
-    with unknown (zero) costs admission never refuses. Exact counts rather than a sketch: a
-    cache of models sees few distinct keys.
+    simulator's curves lost 2-6 points of hit ratio at large caches that way). The newcomer must
+    promise ``admit_margin`` times what its victims save (2 by default): counts of a few
+    requests are noisy, and every swap costs a load, so without a margin two models of about
+    the same demand that do not fit together take turns, each evicting the other (on three
+    nodes of the real zoo models, ConvNeXt and T5-small did; see docs/benchmarks.md). With
+    unknown (zero) costs admission never refuses. Exact counts rather than a sketch: a cache of
+    models sees few distinct keys.
     """
 
     name = "gdsf"
 
-    def __init__(self, *, admission: bool = True, **kwargs) -> None:
+    def __init__(self, *, admission: bool = True, admit_margin: float = 2.0, **kwargs) -> None:
         """Creates an empty GDSF policy.
 
         Args:
             admission: False admits every miss (plain GDSF).
+            admit_margin: How many times its victims' saving per byte a newcomer must promise
+                to be kept (>= 1; 1 admits ties).
             **kwargs: Passed to EvictionPolicy (clock).
+
+        Raises:
+            ValueError: If admit_margin is below 1 (or not a number).
         """
+        if not admit_margin >= 1:  # also refuses NaN
+            raise ValueError(f"admit_margin must be >= 1, got {admit_margin!r}")
         super().__init__(**kwargs)
         self._heap = LazyHeap()
         self._freq: dict[Hashable, int] = {}
         self._inflation = 0.0
         self._admission = bool(admission)
+        self._admit_margin = float(admit_margin)
         self._requests: dict[Hashable, int] = {}  # aged request counts, resident or not
         self._window_used = 0
 
@@ -81,7 +93,7 @@ class GDSF(EvictionPolicy):
         requests, entries = self._requests, self._entries
         kept = (requests.get(key, 0) + 1) * cost / max(nbytes, 1)  # + 1: this request
         lost = sum(requests.get(v, 0) * entries[v].cost for v in victims)
-        if kept >= lost / max(sum(entries[v].nbytes for v in victims), 1):
+        if kept >= self._admit_margin * lost / max(sum(entries[v].nbytes for v in victims), 1):
             return True  # on_insert records this request
         self._record(key)  # a refused request still counts towards the key's next chance
         return False
