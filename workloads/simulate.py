@@ -5,7 +5,8 @@ It replays a trace (workloads.traces) through a policy exactly as a node cache t
 hit-ratio-vs-size curves for every policy, Belady included, take seconds.
 ``python -m workloads.simulate curves|speed``. ``nodes`` replays a trace through several node
 caches, each with its own budget and policy, with every miss sent where trims_ray's placement
-routes it (``Placement.route`` on the nodes' reports), against one cache of their bytes.
+routes it (``Placement.route`` on the nodes' reports), against one cache of their bytes; with
+``--zoo`` it does so for the request sequence the peers benchmark sends real zoo models.
 """
 
 from __future__ import annotations
@@ -342,8 +343,63 @@ def simulate_nodes(
     return hits / len(trace) if len(trace) else 0.0, list(misses.values())
 
 
+def zoo_requests(names: Sequence[str], requests: int, *, seed: int, zipf: float = 1.0, per_s: float = 8.0) -> Requests:
+    """The requests ``python -m workloads.bench peers --zoo NAMES`` sends, as the simulator sees
+    them: every model once (the untimed warm-up, in order), then ``requests`` drawn by the same
+    seeded Zipf (``workloads.peers.zipf_sequence``), ``per_s`` a second. Sizes are the weights'
+    bytes (4 a parameter) with the host tier's guard pages; a miss costs what placement assumes a
+    store load costs (its fixed overhead and the bytes at the assumed store rate)."""
+    from trims_ray._protect import GUARD_BYTES
+    from trims_ray._protocol import ASSUMED_LOAD_RATES, STORE
+    from trims_ray.cache.placement import Placement
+    from workloads.peers import zipf_sequence
+    from workloads.zoo import zoo_model
+
+    sizes = {i: 4 * zoo_model(name).params + 2 * GUARD_BYTES for i, name in enumerate(names)}
+    costs = {i: Placement.load_overhead_s + size / ASSUMED_LOAD_RATES[STORE] for i, size in sizes.items()}
+    keys = list(range(len(names))) + zipf_sequence(len(names), requests, exponent=zipf, seed=seed)
+    return Requests.from_keys(keys, sizes, costs, [i / per_s for i in range(len(keys))])
+
+
+def zoo_node_budget(names: Sequence[str], cache_models: int) -> int:
+    """A node's host tier in the peers benchmark: ``cache_models`` models of the mean size, and
+    their guard pages."""
+    from trims_ray._protect import GUARD_BYTES
+    from workloads.zoo import zoo_model
+
+    mean = sum(4 * zoo_model(name).params for name in names) / len(names)
+    return int(cache_models * mean) + cache_models * 2 * GUARD_BYTES
+
+
+def _zoo_nodes(args: argparse.Namespace) -> int:
+    names = [n for n in args.zoo.split(",") if n]
+    if len(names) < 2 or min(args.cache_models, args.requests, args.seeds, args.nodes) < 1:
+        print("--zoo needs two model names or more, and --cache-models, --requests, --seeds and --nodes >= 1", file=sys.stderr)
+        return 2
+    budget = zoo_node_budget(names, args.cache_models)
+    print(
+        f"the peers benchmark's zoo requests ({', '.join(names)}: each once, then {args.requests} by "
+        f"Zipf 1, seeds 0-{args.seeds - 1}); {args.nodes} nodes of {budget / 2**20:.0f} MiB "
+        f"({args.cache_models} models of the mean size) against one cache of their bytes; object hit ratio, mean over the seeds:"
+    )
+    print(f"{'policy':<8} {'one cache':>10} {'placement':>10} {'by hash':>8}  placement per seed")
+    for policy in args.policies.split(","):
+        one, routed, hashed = [], [], []
+        for seed in range(args.seeds):
+            trace = zoo_requests(names, args.requests, seed=seed)
+            one.append(simulate(trace, args.nodes * budget, policy).object_hit_ratio)
+            routed.append(simulate_nodes(trace, args.nodes, budget, policy, "placement")[0])
+            hashed.append(simulate_nodes(trace, args.nodes, budget, policy, "hash")[0])
+        per_seed = " ".join(f"{h:.3f}" for h in routed)
+        print(f"{policy:<8} {np.mean(one):>10.3f} {np.mean(routed):>10.3f} {np.mean(hashed):>8.3f}  {per_seed}")
+    return 0
+
+
 def _nodes(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
+
+    if args.zoo:
+        return _zoo_nodes(args)
 
     from trims_ray._protect import GUARD_BYTES
 
@@ -510,6 +566,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     nodes.add_argument("--nodes", type=int, default=3)
     nodes.add_argument("--node-mb", type=int, default=32, help="host tier per node, MiB (default 32)")
     nodes.add_argument("--policies", default="gdsf,cost,lru,lfu,fifo")
+    nodes.add_argument(
+        "--zoo", default="", help="zoo model names: the peers benchmark's requests for them instead of a trace"
+    )
+    nodes.add_argument("--cache-models", type=int, default=2, help="with --zoo: host tier per node, in models")
+    nodes.add_argument("--requests", type=int, default=300, help="with --zoo: requests after the warm-up")
+    nodes.add_argument("--seeds", type=int, default=12, help="with --zoo: seeds 0 to N-1, averaged")
     args = parser.parse_args(argv)
     return {"curves": _curves, "speed": _speed, "nodes": _nodes}[args.command](args)
 

@@ -288,3 +288,28 @@ def test_nodes_command_prints_every_policy_and_says_when_the_trace_is_missing(ca
         assert all(0 <= float(x) <= 1 for x in row[1:4])
     assert sim.main(["nodes", "--trace", str(tmp_path / "missing.parquet")]) == 2
     assert "run `python -m workloads.replay` first" in capsys.readouterr().err
+
+
+def test_zoo_requests_are_the_peers_benchmarks_and_nodes_replays_them(capsys):
+    from trims_ray._protect import GUARD_BYTES
+    from workloads.peers import zipf_sequence
+    from workloads.zoo import zoo_model
+
+    names = ["resnet50", "t5_small", "alexnet"]
+    trace = sim.zoo_requests(names, 40, seed=3)
+    # The warm-up asks for each model once, in order; then the benchmark's own Zipf draw.
+    assert trace.keys == [0, 1, 2] + zipf_sequence(3, 40, exponent=1.0, seed=3)
+    assert trace.sizes[:3] == [4 * zoo_model(n).params + 2 * GUARD_BYTES for n in names]
+    assert trace.times[:2] == [0.0, 1 / 8.0] and trace.costs[0] < trace.costs[2]  # alexnet is the bigger
+    mean = sum(4 * zoo_model(n).params for n in names) / 3
+    assert sim.zoo_node_budget(names, 2) == int(2 * mean) + 4 * GUARD_BYTES
+
+    assert sim.main(["nodes", "--zoo", ",".join(names), "--requests", "40", "--seeds", "2", "--policies", "gdsf,lru"]) == 0
+    out = capsys.readouterr().out
+    assert "3 nodes of" in out and "seeds 0-1" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["gdsf"], ["lru"])]
+    assert [row[0] for row in rows] == ["gdsf", "lru"]
+    for row in rows:
+        assert len(row) == 6 and all(0 < float(x) <= 1 for x in row[1:])  # 3 means and 2 seeds
+    assert sim.main(["nodes", "--zoo", "resnet50"]) == 2
+    assert "two model names" in capsys.readouterr().err
