@@ -652,6 +652,25 @@ class TestGDSF(AdmissionChecks, PolicyContract):
         with pytest.raises(ValueError, match="admit_margin"):
             self.make(admit_margin=margin)
 
+    def test_request_counts_halve_with_time_so_an_idle_hot_set_lets_newcomers_in(self):
+        # The hot set took 24 s, so with a half-life of 10 s its counts halved twice on the way
+        # (a and b: 2 each, 0.2 per byte); a newcomer at 1 s for 10 bytes promises 0.1 (0.2 with
+        # its refused request). Three half-lives later every count is 0: it is kept.
+        policy, clock = self.hot_set(half_life=10.0)
+        clock.advance(1.0)
+        assert policy.admit("new", 10, 1.0, ["a", "b"]) is False
+        clock.advance(30.0)
+        assert policy.admit("new", 10, 1.0, ["a", "b"]) is True
+        # Without the time, only requests age the counts: still refused.
+        patient, clock = self.hot_set(half_life=1e9)
+        clock.advance(31.0)
+        assert patient.admit("new", 10, 1.0, ["a", "b"]) is False
+
+    @pytest.mark.parametrize("half_life", [0.0, -1.0, float("nan"), float("inf")])
+    def test_a_half_life_not_above_zero_is_rejected(self, half_life):
+        with pytest.raises(ValueError, match="half_life"):
+            self.make(half_life=half_life)
+
     def test_removing_a_hot_key_lifts_l_only_to_the_lowest_priority(self):
         policy = self.make()
         policy.on_insert("a", 10, 1.0)  # 0.1

@@ -7,6 +7,8 @@ a newcomer would save with what its victims save, by aged request counts (TinyLF
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Hashable, Iterator, Sequence
 
 from trims_ray.policy._heap import LazyHeap
@@ -29,7 +31,9 @@ class GDSF(EvictionPolicy):
     Admission: a miss is kept when its ``requests * cost / nbytes`` is at least that of its
     victims together (their summed ``requests * cost`` over their summed bytes), where
     requests() counts requests (hits and misses, resident or not) and halves every count after
-    a window of 16 requests per tracked key (at least 32), so popularity fades. Both sides
+    a window of 16 requests per tracked key (at least 32), and again every ``half_life``
+    seconds of the clock, so popularity fades while requests come and while none do (after an
+    idle hour, yesterday's hot set does not hold off today's models). Both sides
     estimate the miss time saved per window per byte held: a one-off huge model (one request)
     loses against a hot set holding the same bytes, yet a model that turns hot wins after a few
     requests. Per byte, not in total: the victims usually free more bytes than the newcomer
@@ -45,20 +49,26 @@ class GDSF(EvictionPolicy):
 
     name = "gdsf"
 
-    def __init__(self, *, admission: bool = True, admit_margin: float = 2.0, **kwargs) -> None:
+    def __init__(
+        self, *, admission: bool = True, admit_margin: float = 2.0, half_life: float = 600.0, **kwargs
+    ) -> None:
         """Creates an empty GDSF policy.
 
         Args:
             admission: False admits every miss (plain GDSF).
             admit_margin: How many times its victims' saving per byte a newcomer must promise
                 to be kept (>= 1; 1 admits ties).
+            half_life: Seconds (of the clock) after which admission's request counts halve.
             **kwargs: Passed to EvictionPolicy (clock).
 
         Raises:
-            ValueError: If admit_margin is below 1 (or not a number).
+            ValueError: If admit_margin is below 1, or half_life is not > 0 (or either is not a
+                number).
         """
         if not admit_margin >= 1:  # also refuses NaN
             raise ValueError(f"admit_margin must be >= 1, got {admit_margin!r}")
+        if not (isinstance(half_life, (int, float)) and 0 < half_life < math.inf):
+            raise ValueError(f"half_life must be a finite number of seconds > 0, got {half_life!r}")
         super().__init__(**kwargs)
         self._heap = LazyHeap()
         self._freq: dict[Hashable, int] = {}
@@ -67,6 +77,8 @@ class GDSF(EvictionPolicy):
         self._admit_margin = float(admit_margin)
         self._requests: dict[Hashable, int] = {}  # aged request counts, resident or not
         self._window_used = 0
+        self._half_life = float(half_life)
+        self._halved_at: float | None = None  # clock time the counts last halved for time
 
     def _insert(self, key: Hashable, nbytes: int, cost: float) -> None:
         self._freq[key] = 1
@@ -90,6 +102,7 @@ class GDSF(EvictionPolicy):
     def _admit(self, key: Hashable, nbytes: int, cost: float, victims: Sequence[Hashable]) -> bool:
         if not self._admission:
             return True
+        self._age()
         requests, entries = self._requests, self._entries
         kept = (requests.get(key, 0) + 1) * cost / max(nbytes, 1)  # + 1: this request
         lost = sum(requests.get(v, 0) * entries[v].cost for v in victims)
@@ -99,6 +112,7 @@ class GDSF(EvictionPolicy):
         return False
 
     def _record(self, key: Hashable) -> None:
+        self._age()
         self._requests[key] = self._requests.get(key, 0) + 1
         self._window_used += 1
         if self._window_used >= max(32, 16 * len(self._entries)):
@@ -106,3 +120,16 @@ class GDSF(EvictionPolicy):
             # bounds the memory to the keys requested in the last few windows.
             self._requests = {k: n >> 1 for k, n in self._requests.items() if n > 1}
             self._window_used = 0
+
+    def _age(self) -> None:
+        """Halves every request count once per ``half_life`` passed since they last halved
+        for time (counts that reach zero are forgotten)."""
+        now = self._clock()
+        if self._halved_at is None:
+            self._halved_at = now
+            return
+        periods = int((now - self._halved_at) // self._half_life)
+        if periods > 0:
+            shift = min(periods, 63)
+            self._requests = {k: n >> shift for k, n in self._requests.items() if n >> shift}
+            self._halved_at += periods * self._half_life
