@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable, Iterator, KeysView, Mapping, Seq
 from dataclasses import dataclass
 from typing import ClassVar
 
-__all__ = ["Entry", "EvictionPolicy", "choose_victims"]
+__all__ = ["Entry", "EvictionPolicy", "check_positive", "choose_victims"]
 
 Key = Hashable
 Evictable = Callable[[Key], bool]
@@ -268,6 +268,20 @@ def _check_nbytes(nbytes: int) -> int:
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
     return int(nbytes)
+
+
+def check_positive(label: str, value: float) -> float:
+    """``value`` as a float, for a policy setting that must be a finite number > 0.
+
+    Raises:
+        TypeError: If it is not a number (a bool included).
+        ValueError: If it is not finite and > 0.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{label} must be a number > 0, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{label} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _check_cost(cost: float) -> float:

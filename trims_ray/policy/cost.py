@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
 
 from trims_ray.policy._heap import LazyHeap
-from trims_ray.policy.base import EvictionPolicy
+from trims_ray.policy.base import EvictionPolicy, check_positive
 
 __all__ = ["CostAware"]
 
@@ -69,13 +69,8 @@ class CostAware(EvictionPolicy):
             ValueError: If bandwidth or half_life is not finite and > 0.
         """
         super().__init__(**kwargs)
-        for label, value in (("bandwidth", bandwidth), ("half_life", half_life)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{label} must be a number > 0, got {value!r}")
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{label} must be a finite number > 0, got {value!r}")
-        self._bandwidth = float(bandwidth)
-        self._decay = math.log(2) / half_life
+        self._bandwidth = check_positive("bandwidth", bandwidth)
+        self._decay = math.log(2) / check_positive("half_life", half_life)
         self._admission = bool(admission)
         self._heap = LazyHeap()
         self._miss_cost: dict[Hashable, float] = {}

@@ -7,12 +7,10 @@ a newcomer would save with what its victims save, by aged request counts (TinyLF
 
 from __future__ import annotations
 
-import math
-
 from collections.abc import Hashable, Iterator, Sequence
 
 from trims_ray.policy._heap import LazyHeap
-from trims_ray.policy.base import EvictionPolicy
+from trims_ray.policy.base import EvictionPolicy, check_positive
 
 __all__ = ["GDSF"]
 
@@ -62,13 +60,12 @@ class GDSF(EvictionPolicy):
             **kwargs: Passed to EvictionPolicy (clock).
 
         Raises:
-            ValueError: If admit_margin is below 1, or half_life is not > 0 (or either is not a
-                number).
+            TypeError: If half_life is not a number.
+            ValueError: If admit_margin is below 1 (or NaN), or half_life is not finite and > 0.
         """
         if not admit_margin >= 1:  # also refuses NaN
             raise ValueError(f"admit_margin must be >= 1, got {admit_margin!r}")
-        if not (isinstance(half_life, (int, float)) and 0 < half_life < math.inf):
-            raise ValueError(f"half_life must be a finite number of seconds > 0, got {half_life!r}")
+        half_life = check_positive("half_life", half_life)
         super().__init__(**kwargs)
         self._heap = LazyHeap()
         self._freq: dict[Hashable, int] = {}
@@ -77,7 +74,7 @@ class GDSF(EvictionPolicy):
         self._admit_margin = float(admit_margin)
         self._requests: dict[Hashable, int] = {}  # aged request counts, resident or not
         self._window_used = 0
-        self._half_life = float(half_life)
+        self._half_life = half_life
         self._halved_at: float | None = None  # clock time the counts last halved for time
 
     def _insert(self, key: Hashable, nbytes: int, cost: float) -> None:
