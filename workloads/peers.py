@@ -335,6 +335,14 @@ class RegimeResult:
     rows: list[SystemRow]
 
 
+def memory_per_node(sizes: Sequence[int], cache_models: int) -> tuple[int, int]:
+    """(bytes, trims_ray's host tier) of one node's memory for models of ``sizes`` bytes:
+    ``cache_models`` models of the mean size, and at least the largest model (the LRU actor's
+    bytes; Serve's cap is the count); trims_ray's host tier adds two guard pages a model."""
+    budget = max(int(cache_models * statistics.fmean(sizes)), max(sizes))
+    return budget, budget + cache_models * 2 * GUARD_BYTES
+
+
 def _largest_estimate(config: PeersConfig) -> int:
     """Bytes of the largest model before it is built (to size the object store)."""
     if not config.zoo:
@@ -361,12 +369,7 @@ def run_peers(config: PeersConfig, *, report: Callable[[RegimeResult, str], None
                     started = time.perf_counter()
                     catalog = _register(config, store_dir)
                     print(f"peers: registered {catalog.what} in {time.perf_counter() - started:.1f} s", flush=True)
-                # Memory per node: cache_models models of the catalog's mean size, and at least the
-                # largest model (the LRU actor's bytes; Serve's cap is the count; trims_ray's host
-                # tier adds two guard pages a model).
-                mean = statistics.fmean(s.nbytes for s in catalog.specs)
-                budget = max(int(config.cache_models * mean), max(s.nbytes for s in catalog.specs))
-                host = budget + config.cache_models * 2 * GUARD_BYTES
+                budget, host = memory_per_node([s.nbytes for s in catalog.specs], config.cache_models)
                 setup = Setup(
                     node_ids, cpus, store_dir, tmp, {s.name: s for s in catalog.specs}, config.cache_models, budget, host,
                     policy=config.policy, trims_cpus=config.trims_cpus,

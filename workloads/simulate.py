@@ -353,22 +353,25 @@ def zoo_requests(names: Sequence[str], requests: int, *, seed: int, zipf: float 
     from trims_ray._protocol import ASSUMED_LOAD_RATES, STORE
     from trims_ray.cache.placement import Placement
     from workloads.peers import zipf_sequence
-    from workloads.zoo import zoo_model
 
-    sizes = {i: 4 * zoo_model(name).params + 2 * GUARD_BYTES for i, name in enumerate(names)}
+    sizes = {i: nbytes + 2 * GUARD_BYTES for i, nbytes in enumerate(zoo_weight_bytes(names))}
     costs = {i: Placement.load_overhead_s + size / ASSUMED_LOAD_RATES[STORE] for i, size in sizes.items()}
     keys = list(range(len(names))) + zipf_sequence(len(names), requests, exponent=zipf, seed=seed)
     return Requests.from_keys(keys, sizes, costs, [i / per_s for i in range(len(keys))])
 
 
-def zoo_node_budget(names: Sequence[str], cache_models: int) -> int:
-    """A node's host tier in the peers benchmark: ``cache_models`` models of the mean size, and
-    their guard pages."""
-    from trims_ray._protect import GUARD_BYTES
+def zoo_weight_bytes(names: Sequence[str]) -> list[int]:
+    """Each zoo model's weights in bytes (4 a parameter), without building it."""
     from workloads.zoo import zoo_model
 
-    mean = sum(4 * zoo_model(name).params for name in names) / len(names)
-    return int(cache_models * mean) + cache_models * 2 * GUARD_BYTES
+    return [4 * zoo_model(name).params for name in names]
+
+
+def zoo_node_budget(names: Sequence[str], cache_models: int) -> int:
+    """A node's host tier in the peers benchmark for these zoo models (its ``memory_per_node``)."""
+    from workloads.peers import memory_per_node
+
+    return memory_per_node(zoo_weight_bytes(names), cache_models)[1]
 
 
 def _zoo_nodes(args: argparse.Namespace) -> int:
@@ -383,10 +386,10 @@ def _zoo_nodes(args: argparse.Namespace) -> int:
         f"({args.cache_models} models of the mean size) against one cache of their bytes; object hit ratio, mean over the seeds:"
     )
     print(f"{'policy':<8} {'one cache':>10} {'placement':>10} {'by hash':>8}  placement per seed")
+    seeded = [zoo_requests(names, args.requests, seed=seed) for seed in range(args.seeds)]
     for policy in args.policies.split(","):
         one, routed, hashed = [], [], []
-        for seed in range(args.seeds):
-            trace = zoo_requests(names, args.requests, seed=seed)
+        for trace in seeded:
             one.append(simulate(trace, args.nodes * budget, policy).object_hit_ratio)
             routed.append(simulate_nodes(trace, args.nodes, budget, policy, "placement")[0])
             hashed.append(simulate_nodes(trace, args.nodes, budget, policy, "hash")[0])

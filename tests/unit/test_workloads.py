@@ -341,3 +341,12 @@ def test_peers_summary_counts_wrong_answers_and_times_only_right_ones():
     assert row.hit_ratio == pytest.approx(6 / 11) and row.load_s == pytest.approx(0.002)
     assert row.errors == ["m: checksum 2.0, expected 1.0"]
     assert summarize("nocache", right, wall_s=1.0).hit_ratio is None
+
+
+def test_peers_memory_per_node_is_cache_models_of_the_mean_and_at_least_the_largest():
+    from trims_ray._protect import GUARD_BYTES
+    from workloads.peers import memory_per_node
+
+    # Mean 20: two models of it are 40; one is 20, less than the largest (30), which must fit.
+    assert memory_per_node([10, 30, 20], 2) == (40, 40 + 4 * GUARD_BYTES)
+    assert memory_per_node([10, 30, 20], 1) == (30, 30 + 2 * GUARD_BYTES)
