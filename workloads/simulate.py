@@ -7,6 +7,8 @@ hit-ratio-vs-size curves for every policy, Belady included, take seconds.
 caches, each with its own budget and policy, with every miss sent where trims_ray's placement
 routes it (``Placement.route`` on the nodes' reports), against one cache of their bytes; with
 ``--zoo`` it does so for the request sequence the peers benchmark sends real zoo models.
+``routes`` replays a replay's requests through one cache per node, each request sent where the
+measured run sent it, to tell a loss in routing from a loss in what the nodes kept.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from trims_ray.policy import (
 )
 from workloads import traces
 
-__all__ = ["Requests", "SimResult", "main", "simulate", "simulate_nodes"]
+__all__ = ["Requests", "SimResult", "main", "simulate", "simulate_nodes", "simulate_routes"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -269,6 +271,51 @@ def simulate(trace: Requests | pa.Table, budget: int, policy: str, **policy_kwar
 CACHE_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # of the catalog's bytes
 
 
+class _SimNode:
+    """One simulated node cache: its policy, budget, resident keys and their recent uses, as a
+    node cache keeps them; ``simulate_nodes`` and ``simulate_routes`` send it requests."""
+
+    def __init__(self, policy: str, clock: Callable[[], float], budget: int) -> None:
+        self.policy = make_policy(policy, clock=clock)
+        self.budget = budget
+        self.resident: dict[Hashable, int] = {}
+        self.uses: dict[Hashable, object] = {}  # key -> RecentUses
+
+    def request(self, key: Hashable, size: int, cost: float, now: float) -> bool:
+        """Serves one request at ``now``: a hit, or a miss that is kept if admission says so
+        (its victims evicted); returns whether it hit."""
+        from trims_ray._protocol import RecentUses
+
+        self.uses[key] = self.uses.get(key, RecentUses()).used(now)
+        if key in self.resident:
+            self.policy.on_access(key)
+            return True
+        decision = decide_admission(
+            self.policy, key, size, cost, budget=self.budget, used=sum(self.resident.values()), sizes=self.resident
+        )
+        if decision.kept:
+            for victim in decision.victims:
+                self.policy.on_remove(victim)
+                del self.resident[victim]
+                self.uses.pop(victim, None)
+            self.policy.on_insert(key, size, cost)
+            self.resident[key] = size
+        return False
+
+    def report(self):
+        """What the node cache reports to placement: residency, bytes used, and what a load
+        would evict in the policy's order with recent uses (placement's keys are strings)."""
+        from trims_ray._protocol import HOST
+        from trims_ray.cache.placement import NodeReport
+
+        evictable = [
+            (str(key), self.resident[key], self.uses[key].count, self.uses[key].at)
+            for key in self.policy.victims(lambda _key: True)
+        ]
+        residency = {str(key): HOST for key in self.resident}
+        return NodeReport(residency, self.budget, sum(self.resident.values()), evictable=evictable)
+
+
 def simulate_nodes(
     trace: Requests, nodes: int, node_budget: int, policy: str, routing: str = "placement"
 ) -> tuple[float, list[int]]:
@@ -285,8 +332,7 @@ def simulate_nodes(
     node by hash (served, never kept).
     """
     from trims_ray._errors import CapacityError
-    from trims_ray._protocol import HOST, RecentUses
-    from trims_ray.cache.placement import NodeReport, Placement
+    from trims_ray.cache.placement import Placement
 
     if routing not in ("placement", "hash"):
         raise ValueError(f"routing must be 'placement' or 'hash', got {routing!r}")
@@ -294,22 +340,10 @@ def simulate_nodes(
         raise ValueError(f"{policy} is offline: simulate_nodes runs online policies")
     cursor = _Cursor()
     names = [f"node-{i}" for i in range(nodes)]
-    caches = {n: make_policy(policy, clock=cursor) for n in names}
-    resident: dict[str, dict[Hashable, int]] = {n: {} for n in names}
-    uses: dict[str, dict[Hashable, RecentUses]] = {n: {} for n in names}
+    sims = {n: _SimNode(policy, cursor, node_budget) for n in names}
     placement = Placement(clock=cursor, wall_clock=cursor)
-
-    def report(node: str) -> None:
-        here = resident[node]
-        evictable = [
-            (str(key), here[key], uses[node][key].count, uses[node][key].at)
-            for key in caches[node].victims(lambda _key: True)
-        ]
-        residency = {str(key): HOST for key in here}  # placement's keys are strings (blob digests)
-        placement.report(node, NodeReport(residency, node_budget, sum(here.values()), evictable=evictable))
-
     for node in names:
-        report(node)
+        placement.report(node, sims[node].report())
     hits, misses = 0, dict.fromkeys(names, 0)
     for i, key in enumerate(trace.keys):
         cursor.index, cursor.now = i, trace.times[i]
@@ -321,26 +355,39 @@ def simulate_nodes(
                 node = placement.route(str(key), size).node
             except CapacityError:
                 continue  # bigger than any node: the cluster refuses it (a miss, on no node)
-        here = resident[node]
-        uses[node][key] = uses[node].get(key, RecentUses()).used(cursor.now)
-        if key in here:
+        if sims[node].request(key, size, trace.costs[i], cursor.now):
             hits += 1
-            caches[node].on_access(key)
         else:
             misses[node] += 1
-            decision = decide_admission(
-                caches[node], key, size, trace.costs[i], budget=node_budget, used=sum(here.values()), sizes=here
-            )
-            if decision.kept:
-                for victim in decision.victims:
-                    caches[node].on_remove(victim)
-                    del here[victim]
-                    uses[node].pop(victim, None)
-                caches[node].on_insert(key, size, trace.costs[i])
-                here[key] = size
         if routing == "placement":
-            report(node)
+            placement.report(node, sims[node].report())
     return hits / len(trace) if len(trace) else 0.0, list(misses.values())
+
+
+def simulate_routes(trace: Requests, nodes: Sequence[str], node_budget: int, policy: str) -> tuple[float, dict[str, int]]:
+    """Replays ``trace`` with request i sent to ``nodes[i]`` (where a measured run sent it)
+    through one cache of ``node_budget`` bytes per node, run by the named online policy;
+    returns the hit ratio and the misses per node. Set beside the run's measured hit ratio and
+    ``simulate_nodes``' routed one, it tells a loss in where requests went (the routes) from a
+    loss in what the nodes kept of them (their timing: concurrency, reports a moment old).
+
+    Raises:
+        ValueError: ``nodes`` is not one node per request, or the policy is offline.
+    """
+    if len(nodes) != len(trace):
+        raise ValueError(f"{len(nodes)} nodes for {len(trace)} requests: one node per request")
+    if policy_class(policy).offline:
+        raise ValueError(f"{policy} is offline: simulate_routes runs online policies")
+    cursor = _Cursor()
+    sims = {node: _SimNode(policy, cursor, node_budget) for node in dict.fromkeys(nodes)}
+    hits, misses = 0, dict.fromkeys(sims, 0)
+    for i, (key, node) in enumerate(zip(trace.keys, nodes)):
+        cursor.index, cursor.now = i, trace.times[i]
+        if sims[node].request(key, trace.sizes[i], trace.costs[i], cursor.now):
+            hits += 1
+        else:
+            misses[node] += 1
+    return hits / len(trace) if len(trace) else 0.0, misses
 
 
 def zoo_requests(names: Sequence[str], requests: int, *, seed: int, zipf: float = 1.0, per_s: float = 8.0) -> Requests:
@@ -398,26 +445,32 @@ def _zoo_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _nodes(args: argparse.Namespace) -> int:
+def _replay_trace(path: str) -> Requests | None:
+    """The replay's trace at ``path`` with sizes as the host tier counts them (guard pages
+    included, as the replay's simulation does); None, said on stderr, when there is none."""
     import pyarrow.parquet as pq
-
-    if args.zoo:
-        return _zoo_nodes(args)
 
     from trims_ray._protect import GUARD_BYTES
 
     try:
-        table = traces.validate_trace(pq.read_table(args.trace))
+        table = traces.validate_trace(pq.read_table(path))
     except FileNotFoundError:
         print(
-            f"no trace at {args.trace}: run `python -m workloads.replay` first (it writes one beside "
+            f"no trace at {path}: run `python -m workloads.replay` first (it writes one beside "
             "its results), or name a trace Parquet with --trace",
             file=sys.stderr,
         )
-        return 2
-    # Sizes as the host tier counts them (guard pages included), as the replay's simulation does.
+        return None
     sizes = pa.compute.add(table["size"], 2 * GUARD_BYTES)
-    requests = Requests.from_table(table.set_column(table.schema.get_field_index("size"), "size", sizes))
+    return Requests.from_table(table.set_column(table.schema.get_field_index("size"), "size", sizes))
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    if args.zoo:
+        return _zoo_nodes(args)
+    requests = _replay_trace(args.trace)
+    if requests is None:
+        return 2
     node_budget = args.node_mb << 20
     total = args.nodes * node_budget
     belady = simulate(requests, total, "belady").object_hit_ratio
@@ -431,6 +484,51 @@ def _nodes(args: argparse.Namespace) -> int:
         routed, per_node = simulate_nodes(requests, args.nodes, node_budget, policy, "placement")
         hashed, _ = simulate_nodes(requests, args.nodes, node_budget, policy, "hash")
         print(f"{policy:<8} {one:>10.3f} {routed:>10.3f} {hashed:>8.3f}  {per_node}")
+    return 0
+
+
+# What a replay records as served from memory (``workloads.replay``'s per-request tiers).
+_MEMORY_TIERS = ("process", "host", "gpu")
+
+
+def _routes(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    trace_path = args.trace or args.results.removesuffix(".parquet") + ".trace.parquet"
+    requests = _replay_trace(trace_path)
+    if requests is None:
+        return 2
+    try:
+        rows = traces.validate_results(pq.read_table(args.results)).to_pylist()
+    except FileNotFoundError:
+        print(f"no results at {args.results}: run `python -m workloads.replay` first, or name them with --results", file=sys.stderr)
+        return 2
+    node_budget = args.node_mb << 20
+    runs: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["system"] == "trims_ray":
+            runs.setdefault(row["policy"], []).append(row)
+    if not runs:
+        print(f"{args.results} has no trims_ray requests", file=sys.stderr)
+        return 2
+    print(
+        f"routes: each trims_ray run of {args.results} replayed through one cache of {args.node_mb} MiB "
+        f"per node, every request sent where that run sent it ({trace_path}); object hit ratio:"
+    )
+    print(f"{'policy':<8} {'measured':>9} {'its routes':>11} {'placement':>10} {'one cache':>10}  misses per node (its routes)")
+    for policy, run in sorted(runs.items()):
+        run.sort(key=lambda row: row["request_id"])
+        ids = [row["request_id"] for row in run]
+        if ids != list(range(len(requests))):
+            print(f"{policy}: its requests are not the trace's {len(requests)}, in order: skipped", file=sys.stderr)
+            continue
+        nodes = [row["node"] for row in run]
+        measured = sum(row["tier"] in _MEMORY_TIERS for row in run) / len(run)
+        routed, misses = simulate_routes(requests, nodes, node_budget, policy)
+        count = len(set(nodes))
+        placed, _ = simulate_nodes(requests, count, node_budget, policy, "placement")
+        one = simulate(requests, count * node_budget, policy).object_hit_ratio
+        print(f"{policy:<8} {measured:>9.3f} {routed:>11.3f} {placed:>10.3f} {one:>10.3f}  {list(misses.values())}")
     return 0
 
 
@@ -575,8 +673,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     nodes.add_argument("--cache-models", type=int, default=2, help="with --zoo: host tier per node, in models")
     nodes.add_argument("--requests", type=int, default=300, help="with --zoo: requests after the warm-up")
     nodes.add_argument("--seeds", type=int, default=12, help="with --zoo: seeds 0 to N-1, averaged")
+    routes = sub.add_parser(
+        "routes", help="a replay's requests through one cache per node, each sent where the run sent it"
+    )
+    routes.add_argument("--results", default="results/replay.parquet", help="a replay's results Parquet")
+    routes.add_argument("--trace", default=None, help="its trace (default: the one beside the results)")
+    routes.add_argument("--node-mb", type=int, default=32, help="host tier per node, MiB (default 32)")
     args = parser.parse_args(argv)
-    return {"curves": _curves, "speed": _speed, "nodes": _nodes}[args.command](args)
+    return {"curves": _curves, "speed": _speed, "nodes": _nodes, "routes": _routes}[args.command](args)
 
 
 if __name__ == "__main__":

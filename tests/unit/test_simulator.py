@@ -313,3 +313,69 @@ def test_zoo_requests_are_the_peers_benchmarks_and_nodes_replays_them(capsys):
         assert len(row) == 6 and all(0 < float(x) <= 1 for x in row[1:])  # 3 means and 2 seeds
     assert sim.main(["nodes", "--zoo", "resnet50"]) == 2
     assert "two model names" in capsys.readouterr().err
+
+
+# -- a measured run's own routes (simulate_routes) --------------------------------------------
+
+
+def test_routes_replay_each_request_on_the_node_it_was_sent_to():
+    # Nodes of one model each, a and b asked for in turn: on one node they evict each other
+    # (lru: no hit), on a node each the second round hits. Misses are counted per node.
+    mib = 1 << 20
+    trace = Requests.from_keys("abab", dict.fromkeys("ab", mib))
+    assert sim.simulate_routes(trace, ["x"] * 4, mib, "lru") == (0.0, {"x": 4})
+    assert sim.simulate_routes(trace, ["x", "y", "x", "y"], mib, "lru") == (0.5, {"x": 1, "y": 1})
+    with pytest.raises(ValueError, match="one node per request"):
+        sim.simulate_routes(trace, ["x"], mib, "lru")
+    with pytest.raises(ValueError, match="offline"):
+        sim.simulate_routes(trace, ["x"] * 4, mib, "belady")
+
+
+def test_routes_command_sets_a_runs_measured_hits_beside_its_routes_and_placement(capsys, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trims_ray._protect import GUARD_BYTES
+
+    # Four 1 MiB models asked for in turn, nodes of 2 MiB (guard pages included: just under two
+    # models fit): the run sent a and b to node x, c and d to y, and hit on its second round.
+    mib = 1 << 20
+    size = mib - 2 * GUARD_BYTES
+    models = ["a", "b", "c", "d"] * 2
+    trace = pa.table(
+        {
+            "time": [float(i) for i in range(8)],
+            "tenant": ["t"] * 8,
+            "model": models,
+            "size": [size] * 8,
+            "cost": [0.1] * 8,
+            "tokens": [0] * 8,
+        },
+        schema=traces.TRACE_SCHEMA,
+    )
+    results = pa.table(
+        {
+            "request_id": list(range(8)),
+            "time": [float(i) for i in range(8)],
+            "tenant": ["t"] * 8,
+            "model": models,
+            "size": [size] * 8,
+            "system": ["trims_ray"] * 8,
+            "policy": ["lru"] * 8,
+            "node": ["x", "x", "y", "y"] * 2,
+            "tier": ["store"] * 4 + ["process", "host", "process", "store"],
+            "latency_s": [0.01] * 8,
+            "ok": [True] * 8,
+        },
+        schema=traces.RESULT_SCHEMA,
+    )
+    pq.write_table(trace, tmp_path / "run.trace.parquet")
+    pq.write_table(results, tmp_path / "run.parquet")
+    assert sim.main(["routes", "--results", str(tmp_path / "run.parquet"), "--node-mb", "2"]) == 0
+    out = capsys.readouterr().out
+    (row,) = [line.split() for line in out.splitlines() if line.startswith("lru ")]
+    # Measured 3 of 8 from memory; on its routes every second round hits (4 of 8), 2 misses a node.
+    assert row[1:3] == ["0.375", "0.500"] and " ".join(row[5:]) == "[2, 2]"
+    assert 0 <= float(row[3]) <= 1 and float(row[4]) == 0.5  # one cache of 4 MiB holds them all
+    assert sim.main(["routes", "--results", str(tmp_path / "missing.parquet")]) == 2
+    assert "no trace" in capsys.readouterr().err
