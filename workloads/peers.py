@@ -149,6 +149,7 @@ class SystemRow:
     e2e_s: float
     tiers: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    held_bytes: int | None = None  # the most model bytes its serving processes said they held
 
     @property
     def label(self) -> str:
@@ -177,6 +178,7 @@ def summarize(system: str, outcomes: Sequence[Outcome], wall_s: float) -> System
         e2e_s=mean([o.latency_s for o in answered]),
         tiers=dict(Counter(o.answer.tier for o in answered)),
         errors=[o.error for o in outcomes if o.error][:5],
+        held_bytes=max((o.answer.held_bytes for o in answered if o.answer.held_bytes >= 0), default=None),
     )
 
 
@@ -243,6 +245,9 @@ def print_table(rows: Sequence[SystemRow], *, title: str, regime: str, nodes: in
             print(f"trims_ray tiers served: {tiers or 'none (no answer)'}")
         for error in r.errors:
             print(f"  {r.label}: {error}")
+    held = [f"{r.label} {r.held_bytes / MiB:.1f} MiB" for r in rows if r.held_bytes is not None]
+    if held:  # trims_ray's host tier is held to its budget by the node's cache (invariant 3)
+        print(f"most model bytes one serving process held (memory per node above): {', '.join(held)}")
     for line in goal_lines(rows, regime=regime, nodes=nodes):
         print(line)
 

@@ -79,6 +79,9 @@ class Answer:
     tier: str  # trims_ray: the tier it was served from; peers: "memory" or "file"
     load_s: float  # request start in the serving process to a usable module
     forward_s: float
+    # Model bytes the serving process held in memory once it had this request's model (Serve's
+    # replica, the LRU actor; -1: not measured there): what "same memory per node" is checked by.
+    held_bytes: int = -1
 
 
 # -- the work -----------------------------------------------------------------------------------
@@ -239,8 +242,9 @@ class LRUModelServer:
         started = time.perf_counter()
         model, hit = self._cache.get(spec.name, spec.nbytes, lambda: load_from_file(spec))
         loaded = time.perf_counter()
+        held = self._cache.bytes_used
         checksum, forward_s = _timed_forward(model, spec)
-        return Answer(checksum, hit, "memory" if hit else "file", loaded - started, forward_s)
+        return Answer(checksum, hit, "memory" if hit else "file", loaded - started, forward_s, held)
 
     def stats(self) -> LRUStats:
         return self._cache.stats
@@ -299,8 +303,10 @@ class _ServeReplica:
         hit = spec.name in self._resident
         held = await self.get_model(spec.name)
         loaded = time.perf_counter()
+        # Serve caps a replica's models by count, not bytes: what it holds is measured here.
+        held_bytes = sum(h.nbytes for h in list(self._resident.values()))
         checksum, forward_s = await asyncio.to_thread(_timed_forward, held.model, spec)
-        return Answer(checksum, hit, "memory" if hit else "file", loaded - started, forward_s)
+        return Answer(checksum, hit, "memory" if hit else "file", loaded - started, forward_s, held_bytes)
 
 
 def _serve_deployment(max_models: int, replicas: int, cpus: int):

@@ -341,6 +341,24 @@ def test_peers_summary_counts_wrong_answers_and_times_only_right_ones():
     assert row.hit_ratio == pytest.approx(6 / 11) and row.load_s == pytest.approx(0.002)
     assert row.errors == ["m: checksum 2.0, expected 1.0"]
     assert summarize("nocache", right, wall_s=1.0).hit_ratio is None
+    assert row.held_bytes is None  # no serving process said what it held
+
+
+def test_peers_table_says_the_most_bytes_a_serving_process_held(capsys):
+    from workloads.bench import MiB
+    from workloads.peers import Outcome, print_table, summarize
+    from workloads.peers_systems import Answer
+
+    def answers(held: list[int]) -> list[Outcome]:
+        return [Outcome(0.01, Answer(1.0, True, "memory", 0.001, 0.002, h), True) for h in held]
+
+    serve = summarize("serve", answers([100 * MiB, 464 * MiB, 230 * MiB]), 1.0)
+    lru = summarize("lru", answers([326 * MiB, 98 * MiB]), 1.0)
+    trims = summarize("trims", [Outcome(0.01, Answer(1.0, True, "host", 0.001, 0.002), True)], 1.0)
+    assert (serve.held_bytes, lru.held_bytes, trims.held_bytes) == (464 * MiB, 326 * MiB, None)
+    print_table([serve, lru, trims], title="t", regime="warm", nodes=3)
+    out = capsys.readouterr().out
+    assert "most model bytes one serving process held (memory per node above): Ray Serve mux 464.0 MiB, LRU actor 326.0 MiB\n" in out
 
 
 def test_peers_memory_per_node_is_cache_models_of_the_mean_and_at_least_the_largest():
