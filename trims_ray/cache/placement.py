@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from .._errors import CapacityError
 from .._protocol import ASSUMED_LOAD_RATES, RecentUses
 from .placement_records import (
-    _TIER_RANK,
     LOADING,
+    REPORTED_TIERS,
     TIERS,
     NodeInfo,
     NodeReport,
@@ -137,7 +137,7 @@ class Placement:
             ValueError: an unknown tier.
         """
         for key, tier in report.residency.items():
-            if tier not in _TIER_RANK:
+            if tier not in REPORTED_TIERS:
                 raise ValueError(f"unknown tier {tier!r} for {key}")
         if node in self._left:
             return False

@@ -12,13 +12,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["NodeInfo", "NodeReport", "ReportSequence", "Route", "Snapshot", "TIERS", "LOADING", "task_slots"]
+__all__ = ["NodeInfo", "NodeReport", "ReportSequence", "Route", "Snapshot", "TIERS", "LOADING", "REPORTED_TIERS", "task_slots"]
 
 TIERS = ("gpu", "host", "disk")
 # A model whose load into the host tier is under way on a node: an invocation sent there waits
 # for that load instead of starting a second one elsewhere.
 LOADING = "loading"
-_TIER_RANK = {"gpu": 0, "host": 1, LOADING: 2, "disk": 3}
+# What a node's report may say of a model it has.
+REPORTED_TIERS = frozenset((*TIERS, LOADING))
 
 
 @dataclass
