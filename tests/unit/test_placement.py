@@ -333,3 +333,13 @@ def test_a_second_copy_that_must_evict_needs_a_longer_queue_than_one_that_fits()
     p.report("n2", NodeReport({}, 10 * MB, 0))
     p.finished("m", "n0")
     assert p.route("m", MB).node == "n2"
+
+
+@pytest.mark.parametrize("tier", ["gpu", "host", "disk", LOADING])
+def test_a_report_names_only_tiers_placement_knows(tier):
+    p = Placement()
+    assert p.report("n1", NodeReport({"t/a": tier}, 10 * MB, MB)) is True
+    assert p.holders("t/a") == {"n1": tier}
+    with pytest.raises(ValueError, match="unknown tier 'ssd' for t/b"):
+        p.report("n1", NodeReport({"t/a": tier, "t/b": "ssd"}, 10 * MB, MB))
+    assert p.holders("t/a") == {"n1": tier}, "a refused report changed the table"
