@@ -222,7 +222,7 @@ def _node_id() -> str:
 def _host_hits(summary) -> float:
     """The share of requests served from a node's host copy: by lease, or by the model a worker
     kept built (the process tier, which only a host copy feeds)."""
-    return summary.tiers["host"] + summary.tiers["process"]
+    return sum(summary.tiers[tier] for tier in traces.HOST_HIT_TIERS)
 
 
 def _served_tier() -> str:

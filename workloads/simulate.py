@@ -487,10 +487,6 @@ def _nodes(args: argparse.Namespace) -> int:
     return 0
 
 
-# What a replay records as served from memory (``workloads.replay``'s per-request tiers).
-_MEMORY_TIERS = ("process", "host", "gpu")
-
-
 def _routes(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
@@ -523,7 +519,7 @@ def _routes(args: argparse.Namespace) -> int:
             print(f"{policy}: its requests are not the trace's {len(requests)}, in order: skipped", file=sys.stderr)
             continue
         nodes = [row["node"] for row in run]
-        measured = sum(row["tier"] in _MEMORY_TIERS for row in run) / len(run)
+        measured = sum(row["tier"] in traces.HOST_HIT_TIERS for row in run) / len(run)
         routed, misses = simulate_routes(requests, nodes, node_budget, policy)
         count = len(set(nodes))
         placed, _ = simulate_nodes(requests, count, node_budget, policy, "placement")

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "AZURE_ATTRIBUTION",
+    "HOST_HIT_TIERS",
     "RESULT_SCHEMA",
     "TRACE_SCHEMA",
     "Catalog",
@@ -71,6 +72,10 @@ RESULT_SCHEMA = pa.schema(
         pa.field("ok", pa.bool_(), nullable=False),  # the result was correct
     ]
 )
+# The tiers of a result row that count as a hit on a node's host copy: by lease ("host"), or by
+# the model a worker kept built ("process", which only a host copy feeds). What the replay
+# compares with Belady's host-tier hit ratio.
+HOST_HIT_TIERS = ("host", "process")
 
 AZURE_ATTRIBUTION = (
     "Azure LLM inference trace 2023 (Azure Public Dataset, github.com/Azure/AzurePublicDataset; "
