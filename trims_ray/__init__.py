@@ -21,6 +21,7 @@ _PUBLIC = {
     "init": "_cluster",
     "prefetch": "_cluster",
     "scrub": "_cluster",
+    "set_budget": "_cluster",
     "shutdown": "_cluster",
     "stats": "_cluster",
     "CacheConfig": "_config",
@@ -43,7 +44,7 @@ _PUBLIC = {
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from ._api import list_models, register
-    from ._cluster import Cluster, ClusterStats, NodeStats, evict, init, prefetch, scrub, shutdown, stats
+    from ._cluster import Cluster, ClusterStats, NodeStats, evict, init, prefetch, scrub, set_budget, shutdown, stats
     from ._config import CacheConfig, ReadOptions
     from ._errors import (
         AccessDeniedError,
@@ -84,6 +85,7 @@ __all__ = [
     "evict",
     "stats",
     "scrub",
+    "set_budget",
     "shutdown",
     "Cluster",
     "ClusterStats",

@@ -296,6 +296,25 @@ def scrub(args: argparse.Namespace) -> int:
     return 0
 
 
+def budget(args: argparse.Namespace) -> int:
+    _attach(args, f"trims-ray budget {args.tier} {args.size} --start --store URI")
+    result = trims_ray.set_budget(args.tier, args.size, nodes=_node_ids(args.node))
+    if _json(args):
+        print(dump_json({"tier": args.tier, "nodes": result}))
+        return 0
+    rows = [
+        [short_node(n), *(format_bytes(r[k]) for k in ("budget", "bytes_used")), r["evicted"], format_bytes(r["over_budget"])]
+        for n, r in sorted(result.items())
+    ]
+    per_gpu = " per GPU" if args.tier == "gpu" else ""
+    later = ", and on caches that start later" if args.node is None else ""
+    print(f"the {args.tier} budget is {format_bytes(args.size)}{per_gpu} on {len(result)} node(s){later}")
+    print(format_table(["NODE", "BUDGET", "USED", "EVICTED", "OVER (LEASED)"], rows, align="lrrrr"))
+    if any(r["over_budget"] for r in result.values()):
+        print("over: bytes of models in use beyond the budget; they are freed when their last lease ends")
+    return 0
+
+
 def _node_ids(prefixes: list[str] | None) -> list[str] | None:
     """Full ids of the alive nodes that ``prefixes`` name (None: every node).
 
@@ -340,5 +359,6 @@ COMMANDS = {
     "prefetch": prefetch,
     "evict": evict,
     "scrub": scrub,
+    "budget": budget,
     "dashboard": dashboard,
 }

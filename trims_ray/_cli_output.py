@@ -8,6 +8,7 @@ Plain functions of plain data, with no Ray and no trims_ray state, so that ``cli
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import TextIO
 
@@ -16,6 +17,7 @@ __all__ = [
     "UploadProgress",
     "format_bytes",
     "format_table",
+    "parse_bytes",
     "hit_ratio",
     "residency_json",
     "residency_rows",
@@ -37,6 +39,27 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """A byte count as a person writes it: "1073741824", "512MiB", "1.5 GiB", "20GB" (KiB, MiB,
+    GiB, TiB: powers of 1024; KB, MB, GB, TB or K, M, G, T: of 1000; case ignored).
+
+    Raises:
+        ValueError: not such a count, or a fraction of a byte.
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a byte count: write it as 123, 512MiB, 1.5GiB or 20GB")
+    number = float(match.group(1)) * _UNITS[unit] if "." in match.group(1) else int(match.group(1)) * _UNITS[unit]
+    if number != int(number):
+        raise ValueError(f"{text!r} is not a whole number of bytes")
+    return int(number)
 
 
 def format_table(headers: list[str], rows: list[list[object]], *, align: str) -> str:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import ray
 
 from . import _api, _routing
-from ._config import CacheConfig
+from ._config import CacheConfig, check_budget
 from ._errors import TrimsError
 from ._fsio import translate_store_errors
 from ._gc import quick_frees
@@ -39,7 +39,8 @@ from .actors._naming import (
     remember_node_cache_actors,
     require_running,
 )
-from .actors._node_info import alive_nodes
+from .actors._budgets import TIERS, forget_budgets, record_budget
+from .actors._node_info import alive_nodes, check_host_budget
 from .actors.node_cache_actor import start_node_cache_actor
 from .actors.placement_actor import start_placement_actor
 
@@ -58,6 +59,7 @@ __all__ = [
     "prefetch",
     "evict",
     "scrub",
+    "set_budget",
     "node_cache_actor",
     "placement_actor",
     "forget_node_cache_actor",
@@ -140,6 +142,7 @@ def init(
         with quick_frees():  # a Ray this call starts frees evicted copies every 100 ms (``_gc``)
             ray.init(address=address, runtime_env={"env_vars": env})
     if not is_running():
+        forget_budgets()  # of an earlier start that ended without shutdown(): this config holds
         # Nothing runs yet: start every alive node's cache now, beside placement, whose start
         # would otherwise start them only once its own process is up (two actor starts, each a
         # new process importing torch, one after the other). Placement finds them by name.
@@ -179,6 +182,7 @@ def shutdown() -> None:
     if not ray.is_initialized():
         return
     _api.publish_job_tenant(None)
+    forget_budgets()  # the next init starts with the config it is given
     # Placement first: it gives caches to nodes without one, and must not replace those killed.
     for name in sorted(our_actor_names(), key=lambda n: n != PLACEMENT_ACTOR_NAME):
         kill_actor(name)  # False: already gone
@@ -255,6 +259,47 @@ def scrub(nodes: list[str] | None = None) -> dict[str, dict[str, int]]:
     Returns, per node, {"scrubbed": copies hashed, "corrupt": copies dropped, "reloaded": ...}.
     """
     return _on_each_node(nodes, "scrub")
+
+
+def set_budget(tier: str, nbytes: int, nodes: list[str] | None = None) -> dict[str, dict[str, int]]:
+    """Changes the byte budget of ``tier`` ("host", "disk", or "gpu": per GPU) on ``nodes``
+    (default: every node), now and for caches that start there later.
+
+    A higher budget only lets more in. A lower one evicts idle models in the policy's eviction
+    order until the tier fits (models that worker processes keep built are asked back); what
+    is leased stays until released, and the tier frees it then. Each tenant's share
+    (``CacheConfig.tenant_share``) follows the budget. With ``nodes`` None the budget also
+    holds for caches that start later: on nodes that join, and caches Ray restarts; with a
+    list, for those nodes' caches. ``shutdown()`` forgets it: the next ``init`` starts with
+    its config.
+
+    Returns, per node: {"budget", "bytes_used" (after the evictions), "evicted" (models this
+    call evicted), "over_budget" (bytes leases hold beyond the budget; 0 when the tier fits)};
+    for "gpu", summed over the node's GPUs, and "gpus": how many (0 where the tier is off).
+
+    Raises:
+        ValueError: an unknown tier, a budget that is not a non-negative int, or a host budget
+            above a node's object store (nothing changes anywhere); or a GPU budget above a
+            GPU's memory (the other nodes may have taken it; nothing is recorded).
+        TrimsError: Ray is not initialized, or trims_ray is not running.
+    """
+    if tier not in TIERS:
+        raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
+    check_budget(nbytes, f"the {tier} budget")
+    asked = _nodes(nodes)
+    if tier == "host":  # checked on every node before any changes
+        for node in ray.nodes():
+            if node["NodeID"] in asked:
+                check_host_budget(node, nbytes)
+    result = _on_each_node(asked, "set_budget", tier, nbytes)
+    record_budget(tier, nbytes, None if nodes is None else asked)
+    if nodes is None:
+        # A cache that started on a joining node before the record was written has the old
+        # budget: give it the new one too.
+        joined = [n for n in _nodes(None) if n not in result]
+        result.update(_on_each_node(joined, "set_budget", tier, nbytes))
+    _routing.refresh()
+    return result
 
 
 def stats() -> ClusterStats:

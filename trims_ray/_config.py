@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ._names import check_tenant
 
-__all__ = ["default_store_uri", "env_store_uri", "caller_tenant_from_env", "protection_from_env", "gc_freeze_from_env", "ReadOptions", "CacheConfig", "GpuTierConfig"]
+__all__ = ["check_budget", "default_store_uri", "env_store_uri", "caller_tenant_from_env", "protection_from_env", "gc_freeze_from_env", "ReadOptions", "CacheConfig", "GpuTierConfig"]
 
 MiB = 1024 * 1024
 
@@ -181,12 +181,11 @@ class CacheConfig:
     metrics_per_model: bool = False
 
     def __post_init__(self) -> None:
-        if self.host_bytes is not None and (type(self.host_bytes) is not int or self.host_bytes < 0):
-            raise ValueError(f"host_bytes must be a non-negative int or None, got {self.host_bytes!r}")
+        if self.host_bytes is not None:
+            check_budget(self.host_bytes, "host_bytes (or None)")
         if not 0 < self.host_fraction <= 1:
             raise ValueError(f"host_fraction must be in (0, 1], got {self.host_fraction!r}")
-        if type(self.disk_bytes) is not int or self.disk_bytes < 0:
-            raise ValueError(f"disk_bytes must be a non-negative int, got {self.disk_bytes!r}")
+        check_budget(self.disk_bytes, "disk_bytes")
         if self.disk_dir is not None and not isinstance(self.disk_dir, str):
             raise TypeError(f"disk_dir must be a str or None, got {type(self.disk_dir).__name__}")
         if self.disk_dir:
@@ -287,11 +286,23 @@ class CacheConfig:
         return base / node_id
 
 
+def check_budget(nbytes: object, what: str) -> int:
+    """``nbytes`` if it is a tier's byte budget (a non-negative int, not a bool), for the
+    configs' fields and for budgets changed at run time alike.
+
+    Raises:
+        ValueError: it is not; the message names ``what``.
+    """
+    if type(nbytes) is not int or nbytes < 0:
+        raise ValueError(f"{what} must be a non-negative int (bytes), got {nbytes!r}")
+    return nbytes
+
+
 def _check_gpu_budget(nbytes: object, fraction: object, bytes_name: str, fraction_name: str) -> None:
     """The GPU budget's checks, for CacheConfig and GpuTierConfig alike, naming each field as
     its class calls it."""
-    if nbytes is not None and (type(nbytes) is not int or nbytes < 0):
-        raise ValueError(f"{bytes_name} must be a non-negative int or None, got {nbytes!r}")
+    if nbytes is not None:
+        check_budget(nbytes, f"{bytes_name} (or None)")
     if not 0 < fraction <= 1:
         raise ValueError(f"{fraction_name} must be in (0, 1], got {fraction!r}")
 

@@ -1,9 +1,9 @@
 """The ``trims-ray`` command line: push models into a store; start trims_ray on a running Ray
 cluster; list what the caches hold (``ls``, ``status``); steer them (``prefetch``, ``evict``,
-``scrub``); and hand ``bench`` and ``demo`` over to the repository's ``workloads``.
+``scrub``, ``budget``); and hand ``bench`` and ``demo`` over to the repository's ``workloads``.
 
 Every command is a thin wrapper around the public API (``init``, ``register``, ``prefetch``,
-``evict``, ``scrub``, ``stats``) and the read-only views of ``_cluster``; the commands
+``evict``, ``scrub``, ``set_budget``, ``stats``) and the read-only views of ``_cluster``; the commands
 themselves are in ``_cli_commands``, what they print in ``_cli_output``. Cluster commands join a
 running cluster and never start one; only ``start``, or ``--start``, starts trims_ray on it.
 Every error ends as one line on stderr and a non-zero exit code (2 for bad arguments, 1 for the
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import trims_ray
 
 from ._cli_commands import COMMANDS, UsageError, push
-from ._cli_output import UploadProgress, format_bytes, format_table
+from ._cli_output import UploadProgress, format_bytes, format_table, parse_bytes
 from ._errors import TrimsError
 from .actors._naming import NAMESPACE
 from .cache.placement import TIERS
@@ -51,6 +51,8 @@ JSON_SHAPES = {
     "prefetch": '{"model": NAME, "tier": TIER, "nodes": {NODE_ID: "gpu"|"host"|"disk"|"store", ...}}',
     "evict": '{"model": NAME, "tier": TIER|null, "nodes": {NODE_ID: {TIER: "evicted"|"deferred"|"absent"}, ...}}',
     "scrub": '{"nodes": {NODE_ID: {"scrubbed": INT, "corrupt": INT, "reloaded": INT}, ...}}',
+    "budget": '{"tier": TIER, "nodes": {NODE_ID: {"budget": INT, "bytes_used": INT, "evicted": INT,\n'
+    '    "over_budget": INT[, "gpus": INT]}, ...}}',
     "start": '{"store": URI, "nodes": [NODE_ID, ...], "started": BOOL}',
     "dashboard": '{"installed": PATH}',
 }
@@ -137,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="trims_ray: push models into a store; see and steer the model caches of a Ray cluster.",
         epilog="ls and status only read: they never start trims_ray. start starts it on a running Ray "
-        "cluster; prefetch, evict and scrub do only when given --start.",
+        "cluster; prefetch, evict, scrub and budget do only when given --start.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {trims_ray.__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -190,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nodes(scrub)
     _add_cluster(scrub, changes=True)
 
+    budget = _command(
+        sub, "budget", "change a tier's byte budget on running caches (and those that start later); "
+        "a lower one evicts idle models now"
+    )
+    budget.add_argument("tier", choices=TIERS, help="the tier (gpu: the budget of each GPU)")
+    budget.add_argument(
+        "size", type=_byte_count, help="the new budget in bytes: 123, 512MiB, 1.5GiB or 20GB (KiB..TiB: "
+        "powers of 1024; KB..TB: of 1000)"
+    )
+    _add_nodes(budget)
+    _add_cluster(budget, changes=True)
+
     dashboard = _command(sub, "dashboard", "install trims_ray's Grafana dashboard where Ray's Grafana finds it")
     dashboard.add_argument("action", choices=("install",), help="install: write the dashboard's JSON")
     dashboard.add_argument(
@@ -202,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, add_help=False, help=what)
         p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _byte_count(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _command(sub, name: str, what: str) -> argparse.ArgumentParser:

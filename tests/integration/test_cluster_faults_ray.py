@@ -20,6 +20,7 @@ from trims_ray._protocol import cache_key
 
 from .conftest import wait_for
 from .multinode import (
+    MiB,
     NODE_STORE,
     expected_sum,
     init_trims,
@@ -60,10 +61,12 @@ def test_removing_a_node_during_a_stream_loses_nothing(own_cluster):
     assert victim.node_id not in {node for node, _ in after}
 
 
-def test_a_node_that_joins_gets_a_cache(own_cluster):
+def test_a_node_that_joins_gets_a_cache_with_the_budgets_set_for_the_cluster(own_cluster):
     cluster, nodes = own_cluster
     w = weights(1, seed=8)
     trims_ray.register("m", w)
+    trims_ray.set_budget("host", 8 * MiB)  # every node, and those that join
+    trims_ray.set_budget("disk", 3 * MiB, nodes=[nodes[0]])  # that node only
     added = cluster.add_node(num_cpus=2, object_store_memory=NODE_STORE)
     # A task that Ray runs there before placement has started the node's cache waits for it
     # (it failed with "has no trims_ray cache" in a soak).
@@ -72,7 +75,11 @@ def test_a_node_that_joins_gets_a_cache(own_cluster):
     wait_for(lambda: added.node_id in ray.get(placement_actor().members.remote()), timeout=20)
     trims_ray.register("m2", weights(1, seed=18))
     assert trims_ray.prefetch("m2", nodes=[added.node_id]) == {added.node_id: "store"}
-    assert trims_ray.stats().nodes[added.node_id].tiers["host"].models == 2
+    per_node = trims_ray.stats().nodes
+    assert per_node[added.node_id].tiers["host"].models == 2
+    assert [per_node[n].tiers["host"].capacity for n in (added.node_id, *nodes)] == [8 * MiB] * 4
+    assert per_node[nodes[0]].tiers["disk"].capacity == 3 * MiB
+    assert per_node[added.node_id].tiers["disk"].capacity == per_node[nodes[1]].tiers["disk"].capacity > 3 * MiB
 
 
 def test_a_task_on_a_node_whose_cache_is_not_up_yet_waits_for_it(own_cluster, tmp_path):

@@ -172,18 +172,19 @@ def test_concurrent_tasks_share_one_load(cache, ray_node):
     assert node_stats(ray_node).tiers["host"].loads == 1
 
 
+@ray.remote
+class ModelHolder:
+    """An actor that holds a lease on a model for a while, and then sums its weights."""
+
+    def hold(self, name: str, seconds: float) -> float:
+        with trims_ray.open(name) as sd:
+            time.sleep(seconds)
+            return float(sd["w"].sum())
+
+
 def test_leased_model_survives_evict_and_goes_when_released(cache, ray_node):
     trims_ray.register("held", weights(8))
-
-    @ray.remote
-    class Holder_:
-        def hold(self, seconds):
-            with trims_ray.open("held") as sd:
-                time.sleep(seconds)
-                return float(sd["w"].sum())
-
-    holder = Holder_.remote()
-    result = holder.hold.remote(3.0)
+    result = ModelHolder.remote().hold.remote("held", 3.0)
     wait_for(lambda: node_stats(ray_node).leases == 1)
     assert trims_ray.evict("held", tier="host")[ray_node]["host"] == "deferred"
     assert node_stats(ray_node).tiers["host"].models == 1

@@ -22,6 +22,7 @@ from trims_ray._cli_output import (
     format_bytes,
     format_table,
     hit_ratio,
+    parse_bytes,
     residency_json,
     residency_rows,
     residency_summary,
@@ -46,7 +47,7 @@ def model(name: str, tenant: str, sha: str, nbytes: int) -> SimpleNamespace:
 def test_every_command_has_help_and_every_read_command_a_json_format(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"push", "start", "ls", "status", "prefetch", "evict", "scrub", "dashboard", "bench", "demo"}
+    assert set(commands) == {"push", "start", "ls", "status", "prefetch", "evict", "scrub", "budget", "dashboard", "bench", "demo"}
     for name in commands:
         assert main([name, "--help"]) == 0, name
         out = capsys.readouterr().out
@@ -67,7 +68,7 @@ def test_prefetch_and_evict_take_every_tier(command, tier):
 
 def test_only_commands_that_change_the_caches_can_start_trims_ray(capsys):
     parser = build_parser()
-    for command in ("prefetch m", "evict m", "scrub"):
+    for command in ("prefetch m", "evict m", "scrub", "budget host 1GiB"):
         args = parser.parse_args([*command.split(), "--start", "--store", "memory://x"])
         assert args.start and args.store == "memory://x"
     # The read commands have neither --start nor --store: they cannot start anything.
@@ -152,6 +153,20 @@ def test_format_helpers():
     table = format_table(["A", "NUM"], [["x", 1], ["long", 1234]], align="lr").splitlines()
     assert table == ["A      NUM", "x        1", "long  1234"]
     assert hit_ratio({"hits": 1, "misses": 3}) == 0.25 and hit_ratio({"hits": 0, "misses": 0}) is None
+
+
+def test_byte_counts_parse_as_people_write_them(capsys):
+    written = ["1073741824", "512MiB", "1.5 GiB", "20GB", "4g", "0", "2 TiB", "3k", "10 b"]
+    assert [parse_bytes(t) for t in written] == [1 << 30, 512 << 20, 3 << 29, 20 * 10**9, 4 * 10**9, 0, 2 << 40, 3000, 10]
+    for bad in ("", "-1", "1.5", "1.0000001KiB", "5 parsecs", "MiB", "1e9"):
+        with pytest.raises(ValueError, match="byte"):
+            parse_bytes(bad)
+    args = build_parser().parse_args(["budget", "disk", "20GiB", "--node", "ab12", "--format", "json"])
+    assert (args.tier, args.size, args.node, args.format) == ("disk", 20 << 30, ["ab12"], "json")
+    assert main(["budget", "host", "lots"]) == 2
+    assert "'lots' is not a byte count" in capsys.readouterr().err
+    assert main(["budget", "nvme", "1GiB"]) == 2
+    assert "invalid choice: 'nvme'" in capsys.readouterr().err
 
 
 def test_residency_json_shows_only_the_models_asked_for():

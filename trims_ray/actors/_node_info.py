@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ray
 
-__all__ = ["alive_nodes", "bypass_budget", "node_info", "object_store_bytes_used"]
+__all__ = ["alive_nodes", "bypass_budget", "check_host_budget", "node_info", "object_store_bytes_used"]
 
 
 def alive_nodes() -> set[str]:
@@ -23,6 +23,17 @@ def bypass_budget(node: dict, host_budget: int) -> int:
     its private copy, as before."""
     store = int(node["Resources"].get("object_store_memory", 0))
     return max(0, store - host_budget) // 2
+
+
+def check_host_budget(node: dict, nbytes: object) -> None:
+    """Raises ValueError when a host budget of ``nbytes`` cannot fit ``node``'s object store,
+    where the host tier lives (other checks of the value are the node cache's)."""
+    store = int(node["Resources"].get("object_store_memory", 0))
+    if type(nbytes) is int and nbytes > store:
+        raise ValueError(
+            f"a host budget of {nbytes} bytes exceeds the {store}-byte object store of node "
+            f"{node['NodeID']}: the host tier lives in it"
+        )
 
 
 def node_info(node_id: str) -> dict:

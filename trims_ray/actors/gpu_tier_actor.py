@@ -13,12 +13,13 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from .._config import check_budget
 from .._errors import TrimsError
 from .._gc import freeze_startup_objects
 from .._gpu_ipc import DeviceIdentity, holder_env, node_gpus
@@ -30,6 +31,7 @@ from .._raycalls import call, get
 from .._nvml import GpuInfo, inventory, uuid_matches
 from .._store import ModelStore
 from ..cache.gpu_tier import GpuTier, GpuTierConfig, off_stats
+from ._budgets import with_recorded_gpu_budget
 from ._naming import NAMESPACE, forget_node_cache_actor, gpu_tier_actor_name, node_cache_actor
 from .._protocol import STORE, Caller, GpuGrant, Holder, Resolved, cache_key
 
@@ -239,6 +241,9 @@ class GpuTierActor:
         manifest_ttl_s: float | None = None,
     ) -> None:
         self.node_id = node_id
+        # A GPU budget changed since ``config`` was given (``set_budget``): Ray may have
+        # restarted this holder.
+        config = with_recorded_gpu_budget(config, node_id)
         self.config = config
         self.store = ModelStore(store_uri, storage_options=storage_options)
         ttl_s = config.manifest_ttl_s if manifest_ttl_s is None else manifest_ttl_s
@@ -331,6 +336,20 @@ class GpuTierActor:
         if self.tier is None:
             return "absent"
         return self.tier.evict(cache_key(self._resolve(name, tenant)))
+
+    def set_budget(self, nbytes: int) -> dict[str, int]:
+        """Changes this GPU's budget now (``GpuTier.set_budget``); with the tier off, only the
+        config a later start would use.
+
+        Raises:
+            ValueError: not a non-negative int, or more than the GPU's memory.
+        """
+        if self.tier is None:
+            result = {"budget": check_budget(nbytes, "the GPU budget"), "bytes_used": 0, "evicted": 0, "over_budget": 0}
+        else:
+            result = self.tier.set_budget(nbytes)
+        self.config = replace(self.config, budget_bytes=nbytes)
+        return result
 
     def prefetch(self, name: str, tenant: str) -> str:
         """Swaps a model in ahead of traffic; returns where it was found ("gpu", "host", ...).

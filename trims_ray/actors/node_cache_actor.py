@@ -14,13 +14,13 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .._config import CacheConfig
+from .._config import CacheConfig, check_budget
 from .._errors import ModelNotFoundError, TrimsError
 from .._gc import freeze_startup_objects
 from .._fsio import has_credentials, without_credentials
@@ -31,12 +31,13 @@ from .._raycalls import get
 from .._store import ModelStore
 from ._naming import NAMESPACE, forget_placement_actor, node_cache_actor, node_cache_actor_name, placement_actor
 from ..cache.gpu_tier import GPU
-from .._protocol import ASSUMED_LOAD_RATES, PEER, STORE, Caller, Holder, HostGrant, Resolved, cache_key, holder_alive
+from .._protocol import ASSUMED_LOAD_RATES, HOST, PEER, STORE, Caller, Holder, HostGrant, Resolved, cache_key, holder_alive
 from ..cache.host_loader import LEND_CALL_TIMEOUT_S, PEER_CHUNK_BYTES, lend_ttl_s
 from ..cache.node_cache import NodeCache
 from ..cache.placement import ReportSequence
 from ._lending import Lent, copy_lent
-from ._node_info import bypass_budget, node_info, object_store_bytes_used
+from ._budgets import with_recorded_budgets
+from ._node_info import bypass_budget, check_host_budget, node_info, object_store_bytes_used
 from .gpu_tier_actor import node_gpu_residency, node_gpu_stats, start_gpu_tier_actors
 
 __all__ = [
@@ -100,6 +101,9 @@ class NodeCacheActor:
 
     def __init__(self, node_id: str, store_uri: str, storage_options: dict | None, config: CacheConfig) -> None:
         self.node_id = node_id
+        # Budgets changed since ``config`` was given (``set_budget``): this cache may be one Ray
+        # restarted, or one started on a node that joined after the change.
+        config = with_recorded_budgets(config, node_id)
         self.config = config
         set_per_model(config.metrics_per_model)  # before this process records anything
         self._actor_id = ray.get_runtime_context().get_actor_id()
@@ -345,6 +349,29 @@ class NodeCacheActor:
             "last_load_source": self.cache.last_load_source,
         }
 
+    def set_budget(self, tier: str, nbytes: int) -> dict[str, int]:
+        """Changes a tier's byte budget on this node now (``NodeCache.set_budget``; for "gpu",
+        each GPU holder's, ``GpuTier.set_budget``, summed over the GPUs). The caller records it
+        for caches that start later (``_budgets``).
+
+        Raises:
+            ValueError: an unknown tier, a budget that is not a non-negative int, a host budget
+                above the node's object store, or a GPU budget above a GPU's memory.
+        """
+        try:
+            if tier == GPU:
+                return self._set_gpu_budget(nbytes)
+            if tier == HOST:
+                check_host_budget(self._node, nbytes)
+                result = self.cache.set_budget(HOST, nbytes, bypass_budget=bypass_budget(self._node, nbytes))
+            else:
+                result = self.cache.set_budget(tier, nbytes)
+            self.config = replace(self.config, **{f"{tier}_bytes": nbytes})
+            return result
+        finally:
+            give_back_free_memory()  # what the evicted models' loads left in malloc's arenas
+            self._send_report()  # placement knows before the caller's set_budget() returns
+
     def configure(self, *, peer_fetch: str | None = None) -> None:
         """Changes settings of the running cache. ``peer_fetch``: "auto" (copy from a peer when
         expected faster than the store), "always" (whenever a peer has it) or "never";
@@ -404,6 +431,16 @@ class NodeCacheActor:
             return tier["capacity"] - tier["bytes_used"] if per_gpu[label]["enabled"] else -1
         label = max(self._gpu_holders, key=room)
         return ray.get(self._gpu_holders[label].prefetch.remote(name, tenant))
+
+    def _set_gpu_budget(self, nbytes: int) -> dict[str, int]:
+        """Each GPU's budget (``nbytes`` per GPU), the figures summed over the node's GPUs;
+        "gpus": how many were set (0 where the GPU tier is off: nothing to change, and the
+        caller's record still reaches a holder that starts later)."""
+        check_budget(nbytes, "the GPU budget")
+        results = ray.get([h.set_budget.remote(nbytes) for h in self._gpu_holders.values()])
+        self.config = replace(self.config, gpu_bytes=nbytes)
+        summed = {field: sum(r[field] for r in results) for field in ("bytes_used", "evicted", "over_budget")}
+        return {"budget": nbytes, **summed, "gpus": len(results)}
 
     def _evict_gpu(self, name: str, tenant: str) -> str:
         """"evicted" if any GPU held it, "deferred" if one still leases it, else "absent"."""

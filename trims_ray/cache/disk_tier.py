@@ -13,7 +13,7 @@ from pathlib import Path
 from fsspec.implementations.local import LocalFileSystem
 
 from .._protocol import TierStats
-from ..policy import EvictionPolicy, Outcome, decide_admission
+from ..policy import EvictionPolicy, Outcome, decide_admission, shrink_victims
 from .quotas import tenant_of, tenant_quota
 
 __all__ = ["DiskTier", "LOCAL_FS"]
@@ -151,9 +151,30 @@ class DiskTier:
             self.forget(victim, evicted=True)
         return True
 
+    def set_budget(self, budget: int) -> int:
+        """Changes the budget now; lowered below what the tier holds, blobs are deleted in the
+        policy's eviction order until it fits (writes in flight stay counted, and a write that
+        no longer fits is not kept: ``reserve`` decides with the new budget). Returns how many
+        blobs were deleted."""
+        self.budget = budget
+        self.stats.capacity = budget
+        deleted = self._shrink()
+        self._refresh()
+        return deleted
+
+    def _shrink(self) -> int:
+        """Deletes blobs in the policy's eviction order until the tier fits its budget (writes
+        in flight count, but only written blobs can go); returns how many."""
+        victims = shrink_victims(self.policy, self.used - self.budget, self.sizes, lambda key: True)
+        for victim in victims:
+            self.forget(victim, evicted=True)
+        return len(victims)
+
     def adopt(self, key: str, size: int) -> None:
         self._track(key, size)
         self.stats.loads += 1
+        if self.used > self.budget:
+            self._shrink()  # written after the budget was lowered under it
 
     # -- faults: the disk full, the directory deleted, a file gone or bad ----------------------
 

@@ -22,12 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .._config import GpuTierConfig  # defined with the rest of the settings; re-exported
+from .._config import GpuTierConfig, check_budget  # GpuTierConfig: defined with the rest of the settings; re-exported
 from .._devices import CopyJob, DeviceMemory, GpuDevice, HostSource  # re-exported
 from .._errors import CapacityError
 from .._gpu_ipc import DeviceIdentity, module_order, plan_layers
 from .._manifest import Manifest
-from ..policy import EvictionPolicy, Outcome, decide_admission, make_policy
+from ..policy import EvictionPolicy, Outcome, decide_admission, make_policy, shrink_victims
 from .._protocol import ASSUMED_SWAP_RATE, BYPASS, Caller, GpuGrant, Holder, TierStats, cache_key, holder_alive  # GpuGrant re-exported
 from .gpu_entry import Resident as _Resident
 from .gpu_entry import cannot_allocate, device_short, no_room, too_big
@@ -247,6 +247,8 @@ class GpuTier:
                 self._drop(entry, dropped, evicted=False)
             elif entry.evict_when_idle and self._resident.get(cache_key(entry.manifest)) is entry:
                 self._drop(entry, dropped, evicted=True)
+            if self._used() - self._freeing > self.budget:
+                self._shrink(dropped)  # the budget was lowered under this lease
         self.on_change()
 
     # -- admission and eviction ----------------------------------------------------------------
@@ -352,6 +354,43 @@ class GpuTier:
                 with self._lock:
                     self._freeing -= entry.nbytes
                     self._update_usage()
+
+    def set_budget(self, budget: int) -> dict[str, int]:
+        """Changes this GPU's byte budget now. A lower one evicts idle models in the policy's
+        eviction order until the tier fits; leased ones and swap-ins in flight stay, and go
+        (in the same order) as their leases end while the tier holds more than its budget.
+
+        Returns:
+            {"budget", "bytes_used" (after the evictions), "evicted" (models evicted by this
+            call), "over_budget" (bytes held beyond the budget by leases; 0 when it fits)}.
+
+        Raises:
+            ValueError: not a non-negative int, or more than the GPU's memory.
+        """
+        check_budget(budget, "the GPU budget")
+        total = self.device.memory().total
+        if budget > total:
+            raise ValueError(
+                f"GPU budget of {budget} bytes exceeds the {total} bytes of GPU {self.identity.uuid}"
+            )
+        dropped: list[_Resident] = []
+        with self._lock:
+            self.budget = budget
+            self._stats.capacity = budget
+            self._shrink(dropped)
+        self._free(dropped)
+        with self._lock:
+            used = self._used()
+        return {"budget": budget, "bytes_used": used, "evicted": len(dropped), "over_budget": max(0, used - budget)}
+
+    def _shrink(self, dropped: list[_Resident]) -> None:
+        """Drops idle models, in the policy's eviction order, until the tier fits its budget
+        (what is already being freed counts as gone). Call under the lock; free ``dropped``
+        after releasing it."""
+        sizes = {k: e.nbytes for k, e in self._resident.items() if e.ready.is_set()}
+        excess = self._used() - self._freeing - self.budget
+        for key in shrink_victims(self.policy, excess, sizes, lambda k: self._resident[k].leases == 0):
+            self._drop(self._resident[key], dropped, evicted=True)
 
     def evict(self, key: str) -> str:
         """Evicts a blob from this GPU: "evicted", "deferred" (leased or on its way in: it goes

@@ -23,7 +23,7 @@ from .._errors import CapacityError
 from .._manifest import Manifest
 from .._protect import GUARD_BYTES
 from .._protocol import HOST, RecentUses, TierStats, cache_key
-from ..policy import EvictionPolicy, Outcome, decide_admission
+from ..policy import EvictionPolicy, Outcome, decide_admission, shrink_victims
 from .quotas import tenant_quota
 
 __all__ = ["HostMemory", "HostEntry", "HostTier", "RoomPending", "detached"]
@@ -344,6 +344,43 @@ class HostTier:
             raise RoomPending(pinned)
         return True
 
+    # -- the budget ----------------------------------------------------------------------------
+
+    def set_budget(self, budget: int, bypass_budget: int | None = None) -> tuple[int, list[HostEntry]]:
+        """Changes the budget (and, when given, the bypass allowance) now. Lowered below what
+        the tier holds, idle models go in the policy's eviction order until it fits: unleased
+        ones are freed at once; those only processes' pins hold are evicted and asked back
+        (they go when given back). Models leased by invocations, and loads in flight, stay;
+        until they end the tier holds more than its budget, and admission frees that excess
+        before it keeps anything new. Returns (models freed now, models asked back)."""
+        self.budget = budget
+        self.stats.capacity = budget
+        if bypass_budget is not None:
+            self.bypass_budget = bypass_budget
+        freed, asked = self._shrink()
+        self.refresh()
+        return freed, asked
+
+    def _shrink(self) -> tuple[int, list[HostEntry]]:
+        """Evicts idle models, in the policy's order, until the tier fits its budget (or none is
+        idle); see ``set_budget``. Returns (models freed now, models asked back)."""
+        sizes = {k: e.nbytes for k, e in self.entries.items() if e.ready.is_set()}
+
+        def idle(k: str) -> bool:
+            entry = self.entries[k]
+            return entry.leases == entry.pins
+
+        freed, asked = 0, []
+        for key in shrink_victims(self.policy, self.used - self.budget, sizes, idle):
+            entry = self.entries[key]
+            if entry.leases:
+                self.evict(key)  # only pins hold it: it goes when they are given back
+                asked.append(entry)
+            else:
+                self.drop(key, evicted=True)
+                freed += 1
+        return freed, asked
+
     # -- the end of a load ---------------------------------------------------------------------
 
     def loaded(self, entry: HostEntry, handle: object, miss_cost: float) -> None:
@@ -434,4 +471,6 @@ class HostTier:
                 del self.bypassing[key]  # a bypassed miss's shared copy: nobody uses it now
                 entry.handle = None
                 self.refresh()
+        if entry.leases == entry.pins and self.used > self.budget:
+            self._shrink()  # the budget was lowered under this lease: what it held may go now
         self.on_change()

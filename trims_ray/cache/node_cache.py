@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._config import check_budget
 from .._errors import ModelNotFoundError
 from .._manifest import Manifest
 from .._manifest_cache import ManifestCache
@@ -469,6 +470,46 @@ class NodeCache(NodeCacheViews, NodePins):
             asked = [e for e in self.host.condemned.values() if cache_key(e.manifest) == key and e.leases == e.pins]
         wait_until_gone(asked, self._gone, self.reclaim_wait_s)
         self.release(self._acquire(manifest, None, None, force=True).lease_id)
+
+    # -- budgets -------------------------------------------------------------------------------
+
+    def set_budget(self, tier: str, nbytes: int, *, bypass_budget: int | None = None) -> dict[str, int]:
+        """Changes the byte budget of ``tier`` ("host" or "disk") now, and with it every
+        tenant's share of it (``tenant_share``; explicit quotas stay as they are).
+
+        A higher budget only lets more in. A lower one evicts idle models in the policy's
+        eviction order until the tier fits: host copies that processes keep built are asked
+        back and waited for (``reclaim_wait_s``). What is leased stays until its leases end;
+        until then the tier holds more than its budget (``over_budget``), and no miss is kept
+        before that excess is freed. ``bypass_budget``: the host tier's new bypass allowance
+        (the actor's share of the object store outside the new budget); None: unchanged.
+
+        Returns:
+            {"budget", "bytes_used" (after the evictions), "evicted" (models evicted by this
+            call, those given back by processes included), "over_budget" (bytes held beyond
+            the budget by leases, 0 when the tier fits)}.
+
+        Raises:
+            ValueError / TypeError: an unknown tier or a budget that is not a positive int.
+        """
+        if tier not in (HOST, DISK):
+            if tier == "gpu":
+                raise ValueError("tier 'gpu': the node cache holds the host and disk tiers; GPU budgets are its GPU holders'")
+            raise ValueError(f"tier must be {HOST!r} or {DISK!r}, got {tier!r}")
+        check_budget(nbytes, f"the {tier} budget")
+        with self._lock:
+            if tier == HOST:
+                self.host_budget = nbytes
+                evicted, asked = self.host.set_budget(nbytes, bypass_budget)
+            else:
+                self.disk_budget = nbytes
+                evicted, asked = self.disk.set_budget(nbytes), []
+        if asked:
+            wait_until_gone(asked, self._gone, self.reclaim_wait_s)
+            evicted += sum(1 for entry in asked if self._gone(entry))
+        with self._lock:
+            used = self.host.used if tier == HOST else self.disk.used
+        return {"budget": nbytes, "bytes_used": used, "evicted": evicted, "over_budget": max(0, used - nbytes)}
 
     # -- quotas --------------------------------------------------------------------------------
 

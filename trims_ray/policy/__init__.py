@@ -12,7 +12,7 @@ import importlib
 from typing import Any
 
 from trims_ray.policy.admission import Admission, Outcome, Quota, decide_admission
-from trims_ray.policy.base import EvictionPolicy, choose_victims
+from trims_ray.policy.base import EvictionPolicy, choose_victims, shrink_victims
 
 __all__ = [
     "POLICIES",
@@ -26,6 +26,7 @@ __all__ = [
     "make_policy",
     "online_policies",
     "policy_class",
+    "shrink_victims",
 ]
 
 # name -> "module:Class". Adding a policy is one line here (plus its module and its

@@ -104,7 +104,8 @@ def decide_admission(
         nbytes: Bytes keeping it takes in the tier, >= 0.
         cost: Its miss cost in seconds, as for ``policy.on_insert`` (unused when force).
         budget: Bytes the tier may hold.
-        used: Bytes the tier holds now, <= budget (loads in flight included).
+        used: Bytes the tier holds now, loads in flight included; above ``budget`` only
+            after the budget was lowered below what is leased (``set_budget`` of a tier).
         sizes: Bytes of every key that may be evicted: the policy's keys that are resident
             (not loading).
         evictable: Returns False for keys in use (leased) that must stay.
@@ -116,9 +117,11 @@ def decide_admission(
         The Admission: its victims when KEEP, else none.
 
     Raises:
-        ValueError: If nbytes or budget - used is negative, or as ``policy.admit``.
+        ValueError: If nbytes is negative, or as ``policy.admit``.
         KeyError: If a key the policy yields is missing from sizes.
     """
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
     if nbytes > budget:
         return _NOT_KEPT[Outcome.TOO_BIG]
     own: list[Key] = []
@@ -138,7 +141,9 @@ def decide_admission(
             own, taken = chosen, set(chosen)
             free += sum(mine[k] for k in own)
             candidates = lambda k: k not in taken and evictable(k)
-    rest = choose_victims(policy, nbytes, free, sizes, candidates)
+    # A tier whose budget was lowered at run time may hold more than it (what is leased stays
+    # until its leases end): then keeping the key needs its own bytes and that excess freed.
+    rest = choose_victims(policy, nbytes - min(free, 0), max(free, 0), sizes, candidates)
     if rest is None:
         # Evicting a partial set would destroy useful entries and still fail the load.
         return _NOT_KEPT[Outcome.NO_ROOM]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable, Iterator, KeysView, Mapping, Seq
 from dataclasses import dataclass
 from typing import ClassVar
 
-__all__ = ["Entry", "EvictionPolicy", "check_positive", "choose_victims"]
+__all__ = ["Entry", "EvictionPolicy", "check_positive", "choose_victims", "shrink_victims"]
 
 Key = Hashable
 Evictable = Callable[[Key], bool]
@@ -291,3 +291,34 @@ def _check_cost(cost: float) -> float:
     if not math.isfinite(cost) or cost < 0:
         raise ValueError(f"cost must be a finite number of seconds >= 0, got {cost}")
     return float(cost)
+
+
+def shrink_victims(
+    policy: EvictionPolicy, excess_bytes: int, sizes: Mapping[Key, int], evictable: Evictable
+) -> list[Key]:
+    """Picks the evict-first keys to free when a tier's budget is lowered below what it holds.
+
+    Unlike :func:`choose_victims`, a partial set is what is wanted: every idle key that frees
+    bytes brings the tier nearer its new budget, and what is in use (leased) stays until it is
+    released. Takes the shortest prefix of ``policy.victims(evictable)`` whose sizes reach
+    excess_bytes, or every evictable key when they do not. Removes nothing.
+
+    Args:
+        policy: Orders the candidates.
+        excess_bytes: Bytes the tier holds beyond its new budget (<= 0: nothing to free).
+        sizes: Size in bytes of every key the policy may yield.
+        evictable: Returns False for keys that must stay (leased ones).
+
+    Raises:
+        KeyError: If a yielded key is missing from sizes.
+    """
+    chosen: list[Key] = []
+    freed = 0
+    if excess_bytes <= 0:
+        return chosen
+    for key in policy.victims(evictable):
+        chosen.append(key)
+        freed += sizes[key]
+        if freed >= excess_bytes:
+            break
+    return chosen

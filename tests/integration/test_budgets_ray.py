@@ -1,0 +1,113 @@
+"""Tier budgets changed while the cluster runs (``trims_ray.set_budget``, ``trims-ray budget``)
+on a real single-node Ray: a lower host budget evicts idle models and the object store really
+gets the bytes back; a model in use stays until released; the change survives the node cache's
+restart by Ray and is forgotten by shutdown; bad budgets change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+
+import trims_ray
+from trims_ray import cli
+from trims_ray._cluster import node_cache_actor
+
+from .conftest import HOST_BUDGET, OBJECT_STORE_BYTES, wait_for
+from .test_node_cache_ray import ModelHolder, node_stats, weights
+
+MiB = 1024 * 1024
+
+
+def test_a_lower_host_budget_evicts_idle_models_and_frees_the_object_store(lru_cache, ray_node):
+    for i in range(3):
+        trims_ray.register(f"m{i}", weights(12, seed=i))
+        trims_ray.prefetch(f"m{i}")
+    loaded = node_stats(ray_node).object_store_bytes_used
+
+    result = trims_ray.set_budget("host", 20 * MiB)[ray_node]
+    assert (result["budget"], result["evicted"], result["over_budget"]) == (20 * MiB, 2, 0)
+    host = node_stats(ray_node).tiers["host"]
+    assert (host.capacity, host.models, host.bytes_used) == (20 * MiB, 1, result["bytes_used"])
+    assert trims_ray.evict("m2", tier="host")[ray_node]["host"] == "evicted"  # lru: m0, m1 went
+    # Invariant 2 for a budget change: the raylet counts the bytes gone.
+    wait_for(lambda: node_stats(ray_node).object_store_bytes_used <= loaded - 3 * 12 * MiB, what="bytes freed")
+    # A model bigger than a budget is refused as at start; a higher budget takes it again.
+    trims_ray.set_budget("host", 10 * MiB)
+    with pytest.raises(trims_ray.CapacityError, match="budget is"):
+        trims_ray.prefetch("m0")
+    trims_ray.set_budget("host", HOST_BUDGET)
+    assert trims_ray.prefetch("m0")[ray_node] == "disk"
+
+
+def test_a_model_in_use_stays_over_a_lower_budget_until_released(lru_cache, ray_node):
+    trims_ray.register("held", weights(8))
+    result = ModelHolder.remote().hold.remote("held", 3.0)
+    wait_for(lambda: node_stats(ray_node).leases == 1, what="the lease")
+    changed = trims_ray.set_budget("host", 1 * MiB)[ray_node]
+    assert changed["evicted"] == 0 and changed["bytes_used"] > 8 * MiB
+    assert changed["over_budget"] == changed["bytes_used"] - MiB
+    assert ray.get(result) == pytest.approx(float(weights(8)["w"].sum()), rel=1e-5)
+    wait_for(lambda: node_stats(ray_node).tiers["host"].bytes_used == 0, what="the copy freed on release")
+    assert node_stats(ray_node).tiers["host"].evictions == 1
+
+
+def test_a_budget_set_for_the_cluster_survives_a_restart_and_shutdown_forgets_it(ray_node, tmp_path):
+    config = trims_ray.CacheConfig(host_bytes=HOST_BUDGET, disk_dir=str(tmp_path / "disk"), lease_check_s=0.2)
+    trims_ray.init(store=str(tmp_path / "store"), config=config)
+    try:
+        trims_ray.register("m", weights(1))
+        trims_ray.prefetch("m")  # a load the restarted cache will not have counted
+        trims_ray.set_budget("host", 40 * MiB)
+        trims_ray.set_budget("disk", 30 * MiB, nodes=[ray_node])
+        ray.kill(node_cache_actor(ray_node), no_restart=False)  # Ray restarts it from its arguments
+
+        def restarted_with_the_budgets() -> bool:
+            try:
+                tiers = node_stats(ray_node).tiers
+            except Exception:  # the call that found it dying
+                return False
+            if tiers["host"].loads:
+                return False  # not restarted yet
+            assert (tiers["host"].capacity, tiers["disk"].capacity) == (40 * MiB, 30 * MiB)
+            return True
+
+        wait_for(restarted_with_the_budgets, timeout=60, interval=0.5, what="the restarted cache's budgets")
+    finally:
+        trims_ray.shutdown()
+    trims_ray.init(store=str(tmp_path / "store"), config=config)
+    try:
+        tiers = node_stats(ray_node).tiers
+        assert (tiers["host"].capacity, tiers["disk"].capacity) == (HOST_BUDGET, config.disk_bytes)
+    finally:
+        trims_ray.shutdown()
+
+
+def test_bad_budgets_change_nothing(cache, ray_node):
+    with pytest.raises(ValueError, match="exceeds the .*-byte object store"):
+        trims_ray.set_budget("host", OBJECT_STORE_BYTES + 1)
+    with pytest.raises(ValueError, match="tier must be one of"):
+        trims_ray.set_budget("nvme", MiB)
+    with pytest.raises(ValueError, match="non-negative int"):
+        trims_ray.set_budget("disk", -1)
+    assert node_stats(ray_node).tiers["host"].capacity == HOST_BUDGET
+    # No GPU here: nothing to set, and the record waits for a holder that starts later.
+    assert trims_ray.set_budget("gpu", MiB)[ray_node] == {"budget": MiB, "bytes_used": 0, "evicted": 0,
+                                                           "over_budget": 0, "gpus": 0}
+
+
+def test_the_budget_command(lru_cache, ray_node, capsys):
+    trims_ray.register("m", weights(4))
+    trims_ray.prefetch("m")
+    assert cli.main(["budget", "host", "2MiB", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tier"] == "host" and out["nodes"][ray_node]["evicted"] == 1
+    assert cli.main(["budget", "host", "64MiB", "--node", ray_node[:8]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "the host budget is 64.0 MiB on 1 node(s)"
+    assert lines[1].split() == ["NODE", "BUDGET", "USED", "EVICTED", "OVER", "(LEASED)"]
+    assert lines[2].split()[1:] == ["64.0", "MiB", "0", "B", "0", "0", "B"]
+    assert cli.main(["budget", "host", "1TiB"]) == 2
+    assert "exceeds the" in capsys.readouterr().err

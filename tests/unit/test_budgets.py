@@ -1,0 +1,251 @@
+"""Tier budgets changed at run time, without Ray: the admission sequence over a tier that holds
+more than its budget, the host and disk tiers of a NodeCache (idle models evicted in the
+policy's order, leased ones kept until released, pinned ones asked back, tenants' shares that
+follow the budget), and one GPU's tier over a FakeDevice.
+"""
+
+from __future__ import annotations
+
+# ruff: noqa: F811 - the fixtures imported below are test arguments by the same names
+import threading
+
+import pytest
+
+from tests.unit.test_gpu_tier import ME as GPU_ME
+from tests.unit.test_gpu_tier import Models, make_tier
+from tests.unit.test_node_cache import (  # noqa: F401 - fixtures are found by name
+    TENANT,
+    cost,
+    disk_dir,
+    make_cache,
+    memory,
+    use,
+    weights,
+)
+from trims_ray import CapacityError
+from trims_ray._config import CacheConfig, check_budget
+from trims_ray._protocol import BYPASS, DISK, HOST, Holder, cache_key
+from trims_ray.cache.gpu_testing import FakeDevice
+from trims_ray.policy import Outcome, decide_admission, make_policy, shrink_victims
+
+pytestmark = pytest.mark.timeout(60)
+
+ME = Holder.this_process()
+WORKER = Holder(ME.pid, ME.start + 1)  # another process (the holder_alive double decides)
+
+
+# -- the policy's part -----------------------------------------------------------------------
+
+
+def _lru(*keys: str, size: int = 10):
+    policy = make_policy("lru")
+    for key in keys:
+        policy.on_insert(key, size, 1.0)
+    return policy
+
+
+def test_shrink_victims_takes_the_shortest_prefix_or_every_idle_key():
+    policy = _lru("a", "b", "c")
+    sizes = {"a": 10, "b": 10, "c": 10}
+    assert shrink_victims(policy, 15, sizes, lambda k: True) == ["a", "b"]
+    assert shrink_victims(policy, 0, sizes, lambda k: True) == []
+    assert shrink_victims(policy, -5, sizes, lambda k: True) == []
+    # Not enough idle bytes: every idle key still goes (a partial set is what a shrink wants).
+    assert shrink_victims(policy, 100, sizes, lambda k: k != "b") == ["a", "c"]
+
+
+def test_admission_over_a_lowered_budget_frees_the_excess_first():
+    policy = _lru("a", "b", "c")
+    sizes = {"a": 10, "b": 10, "c": 10}
+    # 30 held, budget 20: keeping 10 more needs 20 freed, not 10.
+    decision = decide_admission(policy, "d", 10, 1.0, budget=20, used=30, sizes=sizes, force=True)
+    assert decision.outcome is Outcome.KEEP and decision.victims == ("a", "b")
+    # The excess is leased: nothing can make room.
+    decision = decide_admission(policy, "d", 10, 1.0, budget=20, used=30, sizes=sizes,
+                                evictable=lambda k: k == "a")
+    assert decision.outcome is Outcome.NO_ROOM and decision.victims == ()
+    with pytest.raises(ValueError, match="nbytes"):
+        decide_admission(policy, "d", -1, 1.0, budget=20, used=0, sizes=sizes)
+
+
+def test_check_budget_takes_non_negative_ints_only():
+    assert check_budget(0, "x") == 0 and check_budget(5 << 30, "x") == 5 << 30
+    for bad in (-1, 1.5, True, "1", None):
+        with pytest.raises(ValueError, match="the host budget must be a non-negative int"):
+            check_budget(bad, "the host budget")
+    with pytest.raises(ValueError, match="disk_bytes must be a non-negative int"):
+        CacheConfig(disk_bytes=-1)
+
+
+# -- the host tier ---------------------------------------------------------------------------
+
+
+def _three(file_store, cache):
+    """Three models of one size used in the order m0, m1, m2 (idle, all resident)."""
+    infos = [file_store.register(f"m{i}", weights(i), tenant=TENANT) for i in range(3)]
+    for info in infos:
+        assert use(cache, info.name) == "store"
+    return infos
+
+
+def test_a_lower_host_budget_evicts_idle_models_in_the_policys_order(make_cache, file_store, memory):
+    cache = make_cache(policy="lru")
+    infos = _three(file_store, cache)
+    live = memory.live()
+    assert use(cache, "m0") == HOST  # m0 is now the most recently used: m1 goes first
+
+    result = cache.set_budget(HOST, cost(infos[0]))
+    assert result == {"budget": cost(infos[0]), "bytes_used": cost(infos[0]), "evicted": 2, "over_budget": 0}
+    host = cache.stats()[HOST]
+    assert (host.capacity, host.bytes_used, host.models, host.evictions) == (cost(infos[0]), cost(infos[0]), 1, 2)
+    assert memory.live() == live - 2  # the two copies were really let go
+    assert use(cache, "m0") == HOST
+    assert use(cache, "m1") == DISK  # evicted from the host tier; its miss evicts m0 to fit
+    assert cache.stats()[HOST].bytes_used == cost(infos[0])
+
+
+def test_a_higher_host_budget_admits_what_did_not_fit(make_cache, file_store):
+    info = file_store.register("m", weights(1), tenant=TENANT)
+    cache = make_cache(host_budget=cost(info) - 1)
+    with pytest.raises(CapacityError, match="budget is"):
+        cache.acquire("m", TENANT, ME)
+    assert cache.set_budget(HOST, cost(info))["evicted"] == 0
+    assert use(cache, "m") == "store" and use(cache, "m") == HOST
+
+
+def test_a_leased_model_stays_over_the_budget_until_released(make_cache, file_store):
+    cache = make_cache(policy="lru")
+    small = [file_store.register(f"s{i}", weights(i), tenant=TENANT) for i in range(2)]
+    big = file_store.register("big", weights(9, rows=64), tenant=TENANT)
+    for info in (*small, big):
+        use(cache, info.name)
+    held = cache.acquire("big", TENANT, ME)
+    budget = cost(big) - 100  # below the leased model, above a small one
+    result = cache.set_budget(HOST, budget)
+    assert result == {"budget": budget, "bytes_used": cost(big), "evicted": 2, "over_budget": 100}
+    # The leased copy is served as before. A small miss cannot be kept while the leased one
+    # holds the excess: it is a bypass, not an error.
+    again = cache.acquire("big", TENANT, ME)
+    assert again.tier == HOST
+    assert cache.acquire("s0", TENANT, ME).tier == BYPASS
+    assert cache.release(held.lease_id)
+    assert cache.stats()[HOST].models == 1  # the other lease holds it still
+    assert cache.release(again.lease_id)
+    assert (cache.stats()[HOST].models, cache.stats()[HOST].bytes_used) == (0, 0)
+    assert use(cache, "s0") == DISK and cache.stats()[HOST].bytes_used == cost(small[0])
+
+
+def test_the_last_release_over_a_lowered_budget_frees_the_model(make_cache, file_store, memory):
+    cache = make_cache(policy="lru")
+    info = file_store.register("m", weights(1), tenant=TENANT)
+    lease_id = cache.acquire("m", TENANT, ME).lease_id  # (a grant holds the copy: not kept)
+    assert cache.set_budget(HOST, cost(info) - 1)["over_budget"] == 1
+    live = memory.live()
+    assert cache.release(lease_id)
+    host = cache.stats()[HOST]
+    assert (host.bytes_used, host.models, host.evictions) == (0, 0, 1)
+    assert memory.live() == live - 1
+
+
+def test_a_pinned_model_is_asked_back_when_the_budget_falls(make_cache, file_store):
+    cache = make_cache(holder_alive=lambda holder: True, policy="lru")
+    file_store.register("m", weights(1), tenant=TENANT)
+    assert cache.acquire("m", TENANT, WORKER, pin=True).pinned
+
+    def worker() -> None:  # a worker process's reclaim thread
+        for pin_id in cache.wait_asked(WORKER, 10.0):
+            cache.release(pin_id)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    result = cache.set_budget(HOST, 0)
+    thread.join(10)
+    assert result == {"budget": 0, "bytes_used": 0, "evicted": 1, "over_budget": 0}
+    assert cache.pinned() == 0 and cache.stats()[HOST].models == 0
+
+
+def test_a_pin_not_given_back_in_time_is_over_the_budget(make_cache, file_store):
+    cache = make_cache(holder_alive=lambda holder: True, policy="lru", reclaim_wait_s=0.2)
+    info = file_store.register("m", weights(1), tenant=TENANT)
+    pin = cache.acquire("m", TENANT, WORKER, pin=True)
+    result = cache.set_budget(HOST, 0)
+    assert result == {"budget": 0, "bytes_used": cost(info), "evicted": 0, "over_budget": cost(info)}
+    assert cache.release(pin.lease_id)  # given back late: freed then
+    assert cache.stats()[HOST].bytes_used == 0
+
+
+def test_tenant_shares_follow_the_budget(make_cache):
+    cache = make_cache(tenant_share=0.5, host_budget=1000, disk_budget=4000)
+    assert (cache.quota(TENANT, HOST), cache.quota(TENANT, DISK)) == (500, 2000)
+    cache.set_budget(HOST, 3000)
+    cache.set_budget(DISK, 100)
+    assert (cache.quota(TENANT, HOST), cache.quota(TENANT, DISK)) == (1500, 50)
+
+
+def test_bad_budget_calls_are_refused_and_change_nothing(make_cache):
+    cache = make_cache(host_budget=1000)
+    for tier, nbytes, match in [
+        ("gpu", 10, "GPU budgets are its GPU holders'"),
+        ("nvme", 10, "tier must be"),
+        (None, 10, "tier must be"),
+        (HOST, -1, "non-negative int"),
+        (HOST, 2.5, "non-negative int"),
+        (HOST, True, "non-negative int"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            cache.set_budget(tier, nbytes)
+    assert cache.stats()[HOST].capacity == 1000 and cache.host_budget == 1000
+
+
+# -- the disk tier ---------------------------------------------------------------------------
+
+
+def test_a_lower_disk_budget_deletes_blobs_in_the_policys_order(make_cache, file_store):
+    cache = make_cache(policy="lru")
+    infos = _three(file_store, cache)
+    paths = [cache.disk.path(cache_key(file_store.manifest(i.name, tenant=TENANT))) for i in infos]
+    assert all(p.exists() for p in paths)
+    size = paths[0].stat().st_size
+    result = cache.set_budget(DISK, size)
+    assert result == {"budget": size, "bytes_used": size, "evicted": 2, "over_budget": 0}
+    assert [p.exists() for p in paths] == [False, False, True]  # m2 was written last
+    disk = cache.stats()[DISK]
+    assert (disk.capacity, disk.bytes_used, disk.models) == (size, size, 1)
+    # A later copy fits the new budget by deleting the one left.
+    cache.evict("m0", TENANT, HOST)
+    assert use(cache, "m0") == "store"
+    assert [p.exists() for p in paths] == [True, False, False]
+
+
+# -- one GPU ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gpu_models(tmp_path) -> Models:
+    from trims_ray import ModelStore
+
+    return Models(ModelStore(f"file://{tmp_path}/gpu-store"))
+
+
+def test_a_lower_gpu_budget_frees_idle_models_and_the_rest_on_release(gpu_models):
+    device = FakeDevice(64 << 20)
+    tier = make_tier(gpu_models, device, budget=1 << 20)
+    a, b, c = gpu_models.add(200_000), gpu_models.add(200_000), gpu_models.add(200_000)
+    for m in (a, b):
+        tier.release(tier.acquire(m, GPU_ME).lease_id)
+    held = tier.acquire(c, GPU_ME)
+    one = device.footprint(a.nbytes)
+
+    result = tier.set_budget(one // 2)
+    assert result == {"budget": one // 2, "bytes_used": one, "evicted": 2, "over_budget": one - one // 2}
+    assert set(tier.resident()) == {cache_key(c)} and len(device.freed) == 2
+    tier.release(held.lease_id)  # the last lease over the lowered budget: c goes now
+    assert tier.resident() == {} and device.allocations == {}
+    assert (tier.stats().capacity, tier.stats().bytes_used) == (one // 2, 0)
+
+    with pytest.raises(ValueError, match="exceeds"):
+        tier.set_budget(65 << 20)
+    with pytest.raises(ValueError, match="non-negative int"):
+        tier.set_budget(-1)
+    assert tier.set_budget(1 << 20)["over_budget"] == 0
+    assert tier.acquire(a, GPU_ME).tier != BYPASS

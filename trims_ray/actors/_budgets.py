@@ -1,0 +1,74 @@
+"""Tier budgets changed at run time (``trims_ray.set_budget``), recorded where every cache that
+starts later finds them: Ray's KV store (in the GCS, namespace "trims_ray"), which outlives
+any actor. A running cache applies a change when it is asked to (``NodeCacheActor.set_budget``);
+a cache Ray restarts, one placement starts on a node that joins, and a GPU holder read the
+record when they start, so a budget set for the cluster holds on every node from then on.
+
+Keys: ``budget/<tier>`` for every node, ``budget/<tier>/<node id>`` for one node (it wins over
+the first). Setting a tier for every node forgets that tier's per-node records: the latest call
+holds. ``trims_ray.shutdown()``, and an ``init`` that starts the caches anew, forget them all,
+so that a config given to ``init`` is what a new start gets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .._config import CacheConfig, GpuTierConfig
+
+__all__ = ["TIERS", "record_budget", "recorded_budgets", "forget_budgets", "with_recorded_budgets", "with_recorded_gpu_budget"]
+
+TIERS = ("host", "disk", "gpu")
+_NAMESPACE = "trims_ray"
+_PREFIX = "budget/"
+
+
+def _kv():
+    from ray.experimental import internal_kv  # Ray's own KV client: a driver or a worker has one
+
+    return internal_kv
+
+
+def record_budget(tier: str, nbytes: int, nodes: list[str] | None) -> None:
+    """Records ``tier``'s budget for ``nodes`` (None: every node, now and later)."""
+    kv = _kv()
+    if nodes is None:
+        kv._internal_kv_del(f"{_PREFIX}{tier}/", del_by_prefix=True, namespace=_NAMESPACE)
+        kv._internal_kv_put(f"{_PREFIX}{tier}", str(nbytes), namespace=_NAMESPACE)
+        return
+    for node in nodes:
+        kv._internal_kv_put(f"{_PREFIX}{tier}/{node}", str(nbytes), namespace=_NAMESPACE)
+
+
+def recorded_budgets(node_id: str) -> dict[str, int]:
+    """The budgets recorded for ``node_id``: tier -> bytes, for the tiers that have one ({} in
+    a process not connected to Ray, as when a test builds an actor's class directly)."""
+    kv = _kv()
+    if not kv._internal_kv_initialized():
+        return {}
+    out = {}
+    for tier in TIERS:
+        for key in (f"{_PREFIX}{tier}/{node_id}", f"{_PREFIX}{tier}"):
+            value = kv._internal_kv_get(key, namespace=_NAMESPACE)
+            if value is not None:
+                out[tier] = int(value)
+                break
+    return out
+
+
+def forget_budgets() -> None:
+    """Forgets every recorded budget."""
+    _kv()._internal_kv_del(_PREFIX, del_by_prefix=True, namespace=_NAMESPACE)
+
+
+def with_recorded_budgets(config: CacheConfig, node_id: str) -> CacheConfig:
+    """``config`` with the budgets recorded for ``node_id`` in place of its own."""
+    recorded = recorded_budgets(node_id)
+    fields = {"host": "host_bytes", "disk": "disk_bytes", "gpu": "gpu_bytes"}
+    return replace(config, **{fields[tier]: nbytes for tier, nbytes in recorded.items()})
+
+
+def with_recorded_gpu_budget(config: GpuTierConfig, node_id: str) -> GpuTierConfig:
+    """A GPU holder's ``config`` with the GPU budget recorded for ``node_id``, if any."""
+    nbytes = recorded_budgets(node_id).get("gpu")
+    return config if nbytes is None else replace(config, budget_bytes=nbytes)
