@@ -178,7 +178,7 @@ def summarize(system: str, outcomes: Sequence[Outcome], wall_s: float) -> System
         e2e_s=mean([o.latency_s for o in answered]),
         tiers=dict(Counter(o.answer.tier for o in answered)),
         errors=[o.error for o in outcomes if o.error][:5],
-        held_bytes=max((o.answer.held_bytes for o in answered if o.answer.held_bytes >= 0), default=None),
+        held_bytes=max((o.answer.held_bytes for o in answered if o.answer.held_bytes is not None), default=None),
     )
 
 

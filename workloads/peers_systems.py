@@ -80,8 +80,8 @@ class Answer:
     load_s: float  # request start in the serving process to a usable module
     forward_s: float
     # Model bytes the serving process held in memory once it had this request's model (Serve's
-    # replica, the LRU actor; -1: not measured there): what "same memory per node" is checked by.
-    held_bytes: int = -1
+    # replica, the LRU actor; None: not measured there): what "same memory per node" is checked by.
+    held_bytes: int | None = None
 
 
 # -- the work -----------------------------------------------------------------------------------

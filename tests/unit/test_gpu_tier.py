@@ -732,6 +732,12 @@ def test_without_gpu_the_tier_is_off_with_a_reason(tmp_path):
         holder.prefetch("m", TENANT)
     with pytest.raises(TypeError):
         holder.acquire("m", TENANT, Caller("driver"))
+    # A budget set while the tier is off is only its config (for a start with a GPU).
+    assert holder.set_budget(5 << 20) == {"budget": 5 << 20, "bytes_used": 0, "evicted": 0, "over_budget": 0}
+    assert holder.config.budget_bytes == 5 << 20
+    with pytest.raises(ValueError, match="non-negative int"):
+        holder.set_budget(-1)
+    assert holder.config.budget_bytes == 5 << 20
 
 
 # -- CUDA pieces that do not need a GPU ----------------------------------------------------------
