@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from fractions import Fraction
 from collections.abc import Iterable, Mapping
 from typing import TextIO
 
@@ -56,8 +57,8 @@ def parse_bytes(text: str) -> int:
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _UNITS:
         raise ValueError(f"{text!r} is not a byte count: write it as 123, 512MiB, 1.5GiB or 20GB")
-    number = float(match.group(1)) * _UNITS[unit] if "." in match.group(1) else int(match.group(1)) * _UNITS[unit]
-    if number != int(number):
+    number = Fraction(match.group(1)) * _UNITS[unit]  # exact: 8.03GB is 8030000000 bytes
+    if number.denominator != 1:
         raise ValueError(f"{text!r} is not a whole number of bytes")
     return int(number)
 

@@ -39,7 +39,7 @@ from .actors._naming import (
     remember_node_cache_actors,
     require_running,
 )
-from .actors._budgets import TIERS, forget_budgets, record_budget
+from .actors._budgets import TIERS, forget_budgets, record_budget, restore_tier_records, tier_records
 from .actors._node_info import alive_nodes, check_host_budget
 from .actors.node_cache_actor import start_node_cache_actor
 from .actors.placement_actor import start_placement_actor
@@ -141,8 +141,9 @@ def init(
             env["TRIMS_RAY_TENANT"] = tenant
         with quick_frees():  # a Ray this call starts frees evicted copies every 100 ms (``_gc``)
             ray.init(address=address, runtime_env={"env_vars": env})
-    if not is_running():
+    if not our_actor_names():
         forget_budgets()  # of an earlier start that ended without shutdown(): this config holds
+    if not is_running():
         # Nothing runs yet: start every alive node's cache now, beside placement, whose start
         # would otherwise start them only once its own process is up (two actor starts, each a
         # new process importing torch, one after the other). Placement finds them by name.
@@ -277,29 +278,45 @@ def set_budget(tier: str, nbytes: int, nodes: list[str] | None = None) -> dict[s
     call evicted), "over_budget" (bytes leases hold beyond the budget; 0 when the tier fits)};
     for "gpu", summed over the node's GPUs, and "gpus": how many (0 where the tier is off).
 
+    A node that joins with an object store (or a GPU) too small for a budget set for the
+    cluster keeps its own, and its cache logs why. Concurrent calls for one tier leave each
+    node with one of their budgets, and the record with one of them.
+
     Raises:
         ValueError: an unknown tier, a budget that is not a non-negative int, or a host budget
             above a node's object store (nothing changes anywhere); or a GPU budget above a
-            GPU's memory (the other nodes may have taken it; nothing is recorded).
+            GPU's memory (nodes asked at the same time may have taken it; the record is put
+            back as it was).
         TrimsError: Ray is not initialized, or trims_ray is not running.
     """
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
     check_budget(nbytes, f"the {tier} budget")
     asked = _nodes(nodes)
-    if tier == "host":  # checked on every node before any changes
-        for node in ray.nodes():
-            if node["NodeID"] in asked:
-                check_host_budget(node, nbytes)
-    result = _on_each_node(asked, "set_budget", tier, nbytes)
+    _check_host_budget(tier, nbytes, asked)
+    # Recorded first: a cache that starts (or restarts) while the running ones are changed
+    # reads the new budget; the nodes that joined before the record get it below.
+    before = tier_records(tier)
     record_budget(tier, nbytes, None if nodes is None else asked)
-    if nodes is None:
-        # A cache that started on a joining node before the record was written has the old
-        # budget: give it the new one too.
-        joined = [n for n in _nodes(None) if n not in result]
-        result.update(_on_each_node(joined, "set_budget", tier, nbytes))
+    try:
+        result = _on_each_node(asked, "set_budget", tier, nbytes)
+        if nodes is None:
+            joined = [n for n in _nodes(None) if n not in result]
+            _check_host_budget(tier, nbytes, joined)
+            result.update(_on_each_node(joined, "set_budget", tier, nbytes))
+    except BaseException:
+        restore_tier_records(tier, before)
+        raise
     _routing.refresh()
     return result
+
+
+def _check_host_budget(tier: str, nbytes: int, nodes: list[str]) -> None:
+    """Raises ValueError when a host budget of ``nbytes`` cannot fit one of ``nodes``."""
+    if tier == "host" and nodes:
+        for node in ray.nodes():
+            if node["NodeID"] in nodes:
+                check_host_budget(node, nbytes)
 
 
 def stats() -> ClusterStats:

@@ -20,6 +20,7 @@ from trims_ray._protocol import cache_key
 
 from .conftest import wait_for
 from .multinode import (
+    HOST_BUDGET,
     MiB,
     NODE_STORE,
     expected_sum,
@@ -65,19 +66,22 @@ def test_a_node_that_joins_gets_a_cache_with_the_budgets_set_for_the_cluster(own
     cluster, nodes = own_cluster
     w = weights(1, seed=8)
     trims_ray.register("m", w)
-    trims_ray.set_budget("host", 8 * MiB)  # every node, and those that join
+    trims_ray.set_budget("host", 100 * MiB)  # every node, and those that join
     trims_ray.set_budget("disk", 3 * MiB, nodes=[nodes[0]])  # that node only
     added = cluster.add_node(num_cpus=2, object_store_memory=NODE_STORE)
+    small = cluster.add_node(num_cpus=1, object_store_memory=80 * MiB)  # cannot hold 100 MiB
     # A task that Ray runs there before placement has started the node's cache waits for it
     # (it failed with "has no trims_ray cache" in a soak).
     on_added = NodeAffinitySchedulingStrategy(added.node_id, soft=False)
     assert ray.get(_open_and_sum.options(scheduling_strategy=on_added).remote("m"), timeout=60) == expected_sum(w)
-    wait_for(lambda: added.node_id in ray.get(placement_actor().members.remote()), timeout=20)
+    wait_for(lambda: {added.node_id, small.node_id} <= set(ray.get(placement_actor().members.remote())), timeout=20)
     trims_ray.register("m2", weights(1, seed=18))
     assert trims_ray.prefetch("m2", nodes=[added.node_id]) == {added.node_id: "store"}
     per_node = trims_ray.stats().nodes
     assert per_node[added.node_id].tiers["host"].models == 2
-    assert [per_node[n].tiers["host"].capacity for n in (added.node_id, *nodes)] == [8 * MiB] * 4
+    assert [per_node[n].tiers["host"].capacity for n in (added.node_id, *nodes)] == [100 * MiB] * 4
+    # The small node keeps the budget it was started with, as set_budget would have refused it.
+    assert per_node[small.node_id].tiers["host"].capacity == HOST_BUDGET
     assert per_node[nodes[0]].tiers["disk"].capacity == 3 * MiB
     assert per_node[added.node_id].tiers["disk"].capacity == per_node[nodes[1]].tiers["disk"].capacity > 3 * MiB
 

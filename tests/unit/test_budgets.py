@@ -19,13 +19,16 @@ from tests.unit.test_node_cache import (  # noqa: F401 - fixtures are found by n
     disk_dir,
     make_cache,
     memory,
+    reads,
     use,
+    wait_for,
     weights,
 )
 from trims_ray import CapacityError
 from trims_ray._config import CacheConfig, check_budget
 from trims_ray._protocol import BYPASS, DISK, HOST, Holder, cache_key
 from trims_ray.cache.gpu_testing import FakeDevice
+from trims_ray.cache.gpu_tier import GpuTierConfig
 from trims_ray.policy import Outcome, decide_admission, make_policy, shrink_victims
 
 pytestmark = pytest.mark.timeout(60)
@@ -249,3 +252,119 @@ def test_a_lower_gpu_budget_frees_idle_models_and_the_rest_on_release(gpu_models
         tier.set_budget(-1)
     assert tier.set_budget(1 << 20)["over_budget"] == 0
     assert tier.acquire(a, GPU_ME).tier != BYPASS
+
+
+# -- found in review: the edges of a lowered budget ------------------------------------------
+
+
+def test_what_a_tier_holds_over_its_budget_comes_out_of_the_bypass_allowance(make_cache, file_store):
+    infos = [file_store.register(f"m{i}", weights(i), tenant=TENANT) for i in range(12)]
+    unit = cost(infos[0])
+    store = 10 * unit  # the node's object store; the allowance is half of what the budget leaves
+
+    def allowance(budget: int) -> int:
+        return (store - budget) // 2
+
+    cache = make_cache(policy="lru", host_budget=8 * unit, bypass_budget=allowance(8 * unit))
+    held = [cache.acquire(f"m{i}", TENANT, ME) for i in range(8)]  # eight running tasks
+    assert cache.set_budget(HOST, 2 * unit, bypass_budget=allowance(2 * unit))["over_budget"] == 6 * unit
+    # 8 held against a budget of 2: the 6 over it leave no allowance (4 - 6 < 0), so the next
+    # misses read their own copies instead of four shared ones that would overfill the store.
+    more = [cache.acquire(f"m{i}", TENANT, ME) for i in range(8, 12)]
+    assert [g.tier for g in more] == [BYPASS] * 4 and cache.host.bypass_used == 0
+    assert cache.host.used + cache.host.bypass_used <= store
+    for grant in held:
+        cache.release(grant.lease_id)
+    assert cache.host.used <= 2 * unit
+
+
+def test_a_raised_budget_counts_shared_copies_beyond_their_smaller_allowance(make_cache, file_store):
+    infos = [file_store.register(f"m{i}", weights(i), tenant=TENANT) for i in range(4)]
+    unit = cost(infos[0])
+    cache = make_cache(policy="lru", host_budget=2 * unit, bypass_budget=2 * unit)
+    held = [cache.acquire(f"m{i}", TENANT, ME) for i in range(2)]  # the tier is full and leased
+    shared = [cache.acquire(f"m{i}", TENANT, ME) for i in (2, 3)]  # two shared bypass copies
+    assert [g.tier for g in shared] == ["store", "store"] and cache.host.bypass_used == 2 * unit
+    cache.set_budget(HOST, 3 * unit, bypass_budget=unit // 2)  # the store is 4: (4 - 3) / 2
+    for grant in held:
+        cache.release(grant.lease_id)
+    # 2 held + 2 shared = the whole store: the copies over the allowance (1.5 units) count
+    # against the budget, so a miss must evict rather than push the total past it.
+    use(cache, "m2")
+    assert cache.host.used + cache.host.bypass_used <= 4 * unit
+    for grant in shared:
+        cache.release(grant.lease_id)
+
+
+def test_a_copy_asked_back_is_not_counted_twice(make_cache, file_store):
+    cache = make_cache(holder_alive=lambda holder: True, policy="lru", reclaim_wait_s=0.2)
+    infos = {n: file_store.register(n, weights(i), tenant=TENANT) for i, n in enumerate("pabx")}
+    size = cost(infos["p"])
+    pin = cache.acquire("p", TENANT, WORKER, pin=True)  # a worker keeps p built (LRU-oldest)
+    use(cache, "a")
+    use(cache, "b")
+    task = cache.acquire("x", TENANT, ME)
+    result = cache.set_budget(HOST, 2 * size)  # p asked back (not given in time), a evicted
+    assert (result["evicted"], result["over_budget"]) == (1, size)
+
+    def resident() -> list[str]:
+        keys = {cache_key(file_store.manifest(n, tenant=TENANT)): n for n in infos}
+        return sorted(keys[k] for k in cache.host.entries)
+
+    assert resident() == ["b", "x"]
+    cache.release(task.lease_id)  # p's bytes are on their way out: b must not go for them
+    assert resident() == ["b", "x"]
+    cache.release(pin.lease_id)  # the worker gives p back
+    assert (cache.stats()[HOST].bytes_used, cache.stats()[HOST].models) == (2 * size, 2)
+
+
+def test_a_pin_granted_by_a_load_in_flight_over_the_new_budget_is_asked_back(make_cache, file_store, reads):
+    cache = make_cache(holder_alive=lambda holder: True, reclaim_wait_s=0.2)
+    info = file_store.register("m", weights(1), tenant=TENANT)
+    reads.hold.add(info.sha256)
+    granted = []
+    loading = threading.Thread(target=lambda: granted.append(cache.acquire("m", TENANT, WORKER, pin=True)))
+    loading.start()
+    assert reads.started.wait(10)
+    assert cache.set_budget(HOST, 0)["over_budget"] == cost(info)  # the load in flight stays
+    reads.gate.set()
+    loading.join(10)
+    assert granted[0].pinned
+    assert cache.wait_asked(WORKER, 5.0) == [granted[0].lease_id]  # asked back at once
+    cache.release(granted[0].lease_id)
+    assert cache.stats()[HOST].bytes_used == 0
+
+
+def test_a_disk_write_queued_before_the_budget_fell_is_decided_when_it_lands(tmp_path):
+    from trims_ray.cache.disk_tier import DiskTier
+
+    disk = DiskTier(tmp_path / "disk", 1000, make_policy("lru"))
+    old, big, small = (f"{TENANT}/{c * 64}" for c in "abc")
+
+    def land(key: str, size: int) -> None:  # what WriteBehind does once a reserved write is done
+        disk.path(key).parent.mkdir(parents=True, exist_ok=True)
+        disk.path(key).write_bytes(b"x" * size)
+        disk.unreserve(key)
+        disk.adopt(key, size)
+
+    disk.reserve(old, 50, None)
+    land(old, 50)
+    assert disk.reserve(big, 150, None) and disk.reserve(small, 80, None)  # queued writes
+    assert disk.set_budget(100) == 0  # the queued writes do not make it delete the blob written
+    land(big, 150)  # bigger than the whole new budget: not kept, nothing evicted for it
+    assert set(disk.sizes) == {old} and not disk.path(big).exists()
+    land(small, 80)  # fits the budget, not beside the old one: that goes (lru)
+    assert set(disk.sizes) == {small} and not disk.path(old).exists() and disk.used == 80
+
+
+def test_a_gpu_model_whose_pipelined_grants_ended_goes_when_its_copy_ends(gpu_models):
+    gate = threading.Event()
+    device = FakeDevice(64 << 20, gate=gate)
+    tier = make_tier(gpu_models, device, config=GpuTierConfig(budget_bytes=1 << 20, min_layer_bytes=0))
+    m = gpu_models.add_tied()  # layers: the gate holds the copy before its second one
+    early = tier.acquire(m, GPU_ME, pipelined=True)  # granted while the copy is in flight
+    assert tier.set_budget(0)["over_budget"] > 0
+    tier.release(early.lease_id)  # the task is done before its copy
+    gate.set()
+    wait_for(lambda: tier.resident() == {} and device.allocations == {})
+    assert tier.stats().bytes_used == 0

@@ -156,8 +156,11 @@ def test_format_helpers():
 
 
 def test_byte_counts_parse_as_people_write_them(capsys):
-    written = ["1073741824", "512MiB", "1.5 GiB", "20GB", "4g", "0", "2 TiB", "3k", "10 b"]
-    assert [parse_bytes(t) for t in written] == [1 << 30, 512 << 20, 3 << 29, 20 * 10**9, 4 * 10**9, 0, 2 << 40, 3000, 10]
+    written = ["1073741824", "512MiB", "1.5 GiB", "20GB", "4g", "0", "2 TiB", "3k", "10 b", "8.03GB", "2.01GB"]
+    assert [parse_bytes(t) for t in written] == [
+        1 << 30, 512 << 20, 3 << 29, 20 * 10**9, 4 * 10**9, 0, 2 << 40, 3000, 10, 8_030_000_000, 2_010_000_000
+    ]
+    assert parse_bytes("99999999999999999999GB") == 99999999999999999999 * 10**9  # exact, however large
     for bad in ("", "-1", "1.5", "1.0000001KiB", "5 parsecs", "MiB", "1e9"):
         with pytest.raises(ValueError, match="byte"):
             parse_bytes(bad)

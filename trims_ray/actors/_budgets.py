@@ -12,11 +12,23 @@ so that a config given to ``init`` is what a new start gets.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 from .._config import CacheConfig, GpuTierConfig
 
-__all__ = ["TIERS", "record_budget", "recorded_budgets", "forget_budgets", "with_recorded_budgets", "with_recorded_gpu_budget"]
+__all__ = [
+    "TIERS",
+    "forget_budgets",
+    "record_budget",
+    "recorded_budgets",
+    "restore_tier_records",
+    "tier_records",
+    "with_recorded_budgets",
+    "with_recorded_gpu_budget",
+]
+
+log = logging.getLogger("trims_ray")
 
 TIERS = ("host", "disk", "gpu")
 _NAMESPACE = "trims_ray"
@@ -61,11 +73,34 @@ def forget_budgets() -> None:
     _kv()._internal_kv_del(_PREFIX, del_by_prefix=True, namespace=_NAMESPACE)
 
 
-def with_recorded_budgets(config: CacheConfig, node_id: str) -> CacheConfig:
-    """``config`` with the budgets recorded for ``node_id`` in place of its own."""
+def with_recorded_budgets(config: CacheConfig, node_id: str, object_store_bytes: int) -> CacheConfig:
+    """``config`` with the budgets recorded for ``node_id`` in place of its own; a recorded
+    host budget above the node's object store (``object_store_bytes``: a node that joined
+    after the budget was set) is left out, with a warning, as ``set_budget`` would refuse it."""
     recorded = recorded_budgets(node_id)
+    if recorded.get("host", 0) > object_store_bytes:
+        log.warning(
+            "trims_ray: node %s keeps its host budget: the one set for the cluster (%d bytes) exceeds its "
+            "%d-byte object store", node_id, recorded.pop("host"), object_store_bytes,
+        )
     fields = {"host": "host_bytes", "disk": "disk_bytes", "gpu": "gpu_bytes"}
     return replace(config, **{fields[tier]: nbytes for tier, nbytes in recorded.items()})
+
+
+def tier_records(tier: str) -> dict[str, bytes]:
+    """Every record of ``tier`` (key -> value), to put back with ``restore_tier_records``."""
+    kv = _kv()
+    keys = kv._internal_kv_list(f"{_PREFIX}{tier}", namespace=_NAMESPACE)
+    return {key.decode(): kv._internal_kv_get(key, namespace=_NAMESPACE) for key in keys}
+
+
+def restore_tier_records(tier: str, records: dict[str, bytes]) -> None:
+    """Puts ``tier``'s records back as ``tier_records`` found them."""
+    kv = _kv()
+    kv._internal_kv_del(f"{_PREFIX}{tier}", del_by_prefix=True, namespace=_NAMESPACE)
+    for key, value in records.items():
+        if value is not None:
+            kv._internal_kv_put(key, value, namespace=_NAMESPACE)
 
 
 def with_recorded_gpu_budget(config: GpuTierConfig, node_id: str) -> GpuTierConfig:

@@ -101,14 +101,14 @@ class NodeCacheActor:
 
     def __init__(self, node_id: str, store_uri: str, storage_options: dict | None, config: CacheConfig) -> None:
         self.node_id = node_id
+        # Looked up once: the node's object store size and its raylet's address do not change.
+        self._node = node_info(node_id)
         # Budgets changed since ``config`` was given (``set_budget``): this cache may be one Ray
         # restarted, or one started on a node that joined after the change.
-        config = with_recorded_budgets(config, node_id)
+        config = with_recorded_budgets(config, node_id, int(self._node["Resources"].get("object_store_memory", 0)))
         self.config = config
         set_per_model(config.metrics_per_model)  # before this process records anything
         self._actor_id = ray.get_runtime_context().get_actor_id()
-        # Looked up once: the node's object store size and its raylet's address do not change.
-        self._node = node_info(node_id)
         # What routing counts a node's task slots from (``placement.task_slots``).
         self._slots = max(1.0, float(self._node["Resources"].get("CPU", 1)))
         self._gpus = float(self._node["Resources"].get("GPU", 0))

@@ -152,29 +152,35 @@ class DiskTier:
         return True
 
     def set_budget(self, budget: int) -> int:
-        """Changes the budget now; lowered below what the tier holds, blobs are deleted in the
-        policy's eviction order until it fits (writes in flight stay counted, and a write that
-        no longer fits is not kept: ``reserve`` decides with the new budget). Returns how many
-        blobs were deleted."""
+        """Changes the budget now; lowered below the blobs written, those are deleted in the
+        policy's eviction order until they fit. Writes already queued (reserved) are not
+        counted here: each is decided when it lands (``adopt``). Returns how many blobs were
+        deleted."""
         self.budget = budget
         self.stats.capacity = budget
-        deleted = self._shrink()
+        deleted = self._fit_budget()
         self._refresh()
         return deleted
 
-    def _shrink(self) -> int:
-        """Deletes blobs in the policy's eviction order until the tier fits its budget (writes
-        in flight count, but only written blobs can go); returns how many."""
-        victims = shrink_victims(self.policy, self.used - self.budget, self.sizes, lambda key: True)
+    def _fit_budget(self, keep: str | None = None) -> int:
+        """Deletes written blobs in the policy's eviction order until they fit the budget (it
+        was lowered), never ``keep``; returns how many."""
+        excess = sum(self.sizes.values()) - self.budget
+        victims = shrink_victims(self.policy, excess, self.sizes, lambda key: key != keep)
         for victim in victims:
             self.forget(victim, evicted=True)
         return len(victims)
 
     def adopt(self, key: str, size: int) -> None:
+        """A blob written: from now on in the tier. One bigger than a budget lowered while it
+        was being written is deleted at once; one that fits the budget but not beside the
+        others makes room for itself, as if it were admitted now."""
+        if size > self.budget:
+            self.path(key).unlink(missing_ok=True)
+            return
         self._track(key, size)
         self.stats.loads += 1
-        if self.used > self.budget:
-            self._shrink()  # written after the budget was lowered under it
+        self._fit_budget(keep=key)  # no-op unless the budget was lowered while it was written
 
     # -- faults: the disk full, the directory deleted, a file gone or bad ----------------------
 

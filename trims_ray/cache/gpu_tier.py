@@ -247,8 +247,7 @@ class GpuTier:
                 self._drop(entry, dropped, evicted=False)
             elif entry.evict_when_idle and self._resident.get(cache_key(entry.manifest)) is entry:
                 self._drop(entry, dropped, evicted=True)
-            if self._used() - self._freeing > self.budget:
-                self._shrink(dropped)  # the budget was lowered under this lease
+            self._fit_budget(dropped)  # the budget may have been lowered under this lease
         self.on_change()
 
     # -- admission and eviction ----------------------------------------------------------------
@@ -377,18 +376,21 @@ class GpuTier:
         with self._lock:
             self.budget = budget
             self._stats.capacity = budget
-            self._shrink(dropped)
+            self._fit_budget(dropped)
         self._free(dropped)
         with self._lock:
             used = self._used()
         return {"budget": budget, "bytes_used": used, "evicted": len(dropped), "over_budget": max(0, used - budget)}
 
-    def _shrink(self, dropped: list[_Resident]) -> None:
-        """Drops idle models, in the policy's eviction order, until the tier fits its budget
-        (what is already being freed counts as gone). Call under the lock; free ``dropped``
-        after releasing it."""
-        sizes = {k: e.nbytes for k, e in self._resident.items() if e.ready.is_set()}
+    def _fit_budget(self, dropped: list[_Resident]) -> None:
+        """If the tier holds more than its budget (it was lowered), drops idle models in the
+        policy's eviction order until it fits (what is already being freed counts as gone).
+        Called when the budget changes and whenever a model becomes idle. Call under the lock;
+        free ``dropped`` after releasing it."""
         excess = self._used() - self._freeing - self.budget
+        if excess <= 0:
+            return
+        sizes = {k: e.nbytes for k, e in self._resident.items() if e.ready.is_set()}
         for key in shrink_victims(self.policy, excess, sizes, lambda k: self._resident[k].leases == 0):
             self._drop(self._resident[key], dropped, evicted=True)
 
@@ -464,6 +466,8 @@ class GpuTier:
                 self.policy.on_insert(key, entry.nbytes, self.policy_cost(manifest.nbytes))  # as admission weighed it
                 if entry.evict_when_idle and entry.leases == 0:  # evicted while copying, unleased
                     self._drop(entry, dropped, evicted=True)
+                elif entry.leases == 0:  # its pipelined grants ended before the copy did
+                    self._fit_budget(dropped)
             self._settle(entry, dropped)
         self._free(dropped)
 

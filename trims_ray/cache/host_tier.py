@@ -269,7 +269,9 @@ class HostTier:
         if entry is not None:
             return entry, False
         need = manifest.nbytes + 2 * GUARD_BYTES
-        if self.bypass_used + need > self.bypass_budget:
+        # What the tier holds beyond its budget (lowered under leased models) takes room from
+        # the allowance: the two together must stay within the object store.
+        if self.bypass_used + need > self.bypass_budget - max(0, self.used - self.budget):
             return None, False
         entry = HostEntry(manifest, need, evict_when_idle=True)
         self.bypassing[key] = entry
@@ -293,7 +295,9 @@ class HostTier:
             need,
             miss_cost,
             budget=self.budget,
-            used=self.used,
+            # Shared copies of bypassed misses beyond their allowance (it shrank when the budget
+            # was raised) take room from the budget until they go.
+            used=self.used + max(0, self.bypass_used - self.bypass_budget),
             sizes=sizes,
             evictable=idle,
             quota=tenant_quota(tenant, quota, used),
@@ -328,8 +332,8 @@ class HostTier:
                 return False
             busy = self.used - sum(s for k, s in sizes.items() if self.entries[k].leases == 0)
             raise CapacityError(
-                f"model {what} needs {need} bytes in the host tier, but {busy} of its "
-                f"{self.budget} bytes are leased or loading: retry when they are released, "
+                f"model {what} needs {need} bytes in the host tier, but {busy} bytes of it are "
+                f"leased or loading (budget {self.budget}): retry when they are released, "
                 "or raise the host budget"
             )
         if not decision.kept:  # REFUSED: the policy keeps its victims; served as a bypass
@@ -357,13 +361,19 @@ class HostTier:
         self.stats.capacity = budget
         if bypass_budget is not None:
             self.bypass_budget = bypass_budget
-        freed, asked = self._shrink()
+        freed, asked = self.fit_budget()
         self.refresh()
         return freed, asked
 
-    def _shrink(self) -> tuple[int, list[HostEntry]]:
-        """Evicts idle models, in the policy's order, until the tier fits its budget (or none is
-        idle); see ``set_budget``. Returns (models freed now, models asked back)."""
+    def fit_budget(self) -> tuple[int, list[HostEntry]]:
+        """If the table holds more than the budget (it was lowered), evicts idle models in the
+        policy's order until it fits, or none is left idle; see ``set_budget``. Called when the
+        budget changes and whenever a model becomes idle (its last invocation's lease ends, or
+        its only lease became a process's pin). Copies already leaving the table (evicted or
+        condemned while leased) are on their way out, and do not count: evicting others for
+        them would free their bytes twice. Returns (models freed now, models asked back)."""
+        if sum(e.nbytes for e in self.entries.values()) <= self.budget:
+            return 0, []
         sizes = {k: e.nbytes for k, e in self.entries.items() if e.ready.is_set()}
 
         def idle(k: str) -> bool:
@@ -371,7 +381,8 @@ class HostTier:
             return entry.leases == entry.pins
 
         freed, asked = 0, []
-        for key in shrink_victims(self.policy, self.used - self.budget, sizes, idle):
+        excess = sum(e.nbytes for e in self.entries.values()) - self.budget
+        for key in shrink_victims(self.policy, excess, sizes, idle):
             entry = self.entries[key]
             if entry.leases:
                 self.evict(key)  # only pins hold it: it goes when they are given back
@@ -471,6 +482,6 @@ class HostTier:
                 del self.bypassing[key]  # a bypassed miss's shared copy: nobody uses it now
                 entry.handle = None
                 self.refresh()
-        if entry.leases == entry.pins and self.used > self.budget:
-            self._shrink()  # the budget was lowered under this lease: what it held may go now
+        if entry.leases == entry.pins:
+            self.fit_budget()  # the budget may have been lowered under this lease
         self.on_change()

@@ -173,6 +173,8 @@ class NodeCache(NodeCacheViews, NodePins):
         )
         # Disk copies of what misses read from a peer or the store, written after the model is
         # served from the host tier.
+        # The queue's bound follows the host budget (``set_budget``) unless it was given.
+        self._queue_follows_host = disk_queue_bytes is None
         queue_bytes = host_budget if disk_queue_bytes is None else disk_queue_bytes
         self._disk_copies = WriteBehind(self._lock, self.disk, self.expected_load_s, max_bytes=queue_bytes)
 
@@ -287,6 +289,7 @@ class NodeCache(NodeCacheViews, NodePins):
                 pinned = pin and not over and self.host.entries.get(cache_key(manifest)) is entry
                 if pinned:
                     self.pins.add(lease_id, holder, entry)
+                    self.host.fit_budget()  # its lease is a pin now: asked back if over the budget
                 self.on_change()
         finally:
             with self._lock:
@@ -500,6 +503,8 @@ class NodeCache(NodeCacheViews, NodePins):
         with self._lock:
             if tier == HOST:
                 self.host_budget = nbytes
+                if self._queue_follows_host:
+                    self._disk_copies.max_bytes = nbytes
                 evicted, asked = self.host.set_budget(nbytes, bypass_budget)
             else:
                 self.disk_budget = nbytes
