@@ -13,6 +13,7 @@ The read-only views at the end (``is_running``, ``running_store``, ``cache_nodes
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -66,6 +67,9 @@ __all__ = [
     "get",
     "call",
 ]
+
+log = logging.getLogger("trims_ray")
+
 
 @dataclass(frozen=True)
 class Cluster:
@@ -275,7 +279,8 @@ def set_budget(tier: str, nbytes: int, nodes: list[str] | None = None) -> dict[s
     its config.
 
     Returns, per node: {"budget", "bytes_used" (after the evictions), "evicted" (models this
-    call evicted), "over_budget" (bytes leases hold beyond the budget; 0 when the tier fits)};
+    call evicted), "over_budget" (bytes held beyond the budget by leases, or for the disk
+    tier by copies queued before the change; 0 when the tier fits)};
     for "gpu", summed over the node's GPUs, and "gpus": how many (0 where the tier is off).
 
     A node that joins with an object store (or a GPU) too small for a budget set for the
@@ -284,9 +289,10 @@ def set_budget(tier: str, nbytes: int, nodes: list[str] | None = None) -> dict[s
 
     Raises:
         ValueError: an unknown tier, a budget that is not a non-negative int, or a host budget
-            above a node's object store (nothing changes anywhere); or a GPU budget above a
-            GPU's memory (nodes asked at the same time may have taken it; the record is put
-            back as it was).
+            above the object store of a node asked (nothing changes anywhere); or a GPU budget
+            above a GPU's memory (nodes asked at the same time may have taken it; the record
+            is put back as it was). A node that joins during the call and cannot hold the
+            budget is left out of the result, and keeps its own.
         TrimsError: Ray is not initialized, or trims_ray is not running.
     """
     if tier not in TIERS:
@@ -300,13 +306,18 @@ def set_budget(tier: str, nbytes: int, nodes: list[str] | None = None) -> dict[s
     record_budget(tier, nbytes, None if nodes is None else asked)
     try:
         result = _on_each_node(asked, "set_budget", tier, nbytes)
-        if nodes is None:
-            joined = [n for n in _nodes(None) if n not in result]
-            _check_host_budget(tier, nbytes, joined)
-            result.update(_on_each_node(joined, "set_budget", tier, nbytes))
     except BaseException:
         restore_tier_records(tier, before)
         raise
+    if nodes is None:
+        # Nodes that joined during the call may have started with the old record. One that
+        # cannot hold the budget keeps its own, as a cache that starts there later does.
+        for node in (n for n in _nodes(None) if n not in result):
+            try:
+                _check_host_budget(tier, nbytes, [node])
+                result[node] = call(node_cache_actor(node).set_budget.remote(tier, nbytes))
+            except ValueError as exc:
+                log.warning("trims_ray: node %s joined during set_budget and keeps its %s budget: %s", node, tier, exc)
     _routing.refresh()
     return result
 

@@ -368,3 +368,32 @@ def test_a_gpu_model_whose_pipelined_grants_ended_goes_when_its_copy_ends(gpu_mo
     gate.set()
     wait_for(lambda: tier.resident() == {} and device.allocations == {})
     assert tier.stats().bytes_used == 0
+
+
+def test_a_gpu_model_evicted_while_leased_is_not_counted_as_excess(gpu_models):
+    device = FakeDevice(64 << 20)
+    tier = make_tier(gpu_models, device, config=GpuTierConfig(budget_bytes=8 << 20, min_layer_bytes=0))
+    named = {n: gpu_models.add(100_000) for n in "abcx"}
+    grants = {n: tier.acquire(m, GPU_ME) for n, m in named.items()}
+    unit = tier.stats().bytes_used // 4
+    for n in "ab":
+        tier.release(grants[n].lease_id)  # a, b idle (lru: a first); c, x leased
+    assert tier.evict(cache_key(named["c"])) == "deferred"  # goes with its lease
+
+    def resident() -> list[str]:
+        keys = {cache_key(m): n for n, m in named.items()}
+        return sorted(keys[k] for k in tier.resident())
+
+    assert tier.set_budget(2 * unit)["evicted"] == 1  # a only: c is going anyway
+    assert resident() == ["b", "c", "x"]
+    tier.release(grants["c"].lease_id)
+    assert resident() == ["b", "x"] and tier.stats().bytes_used == 2 * unit
+
+
+def test_a_recorded_gpu_budget_a_gpu_cannot_hold_is_left_out():
+    from trims_ray.actors._budgets import gpu_config_with
+
+    given = GpuTierConfig(budget_bytes=None, budget_fraction=0.5)
+    assert gpu_config_with(given, None, 64 << 20, "n") is given
+    assert gpu_config_with(given, 32 << 20, 64 << 20, "n").budget_bytes == 32 << 20
+    assert gpu_config_with(given, 1 << 40, 64 << 20, "n") is given  # a smaller GPU joined

@@ -20,6 +20,7 @@ from .._config import CacheConfig, GpuTierConfig
 __all__ = [
     "TIERS",
     "forget_budgets",
+    "gpu_config_with",
     "record_budget",
     "recorded_budgets",
     "restore_tier_records",
@@ -74,17 +75,19 @@ def forget_budgets() -> None:
 
 
 def with_recorded_budgets(config: CacheConfig, node_id: str, object_store_bytes: int) -> CacheConfig:
-    """``config`` with the budgets recorded for ``node_id`` in place of its own; a recorded
-    host budget above the node's object store (``object_store_bytes``: a node that joined
-    after the budget was set) is left out, with a warning, as ``set_budget`` would refuse it."""
+    """``config`` with the host and disk budgets recorded for ``node_id`` in place of its own;
+    a recorded host budget above the node's object store (``object_store_bytes``: a node that
+    joined after the budget was set) is left out, with a warning, as ``set_budget`` would
+    refuse it. The GPU budget is left as given: each GPU holder applies the record itself
+    (``with_recorded_gpu_budget``), where it can check it against its GPU's memory."""
     recorded = recorded_budgets(node_id)
     if recorded.get("host", 0) > object_store_bytes:
         log.warning(
             "trims_ray: node %s keeps its host budget: the one set for the cluster (%d bytes) exceeds its "
             "%d-byte object store", node_id, recorded.pop("host"), object_store_bytes,
         )
-    fields = {"host": "host_bytes", "disk": "disk_bytes", "gpu": "gpu_bytes"}
-    return replace(config, **{fields[tier]: nbytes for tier, nbytes in recorded.items()})
+    fields = {"host": "host_bytes", "disk": "disk_bytes"}
+    return replace(config, **{fields[tier]: nbytes for tier, nbytes in recorded.items() if tier in fields})
 
 
 def tier_records(tier: str) -> dict[str, bytes]:
@@ -103,7 +106,22 @@ def restore_tier_records(tier: str, records: dict[str, bytes]) -> None:
             kv._internal_kv_put(key, value, namespace=_NAMESPACE)
 
 
-def with_recorded_gpu_budget(config: GpuTierConfig, node_id: str) -> GpuTierConfig:
-    """A GPU holder's ``config`` with the GPU budget recorded for ``node_id``, if any."""
-    nbytes = recorded_budgets(node_id).get("gpu")
-    return config if nbytes is None else replace(config, budget_bytes=nbytes)
+def with_recorded_gpu_budget(config: GpuTierConfig, node_id: str, gpu_bytes: int) -> GpuTierConfig:
+    """A GPU holder's ``config`` with the GPU budget recorded for ``node_id``, if any and if it
+    fits the holder's GPU (``gpu_bytes`` of memory); see ``gpu_config_with``."""
+    return gpu_config_with(config, recorded_budgets(node_id).get("gpu"), gpu_bytes, node_id)
+
+
+def gpu_config_with(config: GpuTierConfig, recorded: int | None, gpu_bytes: int, node_id: str) -> GpuTierConfig:
+    """``config`` with the ``recorded`` GPU budget (None: none recorded); one above the GPU's
+    ``gpu_bytes`` (a node that joined with a smaller GPU) is left out, with a warning, as
+    ``set_budget`` would refuse it."""
+    if recorded is None:
+        return config
+    if recorded > gpu_bytes:
+        log.warning(
+            "trims_ray: a GPU of node %s keeps its budget: the one set for the cluster (%d bytes) exceeds its "
+            "%d bytes", node_id, recorded, gpu_bytes,
+        )
+        return config
+    return replace(config, budget_bytes=recorded)

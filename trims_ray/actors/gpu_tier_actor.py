@@ -241,10 +241,6 @@ class GpuTierActor:
         manifest_ttl_s: float | None = None,
     ) -> None:
         self.node_id = node_id
-        given = config
-        # A GPU budget changed since ``config`` was given (``set_budget``): Ray may have
-        # restarted this holder.
-        config = with_recorded_gpu_budget(config, node_id)
         self.config = config
         self.store = ModelStore(store_uri, storage_options=storage_options)
         ttl_s = config.manifest_ttl_s if manifest_ttl_s is None else manifest_ttl_s
@@ -264,14 +260,10 @@ class GpuTierActor:
             seen = device.uuid()
             if seen is not None and not uuid_matches(uuid, seen):
                 raise TrimsError(f"the holder's cuda:0 is {seen}, not {uuid}: CUDA_VISIBLE_DEVICES was overridden")
-            try:
-                self.tier = GpuTier(device=device, identity=self.identity, host=self.host, config=config)
-            except ValueError as exc:  # the recorded budget exceeds this GPU: as set_budget refuses
-                if config is given:
-                    raise
-                log.warning("trims_ray: GPU %s of node %s keeps its budget: %s", label, node_id, exc)
-                self.config = config = given
-                self.tier = GpuTier(device=device, identity=self.identity, host=self.host, config=config)
+            # A GPU budget changed since ``config`` was given (``set_budget``): this holder may
+            # be one Ray restarted, or one started on a node that joined after the change.
+            self.config = config = with_recorded_gpu_budget(config, node_id, device.memory().total)
+            self.tier = GpuTier(device=device, identity=self.identity, host=self.host, config=config)
         except TrimsError as exc:
             self.reason = f"GPU {label}: {exc}"
             log.warning("trims_ray: GPU tier off on node %s: %s", node_id, self.reason)

@@ -384,10 +384,13 @@ class GpuTier:
 
     def _fit_budget(self, dropped: list[_Resident]) -> None:
         """If the tier holds more than its budget (it was lowered), drops idle models in the
-        policy's eviction order until it fits (what is already being freed counts as gone).
-        Called when the budget changes and whenever a model becomes idle. Call under the lock;
-        free ``dropped`` after releasing it."""
-        excess = self._used() - self._freeing - self.budget
+        policy's eviction order until it fits. What is already going does not count: memory
+        being freed, orphans of failed swap-ins, and models evicted while leased (they go with
+        their last lease); evicting others for them would free their bytes twice. Called when
+        the budget changes and whenever a model becomes idle. Call under the lock; free
+        ``dropped`` after releasing it."""
+        staying = sum(e.nbytes for e in self._resident.values() if not e.evict_when_idle)
+        excess = staying - self.budget
         if excess <= 0:
             return
         sizes = {k: e.nbytes for k, e in self._resident.items() if e.ready.is_set()}
