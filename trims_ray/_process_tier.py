@@ -50,6 +50,9 @@ KEEP_AT_MOST = 8
 # How long one long poll waits for a request to give back; also how often the hits served here
 # reach the node's cache (its policy and its hit counters).
 POLL_S = 1.0
+# Pins asked back before this process kept their model remembered at most (``keep`` gives such
+# a model back at once); the oldest are forgotten first.
+EARLY_ASKS_AT_MOST = 256
 
 
 @dataclass(eq=False)
@@ -86,6 +89,11 @@ class ProcessTier:
         self._actor: Any = None  # the node cache actor the kept models' pins are on
         self._incarnation = ""  # its incarnation, as the last poll answered
         self._thread: threading.Thread | None = None
+        # Pins the node asked back before ``keep`` had recorded them: a pin granted with its
+        # lease is asked back at once when the node is over its budget, and the ask may reach
+        # this process's poll while the task is still building the model. Handed out once, it
+        # would otherwise be lost, and the model kept against the node's budget for good.
+        self._asked_early: OrderedDict[str, None] = OrderedDict()
 
     def __len__(self) -> int:
         with self._lock:
@@ -161,6 +169,9 @@ class ProcessTier:
             if old is not None:  # two tasks of one process built it at once: the older goes
                 going += self._doom(old)
             self._kept[(tenant, kept.fingerprint)] = kept
+            if pin_id in self._asked_early:  # asked back already: it goes when this task is done
+                del self._asked_early[pin_id]
+                going += self._doom(kept)
             while len(self._kept) > self.keep_at_most:
                 _, oldest = self._kept.popitem(last=False)
                 going += self._doom(oldest)
@@ -221,6 +232,12 @@ class ProcessTier:
         # it while it did fails nothing) are no longer counted, nor their objects owned.
         self._drop_from(actor, unless=incarnation)
         given_back = set(asked)
+        with self._lock:
+            known = {kept.pin_id for kept in self._kept.values()}
+            for pin_id in given_back - known:  # not kept yet (see ``_asked_early``)
+                self._asked_early[pin_id] = None
+                if len(self._asked_early) > EARLY_ASKS_AT_MOST:
+                    self._asked_early.popitem(last=False)
         self._drop_where(lambda kept: kept.pin_id in given_back)
 
     # -- under the lock: doom; outside it: drop ------------------------------------------------

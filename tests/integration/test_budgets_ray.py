@@ -6,7 +6,9 @@ restart by Ray and is forgotten by shutdown; bad budgets change nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
 
 import pytest
 import ray
@@ -111,3 +113,59 @@ def test_the_budget_command(lru_cache, ray_node, capsys):
     assert lines[2].split()[1:] == ["64.0", "MiB", "0", "B", "0", "0", "B"]
     assert cli.main(["budget", "host", "1TiB"]) == 2
     assert "exceeds the" in capsys.readouterr().err
+
+
+def _digest(tensor) -> str:
+    """The tensor's bytes, hashed: equal only for a bit-exact copy (a float sum may differ in
+    its last digit with the buffer's alignment)."""
+    return hashlib.sha256(tensor.numpy().tobytes()).hexdigest()
+
+
+@trims_ray.function(model="m0", num_cpus=0.5)
+def _checksum(model, name: str) -> tuple[str, str]:
+    return name, _digest(model["w"])
+
+
+def test_invocations_go_on_right_while_the_budget_falls_and_rises(lru_cache, ray_node):
+    # Six 4 MiB models, invoked twelve at a time (four run at once: half a CPU each of two)
+    # through workers that keep them (the process tier), while the host budget goes from
+    # 64 MiB to 6 MiB (one model) and back, four times.
+    expected = {}
+    for i in range(6):
+        w = weights(4, seed=40 + i)
+        trims_ray.register(f"m{i}", w)
+        expected[f"m{i}"] = _digest(w["w"])
+    before = node_stats(ray_node).object_store_bytes_used
+    stop = threading.Event()
+    changes: list[dict] = []
+
+    def change_budgets() -> None:
+        for budget in [6 * MiB, HOST_BUDGET] * 4:
+            if stop.wait(0.5):
+                return
+            changes.append(trims_ray.set_budget("host", budget)[ray_node])
+
+    changer = threading.Thread(target=change_budgets)
+    changer.start()
+    answers = []
+    try:
+        while changer.is_alive() or len(answers) < 120:  # every change made under traffic
+            names = [f"m{(len(answers) // 12 + i) % 6}" for i in range(12)]
+            answers += ray.get([_checksum.options(model=n).remote(n) for n in names])
+    finally:
+        stop.set()
+        changer.join(30)
+    wrong = [(name, digest) for name, digest in answers if digest != expected[name]]
+    assert len(answers) >= 120 and not wrong, wrong[:5]
+    assert len(changes) == 8 and changes[-1]["budget"] == HOST_BUDGET
+    # Lowered, then with no invocation left: the tier fits, and the object store has back what
+    # the evicted copies held.
+    trims_ray.set_budget("host", 6 * MiB)
+    wait_for(lambda: node_stats(ray_node).tiers["host"].bytes_used <= 6 * MiB, timeout=20, what="the tier fits")
+    host = node_stats(ray_node).tiers["host"]
+    assert host.models <= 1 and host.capacity == 6 * MiB
+    wait_for(
+        lambda: node_stats(ray_node).object_store_bytes_used <= before + 6 * MiB,
+        timeout=20,
+        what="the object store back to one model",
+    )
