@@ -372,7 +372,8 @@ class HostTier:
         its only lease became a process's pin). Copies already leaving the table (evicted or
         condemned while leased) are on their way out, and do not count: evicting others for
         them would free their bytes twice. Returns (models freed now, models asked back)."""
-        if sum(e.nbytes for e in self.entries.values()) <= self.budget:
+        excess = sum(e.nbytes for e in self.entries.values()) - self.budget
+        if excess <= 0:
             return 0, []
         sizes = {k: e.nbytes for k, e in self.entries.items() if e.ready.is_set()}
 
@@ -381,7 +382,6 @@ class HostTier:
             return entry.leases == entry.pins
 
         freed, asked = 0, []
-        excess = sum(e.nbytes for e in self.entries.values()) - self.budget
         for key in shrink_victims(self.policy, excess, sizes, idle):
             entry = self.entries[key]
             if entry.leases:

@@ -490,10 +490,11 @@ class NodeCache(NodeCacheViews, NodePins):
         Returns:
             {"budget", "bytes_used" (after the evictions), "evicted" (models evicted by this
             call, those given back by processes included), "over_budget" (bytes held beyond
-            the budget by leases, 0 when the tier fits)}.
+            the budget: by leases, copies on their way out, or for the disk tier writes queued
+            before the change; 0 when the tier fits)}.
 
         Raises:
-            ValueError / TypeError: an unknown tier or a budget that is not a positive int.
+            ValueError: an unknown tier or a budget that is not a non-negative int.
         """
         if tier not in (HOST, DISK):
             if tier == "gpu":
