@@ -29,7 +29,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "cache core": (
         "cache", "cache.leases", "cache.quotas", "cache.disk_tier", "cache.host_tier", "cache.host_loader",
         "cache.scrub", "cache.node_cache", "cache.gpu_tier", "cache.gpu_entry", "cache.gpu_testing",
-        "cache.placement_records", "cache.placement", "cache.pins", "cache.node_views",
+        "cache.placement_records", "cache.placement", "cache.pins", "cache.node_views", "cache.node_budgets",
     ),
     "actors": (
         "_raycalls", "_metrics", "actors", "actors._naming", "actors.node_cache_actor", "actors.gpu_tier_actor",

@@ -53,14 +53,15 @@ def record_budget(tier: str, nbytes: int, nodes: list[str] | None) -> None:
         kv._internal_kv_put(f"{_PREFIX}{tier}/{node}", str(nbytes), namespace=_NAMESPACE)
 
 
-def recorded_budgets(node_id: str) -> dict[str, int]:
-    """The budgets recorded for ``node_id``: tier -> bytes, for the tiers that have one ({} in
-    a process not connected to Ray, as when a test builds an actor's class directly)."""
+def recorded_budgets(node_id: str, tiers: tuple[str, ...] = TIERS) -> dict[str, int]:
+    """The budgets recorded for ``node_id`` in ``tiers``: tier -> bytes, for the tiers that
+    have one ({} in a process not connected to Ray, as when a test builds an actor's class
+    directly). Two KV reads a tier at most."""
     kv = _kv()
     if not kv._internal_kv_initialized():
         return {}
     out = {}
-    for tier in TIERS:
+    for tier in tiers:
         for key in (f"{_PREFIX}{tier}/{node_id}", f"{_PREFIX}{tier}"):
             value = kv._internal_kv_get(key, namespace=_NAMESPACE)
             if value is not None:
@@ -80,14 +81,14 @@ def with_recorded_budgets(config: CacheConfig, node_id: str, object_store_bytes:
     joined after the budget was set) is left out, with a warning, as ``set_budget`` would
     refuse it. The GPU budget is left as given: each GPU holder applies the record itself
     (``with_recorded_gpu_budget``), where it can check it against its GPU's memory."""
-    recorded = recorded_budgets(node_id)
+    recorded = recorded_budgets(node_id, ("host", "disk"))
     if recorded.get("host", 0) > object_store_bytes:
         log.warning(
             "trims_ray: node %s keeps its host budget: the one set for the cluster (%d bytes) exceeds its "
             "%d-byte object store", node_id, recorded.pop("host"), object_store_bytes,
         )
     fields = {"host": "host_bytes", "disk": "disk_bytes"}
-    return replace(config, **{fields[tier]: nbytes for tier, nbytes in recorded.items() if tier in fields})
+    return replace(config, **{fields[tier]: nbytes for tier, nbytes in recorded.items()})
 
 
 def tier_records(tier: str) -> dict[str, bytes]:
@@ -109,7 +110,7 @@ def restore_tier_records(tier: str, records: dict[str, bytes]) -> None:
 def with_recorded_gpu_budget(config: GpuTierConfig, node_id: str, gpu_bytes: int) -> GpuTierConfig:
     """A GPU holder's ``config`` with the GPU budget recorded for ``node_id``, if any and if it
     fits the holder's GPU (``gpu_bytes`` of memory); see ``gpu_config_with``."""
-    return gpu_config_with(config, recorded_budgets(node_id).get("gpu"), gpu_bytes, node_id)
+    return gpu_config_with(config, recorded_budgets(node_id, ("gpu",)).get("gpu"), gpu_bytes, node_id)
 
 
 def gpu_config_with(config: GpuTierConfig, recorded: int | None, gpu_bytes: int, node_id: str) -> GpuTierConfig:

@@ -10,8 +10,9 @@ is testable without a cluster.
 
 NodeCache composes the parts and owns the one lock they share: the tiers' bookkeeping
 (``host_tier``, ``disk_tier``, both within ``quotas``), the lease table (``leases``), the reads
-of a miss and the queue of disk copies (``host_loader``), and ``scrub``. What spans the tiers is
-here: a miss admitted, loaded and published, its disk copy written, eviction, prefetch, reports.
+of a miss and the queue of disk copies (``host_loader``), and ``scrub``; budgets changed at run
+time are ``node_budgets``'. What spans the tiers is here: a miss admitted, loaded and
+published, its disk copy written, eviction, prefetch, reports.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .._config import check_budget
 from .._errors import ModelNotFoundError
 from .._manifest import Manifest
 from .._manifest_cache import ManifestCache
@@ -51,6 +51,7 @@ from .disk_tier import DiskTier
 from .host_loader import HostLoader, WriteBehind, lend_ttl_s
 from .host_tier import HostEntry, HostMemory, HostTier, RoomPending, detached
 from .pins import NodePins, ProcessPins, wait_until_gone
+from .node_budgets import NodeBudgets
 from .node_views import NodeCacheViews
 from .quotas import tier_quota
 from .scrub import scrub_host_tier
@@ -59,7 +60,7 @@ __all__ = ["HostMemory", "NodeCache"]
 
 log = logging.getLogger("trims_ray")
 
-class NodeCache(NodeCacheViews, NodePins):
+class NodeCache(NodeCacheViews, NodePins, NodeBudgets):
     """The host and disk tiers of one node.
 
     Args:
@@ -172,10 +173,9 @@ class NodeCache(NodeCacheViews, NodePins):
             lambda name, tenant: self.store.manifest(name, tenant=tenant), manifest_ttl_s, clock=lambda: self.clock()
         )
         # Disk copies of what misses read from a peer or the store, written after the model is
-        # served from the host tier.
-        # The queue's bound follows the host budget (``set_budget``) unless it was given.
+        # served from the host tier; their bound follows the host budget unless it was given.
         self._queue_follows_host = disk_queue_bytes is None
-        queue_bytes = host_budget if disk_queue_bytes is None else disk_queue_bytes
+        queue_bytes = host_budget if self._queue_follows_host else disk_queue_bytes
         self._disk_copies = WriteBehind(self._lock, self.disk, self.expected_load_s, max_bytes=queue_bytes)
 
     # -- resolving names -----------------------------------------------------------------------
@@ -473,49 +473,6 @@ class NodeCache(NodeCacheViews, NodePins):
             asked = [e for e in self.host.condemned.values() if cache_key(e.manifest) == key and e.leases == e.pins]
         wait_until_gone(asked, self._gone, self.reclaim_wait_s)
         self.release(self._acquire(manifest, None, None, force=True).lease_id)
-
-    # -- budgets -------------------------------------------------------------------------------
-
-    def set_budget(self, tier: str, nbytes: int, *, bypass_budget: int | None = None) -> dict[str, int]:
-        """Changes the byte budget of ``tier`` ("host" or "disk") now, and with it every
-        tenant's share of it (``tenant_share``; explicit quotas stay as they are).
-
-        A higher budget only lets more in. A lower one evicts idle models in the policy's
-        eviction order until the tier fits: host copies that processes keep built are asked
-        back and waited for (``reclaim_wait_s``). What is leased stays until its leases end;
-        until then the tier holds more than its budget (``over_budget``), and no miss is kept
-        before that excess is freed. ``bypass_budget``: the host tier's new bypass allowance
-        (the actor's share of the object store outside the new budget); None: unchanged.
-
-        Returns:
-            {"budget", "bytes_used" (after the evictions), "evicted" (models evicted by this
-            call, those given back by processes included), "over_budget" (bytes held beyond
-            the budget: by leases, copies on their way out, or for the disk tier writes queued
-            before the change; 0 when the tier fits)}.
-
-        Raises:
-            ValueError: an unknown tier or a budget that is not a non-negative int.
-        """
-        if tier not in (HOST, DISK):
-            if tier == "gpu":
-                raise ValueError("tier 'gpu': the node cache holds the host and disk tiers; GPU budgets are its GPU holders'")
-            raise ValueError(f"tier must be {HOST!r} or {DISK!r}, got {tier!r}")
-        check_budget(nbytes, f"the {tier} budget")
-        with self._lock:
-            if tier == HOST:
-                self.host_budget = nbytes
-                if self._queue_follows_host:
-                    self._disk_copies.max_bytes = nbytes
-                evicted, asked = self.host.set_budget(nbytes, bypass_budget)
-            else:
-                self.disk_budget = nbytes
-                evicted, asked = self.disk.set_budget(nbytes), []
-        if asked:
-            wait_until_gone(asked, self._gone, self.reclaim_wait_s)
-            evicted += sum(1 for entry in asked if self._gone(entry))
-        with self._lock:
-            used = self.host.used if tier == HOST else self.disk.used
-        return {"budget": nbytes, "bytes_used": used, "evicted": evicted, "over_budget": max(0, used - nbytes)}
 
     # -- quotas --------------------------------------------------------------------------------
 

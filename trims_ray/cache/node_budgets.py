@@ -1,0 +1,59 @@
+"""Changing a node's tier budgets while it runs (``trims_ray.set_budget``): a mixin of
+``node_cache.NodeCache`` (it uses the cache's lock, tiers, write-behind queue and pins), kept
+apart so that the cache's module holds the load path alone. Each tier evicts for itself
+(``HostTier.set_budget``, ``DiskTier.set_budget``); this waits for the copies processes were
+asked to give back.
+"""
+
+from __future__ import annotations
+
+from .._config import check_budget
+from .._protocol import DISK, HOST
+from .pins import wait_until_gone
+
+__all__ = ["NodeBudgets"]
+
+
+class NodeBudgets:
+    """``set_budget`` of a ``NodeCache`` (see the module's doc)."""
+
+    def set_budget(self, tier: str, nbytes: int, *, bypass_budget: int | None = None) -> dict[str, int]:
+        """Changes the byte budget of ``tier`` ("host" or "disk") now, and with it every
+        tenant's share of it (``tenant_share``; explicit quotas stay as they are).
+
+        A higher budget only lets more in. A lower one evicts idle models in the policy's
+        eviction order until the tier fits: host copies that processes keep built are asked
+        back and waited for (``reclaim_wait_s``). What is leased stays until its leases end;
+        until then the tier holds more than its budget (``over_budget``), and no miss is kept
+        before that excess is freed. ``bypass_budget``: the host tier's new bypass allowance
+        (the actor's share of the object store outside the new budget); None: unchanged.
+
+        Returns:
+            {"budget", "bytes_used" (after the evictions), "evicted" (models evicted by this
+            call, those given back by processes included), "over_budget" (bytes held beyond
+            the budget: by leases, copies on their way out, or for the disk tier writes queued
+            before the change; 0 when the tier fits)}.
+
+        Raises:
+            ValueError: an unknown tier or a budget that is not a non-negative int.
+        """
+        if tier not in (HOST, DISK):
+            if tier == "gpu":
+                raise ValueError("tier 'gpu': the node cache holds the host and disk tiers; GPU budgets are its GPU holders'")
+            raise ValueError(f"tier must be {HOST!r} or {DISK!r}, got {tier!r}")
+        check_budget(nbytes, f"the {tier} budget")
+        with self._lock:
+            if tier == HOST:
+                self.host_budget = nbytes
+                if self._queue_follows_host:
+                    self._disk_copies.max_bytes = nbytes
+                evicted, asked = self.host.set_budget(nbytes, bypass_budget)
+            else:
+                self.disk_budget = nbytes
+                evicted, asked = self.disk.set_budget(nbytes), []
+        if asked:
+            wait_until_gone(asked, self._gone, self.reclaim_wait_s)
+            evicted += sum(1 for entry in asked if self._gone(entry))
+        with self._lock:
+            used = self.host.used if tier == HOST else self.disk.used
+        return {"budget": nbytes, "bytes_used": used, "evicted": evicted, "over_budget": max(0, used - nbytes)}
