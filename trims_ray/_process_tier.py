@@ -20,7 +20,6 @@ import contextlib
 import itertools
 import logging
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -89,6 +88,12 @@ class ProcessTier:
         self._actor: Any = None  # the node cache actor the kept models' pins are on
         self._incarnation = ""  # its incarnation, as the last poll answered
         self._thread: threading.Thread | None = None
+        # Set by ``keep`` when it keeps a model from another cache, or another start of it,
+        # than the last poll answered: the reclaim thread, waiting out a failed poll of the
+        # cache that died, polls the new one at once. It used to sleep on: an evict right after
+        # a cache restarted waited that long (0.5 s measured) for a model it asked back, or
+        # gave up (a CI run on a busy machine, past the 2 s wait).
+        self._cache_changed = threading.Event()
         # Pins the node asked back before ``keep`` had recorded them: a pin granted with its
         # lease is asked back at once when the node is over its budget, and the ask may reach
         # this process's poll while the task is still building the model. Handed out once, it
@@ -165,6 +170,8 @@ class ProcessTier:
                 going += self._doom_where(lambda _: True)
                 self._incarnation = ""
             self._actor, self._holder = actor, holder
+            if grant.incarnation != self._incarnation:
+                self._cache_changed.set()
             old = self._kept.pop((tenant, kept.fingerprint), None)
             if old is not None:  # two tasks of one process built it at once: the older goes
                 going += self._doom(old)
@@ -199,7 +206,7 @@ class ProcessTier:
                 self._poll_once()
             except Exception as exc:  # the thread must go on: without it nothing is given back
                 log.warning("trims_ray: the process tier's reclaim thread failed a round: %r", exc)
-                time.sleep(self.poll_s)
+                self._pause()
 
     def _poll_once(self) -> None:
         """One long poll of the node's cache, and what its answer asks."""
@@ -219,11 +226,11 @@ class ProcessTier:
             log.info("trims_ray: the node cache died; dropping the models this process kept")
             forget_node_cache_actor()
             self._drop_from(actor)
-            time.sleep(self.poll_s)
+            self._pause()
             return
         except Exception as exc:  # a slow or unreachable cache: ask again
             log.debug("trims_ray: reclaim poll failed: %s", exc)
-            time.sleep(self.poll_s)
+            self._pause()
             return
         with self._lock:
             if _actor_id(self._actor) == _actor_id(actor):
@@ -239,6 +246,12 @@ class ProcessTier:
                 if len(self._asked_early) > EARLY_ASKS_AT_MOST:
                     self._asked_early.popitem(last=False)
         self._drop_where(lambda kept: kept.pin_id in given_back)
+
+    def _pause(self) -> None:
+        """Waits ``poll_s`` before polling again after a failed poll, or until ``keep`` keeps a
+        model from another cache (the next poll goes to that one)."""
+        if self._cache_changed.wait(self.poll_s):
+            self._cache_changed.clear()
 
     # -- under the lock: doom; outside it: drop ------------------------------------------------
 

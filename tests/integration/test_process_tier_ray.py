@@ -176,6 +176,41 @@ def test_models_kept_from_a_cache_that_restarted_are_dropped(cache, ray_node):
     wait_for(lambda: ray.get(call.remote(None))[1] == "process", what="kept again, from the new cache")
 
 
+# A worker of its own (another runtime_env gets another worker), whose reclaim thread waits a
+# minute after a failed poll instead of a second: long enough that only being woken explains
+# an ask answered within an evict's wait.
+_SLOW_POLLS = {"env_vars": {"TRIMS_RAY_TEST_SLOW_POLLS": "1"}}
+
+
+@trims_ray.function(num_cpus=1, runtime_env=_SLOW_POLLS)
+def _where_polling_slowly(model):
+    from trims_ray import _lease
+    from trims_ray._process_tier import process_tier
+
+    process_tier().poll_s = 60.0
+    return _lease.served_tier(), os.getpid()
+
+
+def test_a_model_kept_from_a_restarted_cache_is_given_back_at_once(cache, ray_node):
+    # The worker's reclaim thread, whose poll failed when the cache died, must poll the new
+    # start as soon as the worker keeps a model from it, or that start's asks wait unheard.
+    from trims_ray._cluster import node_cache_actor
+
+    trims_ray.register("m", _weights(2, seed=8))
+    call = _where_polling_slowly.options(model="m")
+    pids = {ray.get(call.remote())[1] for _ in range(3)}
+    try:
+        ray.kill(node_cache_actor(ray_node), no_restart=False)
+        wait_for(lambda: ray.get(call.remote())[0] != "process", timeout=30, interval=0.2, what="a lease from the new start")
+        pids.add(ray.get(call.remote())[1])
+        assert _node(ray_node).pinned == 1
+        assert trims_ray.evict("m", tier="host")[ray_node]["host"] == "evicted"
+        assert _node(ray_node).pinned == 0
+    finally:
+        for pid in pids:  # workers of this test alone: their minute-long pauses go with them
+            os.kill(pid, signal.SIGKILL)
+
+
 @trims_ray.function(num_cpus=1)
 def _gc_state(model):
     """How many objects this worker's garbage collector has frozen, and its pid."""

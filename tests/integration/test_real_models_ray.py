@@ -12,6 +12,7 @@ import ray
 import torch
 
 import trims_ray
+from tests.integration.conftest import wait_for
 from trims_ray._cluster import node_cache_actor
 from workloads import zoo
 
@@ -49,14 +50,23 @@ def through_open(name, example):
         return zoo.forward(model, example), served_tier()
 
 
+def evict_until_gone(name: str, node_id: str, tier: str | None = None) -> None:
+    """Evicts ``name`` and waits until its host copy has gone: a copy "deferred" (a worker
+    that keeps it is asked for it, a caller's lease is being released) would serve the next
+    task from that worker's process tier instead of the tier under test."""
+    wait_for(
+        lambda: trims_ray.evict(name, tier=tier)[node_id]["host"] != "deferred", what=f"{name} gone from the host tier"
+    )
+
+
 def put_in_tier(name: str, tier: str, node_id: str) -> None:
     """Leaves the model only in ``tier`` and below on this node (the store always has it)."""
     if tier == "store":
-        trims_ray.evict(name)
+        evict_until_gone(name, node_id)
     elif tier == "disk":
         trims_ray.prefetch(name, tier="disk")
         ray.get(node_cache_actor(node_id).drain.remote())  # the disk copy is written in the background
-        trims_ray.evict(name, tier="host")
+        evict_until_gone(name, node_id, tier="host")
     else:
         trims_ray.prefetch(name, tier="host")
 
