@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from .._gpu_ipc import LayerGroup
 from .._manifest import Manifest
 
-__all__ = ["Resident", "too_big", "no_room", "device_short", "cannot_allocate"]
+__all__ = ["Resident", "check_fits_device", "too_big", "no_room", "device_short", "cannot_allocate"]
 
 
 @dataclass(eq=False)  # entries are compared by identity
@@ -40,6 +40,13 @@ class Resident:
 
 def _what(manifest: Manifest) -> str:
     return f"{manifest.tenant}/{manifest.name}"
+
+
+def check_fits_device(budget: int, total: int, gpu: str, remedy: str = "") -> None:
+    """Raises ValueError when a GPU ``budget`` exceeds the ``total`` bytes of GPU ``gpu``
+    (``remedy``: what to do instead, appended to the message)."""
+    if budget > total:
+        raise ValueError(f"GPU budget of {budget} bytes exceeds the {total} bytes of GPU {gpu}{remedy}")
 
 
 def too_big(manifest: Manifest, need: int, gpu: str, budget: int) -> str:

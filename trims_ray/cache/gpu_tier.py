@@ -30,7 +30,7 @@ from .._manifest import Manifest
 from ..policy import EvictionPolicy, Outcome, decide_admission, make_policy, shrink_victims
 from .._protocol import ASSUMED_SWAP_RATE, BYPASS, Caller, GpuGrant, Holder, TierStats, cache_key, holder_alive  # GpuGrant re-exported
 from .gpu_entry import Resident as _Resident
-from .gpu_entry import cannot_allocate, device_short, no_room, too_big
+from .gpu_entry import cannot_allocate, check_fits_device, device_short, no_room, too_big
 from .host_tier import detached
 from .leases import LeaseTable
 
@@ -99,11 +99,8 @@ class GpuTier:
         budget = self.config.budget_bytes
         if budget is None:
             budget = int(total * self.config.budget_fraction)
-        elif budget > total:
-            raise ValueError(
-                f"GPU budget of {budget} bytes exceeds the {total} bytes of GPU {identity.uuid}: "
-                "lower budget_bytes or use budget_fraction"
-            )
+        else:
+            check_fits_device(budget, total, identity.uuid, ": lower budget_bytes or use budget_fraction")
         self.budget = budget
         self.policy = policy if policy is not None else make_policy(self.config.policy, clock=clock)
         self.layer_order = layer_order
@@ -367,11 +364,7 @@ class GpuTier:
             ValueError: not a non-negative int, or more than the GPU's memory.
         """
         check_budget(budget, "the GPU budget")
-        total = self.device.memory().total
-        if budget > total:
-            raise ValueError(
-                f"GPU budget of {budget} bytes exceeds the {total} bytes of GPU {self.identity.uuid}"
-            )
+        check_fits_device(budget, self.device.memory().total, self.identity.uuid)
         dropped: list[_Resident] = []
         with self._lock:
             self.budget = budget
