@@ -120,6 +120,37 @@ def test_a_load_takes_the_room_of_a_pinned_model_once_its_process_gives_it_back(
     assert cache.stats()[HOST].evictions == 1
 
 
+def test_misses_of_one_model_that_wait_for_room_together_ask_back_one_model(make_cache, file_store):
+    # Three requests for b come while the room it needs is being given back. The first asks a
+    # process for a (the least recently used); the others must wait for that same room, not
+    # each ask back another kept model (c), which would be lost to the process for nothing.
+    a = file_store.register("a", weights(1), tenant=TENANT)
+    b = file_store.register("b", weights(2), tenant=TENANT)
+    c = file_store.register("c", weights(3), tenant=TENANT)
+    cache = make_cache(host_budget=cost(a) + cost(c), holder_alive=lambda holder: True)
+    cache.acquire("a", TENANT, WORKER, pin=True)
+    pin_c = cache.acquire("c", TENANT, WORKER, pin=True)
+    give_back = threading.Event()
+    process = _process(cache, WORKER, give_back)
+    grants = []
+    requests = [threading.Thread(target=lambda: grants.append(cache.acquire("b", TENANT, ME))) for _ in range(3)]
+    for request in requests:
+        request.start()
+    threading.Timer(0.5, give_back.set).start()  # all three are waiting by then
+    for request in requests:
+        request.join(10)
+    process.join(5)
+
+    tiers = sorted(g.tier for g in grants)
+    assert tiers == [HOST, HOST, "store"], tiers  # one load, which the others joined
+    assert all(served(g) == blob(file_store, b.sha256) for g in grants)
+    host = cache.stats()[HOST]
+    assert host.evictions == 1 and host.models == 2 and host.bytes_used == cost(b) + cost(c)
+    assert cache.pinned() == 1 and cache.release(pin_c.lease_id)  # c stayed with its process
+    # Three requests, three uses for placement to weigh (the retries after waiting are not uses).
+    assert 2.5 < cache.host.uses[cache_key(b)].count <= 3.0
+
+
 def test_a_load_that_cannot_wait_for_a_pinned_model_is_not_kept(make_cache, file_store):
     a = file_store.register("a", weights(1), tenant=TENANT)
     file_store.register("b", weights(2), tenant=TENANT)

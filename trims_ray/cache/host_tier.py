@@ -128,6 +128,10 @@ class HostTier:
         # Shared copies of misses the tier did not keep, by cache key (see ``bypass``).
         self.bypass_budget = bypass_budget
         self.bypassing: dict[str, HostEntry] = {}
+        # Room being made for a miss, by its cache key: the pinned models asked back for it.
+        # Other requests for that key wait for the same ones; choosing afresh, each would ask
+        # back more kept models (the first victims' bytes still count until given back).
+        self.making_room: dict[str, list[HostEntry]] = {}
         self.stats = TierStats(capacity=budget)
         self.quota_denied: dict[str, int] = {}  # tenant -> loads its quota refused
 
@@ -201,13 +205,15 @@ class HostTier:
     # -- admission -----------------------------------------------------------------------------
 
     def request(
-        self, manifest: Manifest, force: bool, miss_cost: float, reclaim: bool = False
+        self, manifest: Manifest, force: bool, miss_cost: float, reclaim: bool = False, again: bool = False
     ) -> tuple[HostEntry | None, bool]:
         """A request for ``manifest``: the entry it leases (its count taken: ``leases`` + 1) and
         whether the caller loads it (a miss admitted, or a new shared copy), or (None, False):
-        a bypass, which the task reads itself. Raises as ``admit``."""
+        a bypass, which the task reads itself. ``again``: the same request asked once more
+        after RoomPending (its use is counted once). Raises as ``admit``."""
         key = cache_key(manifest)
-        self.note_use(key)
+        if not again:
+            self.note_use(key)
         entry = self.entries.get(key)
         leader = entry is None
         if leader:
@@ -238,6 +244,9 @@ class HostTier:
                 what is idle (or, with ``force``, when what would make room is in use).
         """
         need = manifest.nbytes + 2 * GUARD_BYTES
+        asked = self._room_being_made(cache_key(manifest))
+        if asked and reclaim:
+            raise RoomPending(asked)
         self.stats.misses += 1
         try:
             made = self._make_room(need, manifest, force, miss_cost, reclaim)
@@ -345,8 +354,17 @@ class HostTier:
             else:
                 self.drop(key, evicted=True)
         if pinned:
+            self.making_room[cache_key(manifest)] = pinned
             raise RoomPending(pinned)
         return True
+
+    def _room_being_made(self, key: str) -> list[HostEntry]:
+        """The pinned models asked back for a miss of ``key`` and not given back yet ([]: none);
+        forgets the records of room that is made (those of every key: a miss that gave up
+        waiting leaves one behind)."""
+        for made in [k for k, asked in self.making_room.items() if not any(id(e) in self.leaving for e in asked)]:
+            del self.making_room[made]
+        return [e for e in self.making_room.get(key, ()) if id(e) in self.leaving]
 
     # -- the budget ----------------------------------------------------------------------------
 

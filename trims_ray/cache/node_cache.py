@@ -300,14 +300,16 @@ class NodeCache(NodeCacheViews, NodePins, NodeBudgets):
         """``HostTier.request``, making room from models processes pin when it must: they are
         asked back and waited for (``reclaim_wait_s``); past that, they count as leased."""
         deadline = time.monotonic() + self.reclaim_wait_s  # real time: processes answer in it
+        again = False
         while True:
             with self._lock:
                 try:
                     reclaim = time.monotonic() < deadline
-                    return self.host.request(manifest, force, self._miss_cost(manifest), reclaim)
+                    return self.host.request(manifest, force, self._miss_cost(manifest), reclaim, again)
                 except RoomPending as pending:
                     asked = pending.entries
             wait_until_gone(asked, self._gone, max(0.0, deadline - time.monotonic()))
+            again = True
 
     def _gone(self, entry: HostEntry) -> bool:
         """Whether a copy that left the table (evicted, or condemned by scrub) was freed."""
