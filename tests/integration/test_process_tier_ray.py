@@ -111,6 +111,33 @@ def test_a_load_that_needs_the_room_of_a_kept_model_gets_it_from_the_worker(ray_
         trims_ray.shutdown()
 
 
+def test_a_worker_gives_a_model_back_while_every_default_thread_of_the_cache_waits(ray_node, tmp_path, monkeypatch):
+    # Two misses of b wait in the node's cache for the room a kept model (a) holds, on the only
+    # two threads of its default group here (64 by default, and as many misses in a burst).
+    # The worker's release must not queue behind them: it ends their wait, and b is kept.
+    # (Queued, it ran when both waits had run out: b was served unkept, twice.)
+    from trims_ray._cluster import node_cache_actor
+    from trims_ray.actors import node_cache_actor as actor_module
+
+    monkeypatch.setattr(actor_module, "_ACTOR_CONCURRENCY", 2)  # read when init starts the cache
+    config = trims_ray.CacheConfig(host_bytes=14 * MiB, disk_dir=str(tmp_path / "disk"), lease_check_s=0.2, policy="lru")
+    trims_ray.init(store=str(tmp_path / "store"), config=config)
+    try:
+        trims_ray.register("a", _weights(12, seed=9))
+        trims_ray.register("b", _weights(12, seed=10))
+        ray.get(_where.options(model="a").remote(None))
+        assert _node(ray_node).pinned == 1
+        actor = node_cache_actor(ray_node)
+        grants = ray.get([actor.acquire.remote("b", "default", None) for _ in range(2)])
+        for grant in grants:
+            ray.get(actor.release.remote(grant.lease_id))
+        host = _node(ray_node).tiers["host"]
+        assert (host.models, host.bypasses) == (1, 0), [g.tier for g in grants]
+        assert sorted(g.tier for g in grants) == ["host", "store"]
+    finally:
+        trims_ray.shutdown()
+
+
 def test_the_pins_of_a_worker_that_died_are_reaped(cache, ray_node):
     trims_ray.register("m", _weights(4, seed=4))
     _, _, pid, _ = ray.get(_where.options(model="m").remote(None))

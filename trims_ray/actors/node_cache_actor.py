@@ -53,6 +53,12 @@ _ACTOR_CONCURRENCY = 64
 # Threads for the reclaim threads of worker processes that keep models (one long poll each, at
 # most one process per CPU slot and a few more): apart, so that they never starve the calls above.
 _RECLAIM_CONCURRENCY = 64
+# Threads for the calls that end or take over a lease (release, pin): they only take the
+# cache's lock for a moment, and they must not queue behind the calls of the default group that
+# wait (a miss waiting up to 2 s for a kept model's room, an evict, loads' followers): with all
+# its threads waiting so, the releases that would end those waits could not run, and each wait
+# ran out (the misses then bypassed, the evicts were deferred).
+_QUICK_CONCURRENCY = 8
 
 
 def start_node_cache_actor(
@@ -61,7 +67,7 @@ def start_node_cache_actor(
     """Gets or creates the cache actor of ``node_id`` (returns at once; it starts on its node)."""
     return (
         # Concurrency groups are class options in Ray, not ``.options()``.
-        ray.remote(concurrency_groups={"reclaim": _RECLAIM_CONCURRENCY})(NodeCacheActor)
+        ray.remote(concurrency_groups={"reclaim": _RECLAIM_CONCURRENCY, "quick": _QUICK_CONCURRENCY})(NodeCacheActor)
         .options(
             name=node_cache_actor_name(node_id),
             namespace=NAMESPACE,
@@ -225,6 +231,7 @@ class NodeCacheActor:
         buffer, _ = self.cache.store.read(manifest)
         return buffer
 
+    @ray.method(concurrency_group="quick")
     def pin(self, key: str, holder: Holder, lease_id: str) -> str:
         """A process keeps the blob ``key`` built after a task that a caller's lease served:
         its own lease on it from now on, asked back when the node needs it (NodeCache.pin).
@@ -243,6 +250,7 @@ class NodeCacheActor:
             self.cache.note_hits(hits)
         return self.cache.incarnation, self.cache.wait_asked(holder, min(float(timeout_s), 30.0))
 
+    @ray.method(concurrency_group="quick")
     def release(self, lease_id: int | str) -> bool:
         with self._lent_lock:
             self._lent.pop(lease_id, None)  # its mapping goes before the lease: nothing reads it
