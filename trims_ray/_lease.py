@@ -117,7 +117,12 @@ def _open_as(name: str, tenant: str, hint: Resolved | None = None, keep: bool = 
         yield _own_copy(grant)
         return
     if grant.pinned:  # the lease is this process's pin now: it ends when the model is dropped
-        with _kept(process_tier().keep(tenant, grant, _wait(get, grant.ref), actor, grant.lease_id, _this_holder())) as model:
+        try:
+            obj = _wait(get, grant.ref)
+        except BaseException:  # nothing keeps it yet: end the pin here, or the node waits on it
+            actor.release.remote(grant.lease_id)
+            raise
+        with _kept(process_tier().keep(tenant, grant, obj, actor, grant.lease_id, _this_holder())) as model:
             yield model
         return
     try:

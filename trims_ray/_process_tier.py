@@ -121,22 +121,24 @@ class ProcessTier:
     def give(self, kept: Kept) -> None:
         """The calling task is done with ``kept``; it goes now if it was asked back meanwhile,
         or if its pin, asked for after its grant, was refused (the node let the copy go)."""
-        confirm = kept.confirm
-        if confirm is not None:
-            try:  # sent when the task started: answered by now, as a rule. Off the main
-                # thread: a get there would hand the task's CPU back and let Ray start a worker.
-                pinned = wait_in_task(_get_briefly, confirm) == kept.incarnation  # "": refused
-            except Exception:
-                pinned = False
+        try:
+            confirm = kept.confirm
+            if confirm is not None:
+                try:  # sent when the task started: answered by now, as a rule. Off the main
+                    # thread: a get there would hand the task's CPU back and let Ray start a worker.
+                    pinned = wait_in_task(_get_briefly, confirm) == kept.incarnation  # "": refused
+                except Exception:
+                    pinned = False
+                with self._lock:
+                    kept.confirm = None
+                    if not pinned:
+                        self._doom(kept)
+        finally:  # also when the task is cancelled in that wait: else the model is never dropped
             with self._lock:
-                kept.confirm = None
-                if not pinned:
-                    self._doom(kept)
-        with self._lock:
-            kept.users -= 1
-            going = kept.doomed and kept.users == 0
-        if going:
-            self._drop(kept)
+                kept.users -= 1
+                going = kept.doomed and kept.users == 0
+            if going:
+                self._drop(kept)
 
     def new_pin_id(self) -> str:
         return f"{self._prefix}:{next(self._ids)}"
@@ -152,11 +154,13 @@ class ProcessTier:
         released)."""
         manifest = grant.manifest
         blob = obj[grant.offset : grant.offset + manifest.nbytes]
-        token = protect_array(blob)
+        token = None
         try:
+            token = protect_array(blob)
             model = materialize(manifest, blob)
         except BaseException:
-            release(token)
+            if token is not None:
+                release(token)
             _release_pin(actor, pin_id)
             raise
         kept = Kept(
