@@ -8,6 +8,7 @@ from __future__ import annotations
 
 # ruff: noqa: F811 - the fixtures imported below are test arguments by the same names
 import threading
+import time
 
 import pytest
 
@@ -94,6 +95,22 @@ def test_an_evict_a_process_does_not_answer_stays_deferred_and_the_copy_stays_co
     assert cache.wait_asked(WORKER, 0.05) == []
     cache.release(grant.lease_id)
     assert cache.stats()[HOST].bytes_used == 0
+
+
+def test_an_ask_whose_answer_never_reached_its_process_is_made_again_until_the_pin_ends(make_cache, file_store):
+    file_store.register("m", weights(1), tenant=TENANT)
+    cache = make_cache(holder_alive=lambda holder: True, reclaim_wait_s=0.1)
+    cache.pins.ask_again_after_s = 0.2
+    grant = cache.acquire("m", TENANT, WORKER, pin=True)
+    assert cache.evict("m", TENANT, HOST) == {HOST: "deferred"}
+
+    assert cache.wait_asked(WORKER, 0.1) == [grant.lease_id]  # this answer is "lost"
+    assert cache.wait_asked(WORKER, 0.05) == []  # not again at once
+    time.sleep(0.25)
+    assert cache.wait_asked(WORKER, 0.05) == [grant.lease_id]  # asked again
+    cache.release(grant.lease_id)
+    time.sleep(0.25)
+    assert cache.wait_asked(WORKER, 0.05) == []  # the pin ended: nothing to ask
 
 
 def test_a_load_takes_the_room_of_a_pinned_model_once_its_process_gives_it_back(make_cache, file_store):

@@ -26,14 +26,23 @@ __all__ = ["NodePins", "ProcessPins", "wait_until_gone"]
 
 # The most accesses of one model one poll tells the policy of (``NodePins.note_hits``).
 _MAX_ACCESSES_NOTED = 1000
+# An ask handed out this long ago whose pin still holds is handed out again. The answer that
+# carried it may never have reached its process (a poll's get gives up after the poll time plus
+# 30 s while the call still runs); without a second ask that pin would last as long as its
+# worker. Longer than that give-up, so that a poll in flight is not answered twice as a rule; an
+# ask repeated anyway costs the process nothing (the model is already going).
+ASK_AGAIN_AFTER_S = 45.0
 
 
 class ProcessPins:
     """Which leases are pins, who holds them, and which the node cache has asked back."""
 
-    def __init__(self) -> None:
+    def __init__(self, ask_again_after_s: float = ASK_AGAIN_AFTER_S) -> None:
+        self.ask_again_after_s = ask_again_after_s
         self._pins: dict[str, tuple[object, HostEntry]] = {}  # lease id -> (holder, entry)
         self._asked: dict[object, set[str]] = {}  # holder -> ids of its pins asked back
+        # Asks handed out whose pin has not ended yet: lease id -> (holder, when handed out).
+        self._handed: dict[str, tuple[object, float]] = {}
         self._cond = threading.Condition()
 
     def __len__(self) -> int:
@@ -55,6 +64,7 @@ class ProcessPins:
         holder, entry = pinned
         entry.pins -= 1
         with self._cond:
+            self._handed.pop(lease_id, None)
             asked = self._asked.get(holder)
             if asked is not None:
                 asked.discard(lease_id)
@@ -81,15 +91,30 @@ class ProcessPins:
 
     def wait_asked(self, holder: object, timeout_s: float) -> list[str]:
         """The ids of ``holder``'s pins asked back, waiting up to ``timeout_s`` for one; each is
-        handed out once (the process releases it when its tasks are done with the model)."""
+        handed out once (the process releases it when its tasks are done with the model), and
+        again when its pin still holds ``ask_again_after_s`` later."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
+            self._ask_again(holder)
             while not self._asked.get(holder):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return []
                 self._cond.wait(left)
-            return sorted(self._asked.pop(holder))
+            ids = self._asked.pop(holder)
+            handed_at = time.monotonic()
+            for lease_id in ids:
+                self._handed[lease_id] = (holder, handed_at)
+            return sorted(ids)
+
+    def _ask_again(self, holder: object) -> None:
+        """Puts back the asks handed out to ``holder`` long enough ago that their pins should
+        have ended (under the condition's lock)."""
+        before = time.monotonic() - self.ask_again_after_s
+        again = [i for i, (h, at) in self._handed.items() if h == holder and at <= before]
+        for lease_id in again:
+            del self._handed[lease_id]
+            self._asked.setdefault(holder, set()).add(lease_id)
 
 
 def wait_until_gone(entries: Iterable[HostEntry], gone: Callable[[HostEntry], bool], timeout_s: float) -> bool:
