@@ -94,6 +94,11 @@ class ProcessTier:
         # a cache restarted waited that long (0.5 s measured) for a model it asked back, or
         # gave up (a CI run on a busy machine, past the 2 s wait).
         self._cache_changed = threading.Event()
+        # Set by ``keep``: the reclaim thread, which waits on it while this process keeps no
+        # model and has no hits to report, polls again. A worker that once kept a model used to
+        # poll its node's cache every ``poll_s`` for good, whatever it kept since.
+        self._kept_one = threading.Event()
+        self._asleep = False  # the reclaim thread waits for ``_kept_one`` (``polling``)
         # Pins the node asked back before ``keep`` had recorded them: a pin granted with its
         # lease is asked back at once when the node is over its budget, and the ask may reach
         # this process's poll while the task is still building the model. Handed out once, it
@@ -103,6 +108,13 @@ class ProcessTier:
     def __len__(self) -> int:
         with self._lock:
             return len(self._kept)
+
+    @property
+    def polling(self) -> bool:
+        """Whether the reclaim thread polls the node's cache now: False before this process
+        keeps a model, and while it keeps none and has told the node every hit it served."""
+        with self._lock:
+            return self._thread is not None and not self._asleep
 
     def take(self, tenant: str, hint: Resolved, count: bool = True) -> Kept | None:
         """The model kept for ``tenant`` and the registration ``hint`` names, marked in use by
@@ -186,6 +198,7 @@ class ProcessTier:
             while len(self._kept) > self.keep_at_most:
                 _, oldest = self._kept.popitem(last=False)
                 going += self._doom(oldest)
+            self._kept_one.set()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._poll_forever, name="trims-process-tier", daemon=True)
                 self._thread.start()
@@ -206,6 +219,7 @@ class ProcessTier:
 
     def _poll_forever(self) -> None:
         while True:
+            self._sleep_while_idle()
             try:
                 self._poll_once()
             except Exception as exc:  # the thread must go on: without it nothing is given back
@@ -250,6 +264,17 @@ class ProcessTier:
                 if len(self._asked_early) > EARLY_ASKS_AT_MOST:
                     self._asked_early.popitem(last=False)
         self._drop_where(lambda kept: kept.pin_id in given_back)
+
+    def _sleep_while_idle(self) -> None:
+        """Waits for ``keep`` while this process keeps no model and has no hits to report: no
+        ask can be for it, and a dead cache's process need not poll on."""
+        self._kept_one.clear()  # before the check: a keep after it wakes the wait below
+        with self._lock:
+            self._asleep = not self._kept and not self._hits
+        if self._asleep:
+            self._kept_one.wait()
+            with self._lock:
+                self._asleep = False
 
     def _pause(self) -> None:
         """Waits ``poll_s`` before polling again after a failed poll, or until ``keep`` keeps a

@@ -238,6 +238,44 @@ def test_a_model_kept_from_a_restarted_cache_is_given_back_at_once(cache, ray_no
             os.kill(pid, signal.SIGKILL)
 
 
+# A worker of its own again, so that no other test's kept model keeps its reclaim thread polling.
+_IDLE = {"env_vars": {"TRIMS_RAY_TEST_IDLE_POLLS": "1"}}
+
+
+@trims_ray.function(num_cpus=1, runtime_env=_IDLE)
+def _kept_alone(model):
+    return os.getpid()
+
+
+@ray.remote(num_cpus=1, runtime_env=_IDLE)
+def _polling() -> tuple[int, bool, int]:
+    """This worker's pid, whether its reclaim thread polls, and how many models it keeps."""
+    from trims_ray._process_tier import process_tier
+
+    tier = process_tier()
+    return os.getpid(), tier.polling, len(tier)
+
+
+def test_a_worker_that_keeps_no_model_any_more_stops_polling_until_it_keeps_one(cache, ray_node):
+    trims_ray.register("m", _weights(1, seed=9))
+    call = _kept_alone.options(model="m")
+    pids = {ray.get(call.remote())}
+    try:
+        pid, polling, kept = ray.get(_polling.remote())
+        pids.add(pid)
+        assert pids == {pid} and polling and kept == 1, (pids, polling, kept)
+
+        assert trims_ray.evict("m", tier="host")[ray_node]["host"] == "evicted"
+        wait_for(lambda: ray.get(_polling.remote()) == (pid, False, 0), what="the reclaim thread asleep")
+
+        assert ray.get(call.remote()) == pid  # kept again: the thread polls again, and hears asks
+        assert ray.get(_polling.remote()) == (pid, True, 1)
+        assert trims_ray.evict("m", tier="host")[ray_node]["host"] == "evicted"
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+
+
 @trims_ray.function(num_cpus=1)
 def _gc_state(model):
     """How many objects this worker's garbage collector has frozen, and its pid."""
