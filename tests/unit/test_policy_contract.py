@@ -266,6 +266,20 @@ class PolicyContract:
         with pytest.raises(KeyError):
             policy.on_remove("k01")
 
+    def test_on_cost_takes_only_tracked_keys_and_good_costs_and_keeps_every_key(self):
+        policy, sizes = self.populated()
+        with pytest.raises(KeyError):
+            policy.on_cost("nope", 1.0)
+        for bad, error in ((-0.5, ValueError), (math.nan, ValueError), (math.inf, ValueError), ("1", TypeError)):
+            with pytest.raises(error):
+                policy.on_cost("k01", bad)
+        for key in sizes:
+            policy.on_cost(key, 0.25)
+        assert sorted(policy.victims(everything)) == sorted(sizes)
+        policy.on_remove("k01")
+        with pytest.raises(KeyError):
+            policy.on_cost("k01", 1.0)
+
     @pytest.mark.parametrize(
         ("nbytes", "cost", "error"),
         [
@@ -625,6 +639,20 @@ class TestGDSF(AdmissionChecks, PolicyContract):
         policy.on_access("big-cheap")  # 3 * 0.01 = 0.03
         assert list(policy.victims(everything)) == ["mid", "big-cheap", "small-dear"]
 
+    def test_a_resident_whose_reload_got_cheaper_goes_first_as_if_it_came_in_at_that_cost(self):
+        policy = self.make()
+        policy.on_insert("a", 10, 4.0)  # 0.4, then 2 * 0.4 = 0.8 after a hit
+        policy.on_insert("b", 10, 5.0)  # 0.5
+        policy.on_access("a")
+        assert list(policy.victims(everything)) == ["b", "a"]
+        policy.on_cost("a", 2.0)  # a disk copy landed: 2 * 0.2 = 0.4
+        assert list(policy.victims(everything)) == ["a", "b"]
+        # Admission weighs the new cost too: a's 2 requests at 2 s per 10 bytes, twice over, is
+        # 0.8 per byte against c's 1.0 (at a's old 4 s it was 1.6, and c was refused).
+        assert policy.admit("c", 10, 10.0, ["a"]) is True
+        policy.on_cost("a", 3.0)  # 2 * 0.3 = 0.6, above b's 0.5 again
+        assert list(policy.victims(everything)) == ["b", "a"]
+
     def test_an_eviction_lifts_newcomers_above_the_evicted(self):
         policy = self.make()
         policy.on_insert("a", 10, 1.0)  # 0.1, then 0.4 after three hits
@@ -704,6 +732,16 @@ class TestCostAware(AdmissionChecks, PolicyContract):
         clock.advance(100.0)  # ten half-lives: a's 4 are worth 0.004 now
         policy.on_access("b")  # b: about 1.001
         assert list(policy.victims(everything)) == ["a", "b"]
+
+    def test_a_resident_whose_reload_got_cheaper_goes_first(self):
+        policy = self.make(clock=FakeClock())
+        policy.on_insert("a", 100, 20.0)  # 0.2 s per byte
+        policy.on_insert("b", 100, 10.0)  # 0.1
+        assert list(policy.victims(everything)) == ["b", "a"]
+        policy.on_cost("a", 5.0)  # a disk copy landed: 0.05
+        assert list(policy.victims(everything)) == ["a", "b"]
+        policy.on_cost("a", 0.0)  # unknown: bytes over the bandwidth measured (2 loads: 0.15)
+        assert list(policy.victims(everything)) == ["b", "a"]
 
     def test_unknown_cost_is_bytes_over_the_measured_bandwidth(self):
         policy = self.make(clock=FakeClock(), bandwidth=100.0)

@@ -110,6 +110,24 @@ class EvictionPolicy(abc.ABC):
         self._remove(key)
         del self._entries[key]
 
+    def on_cost(self, key: Key, cost: float) -> None:
+        """Sets a tracked key's miss cost to what reloading it would take now: a copy in a
+        lower tier landed or left, or the measured load rates moved since it was inserted. A
+        cost-aware policy re-orders the key as if it had been inserted at that cost; the
+        others only record it. Then a resident and a newcomer are weighed by one estimate.
+
+        Raises:
+            KeyError: If the key is not tracked.
+            ValueError: If cost is negative or not finite.
+            TypeError: If cost is not a real number.
+        """
+        self._require(key, "on_cost")
+        cost = _check_cost(cost)
+        entry = self._entries[key]
+        if cost != entry.cost:
+            self._entries[key] = Entry(entry.nbytes, cost)
+            self._recost(key, entry.cost)
+
     def admit(self, key: Key, nbytes: int, cost: float, victims: Sequence[Key]) -> bool:
         """Decides whether a key that missed is worth keeping at the price of its victims.
 
@@ -197,6 +215,10 @@ class EvictionPolicy(abc.ABC):
     @abc.abstractmethod
     def _order(self) -> Iterator[Key]:
         """Yields every tracked key once, evict-first first, without changing any state."""
+
+    def _recost(self, key: Key, old_cost: float) -> None:
+        """A tracked key's cost changed from ``old_cost`` (``self._entries`` holds the new one);
+        default: the order does not weigh cost."""
 
     def _admit(self, key: Key, nbytes: int, cost: float, victims: Sequence[Key]) -> bool:
         """Admission rule (validated call: key untracked, victims tracked and never empty);

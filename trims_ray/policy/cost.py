@@ -91,6 +91,13 @@ class CostAware(EvictionPolicy):
         self._rate[key] = self._bumped(self._rate[key])
         self._push(key, self._entries[key].nbytes)
 
+    def _recost(self, key: Hashable, old_cost: float) -> None:
+        # The rate bandwidth is estimated from stays that of measured loads: a new estimate
+        # of a reload is not one.
+        entry = self._entries[key]
+        self._miss_cost[key] = self._effective_cost(entry.nbytes, entry.cost)
+        self._push(key, entry.nbytes)
+
     def _remove(self, key: Hashable) -> None:
         self._heap.discard(key)
         del self._miss_cost[key]

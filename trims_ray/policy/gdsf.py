@@ -88,6 +88,13 @@ class GDSF(EvictionPolicy):
         self._heap.push(key, self._inflation + freq * entry.cost / max(entry.nbytes, 1))
         self._record(key)
 
+    def _recost(self, key: Hashable, old_cost: float) -> None:
+        # The cost term alone moves: the inflation the key last got (on its insert or last
+        # hit) stays, so a cheaper reload does not count as a fresh hit.
+        entry = self._entries[key]
+        delta = self._freq[key] * (entry.cost - old_cost) / max(entry.nbytes, 1)
+        self._heap.push(key, self._heap.priority(key) + delta)
+
     def _remove(self, key: Hashable) -> None:
         self._inflation = max(self._inflation, self._heap.lowest())
         self._heap.discard(key)
