@@ -425,9 +425,10 @@ def test_gdsf_keeps_a_miss_twice_as_popular_as_the_idle_model_it_evicts_however_
 ):
     # The policy weighs a newcomer's expected load against its victims' costs. A victim's cost
     # is estimated as a newcomer's is, not the time its load took: that time also holds the
-    # put (slow here), and a newcomer as popular as the victim was refused behind it.
+    # put (slow here), and a newcomer as popular as the victim was refused behind it. No disk
+    # tier: both reload from the store, at one cost (a's disk copy would make it the cheaper).
     infos = [file_store.register(n, weights(30 + i), tenant=TENANT) for i, n in enumerate("ab")]
-    cache = make_cache(host_budget=cost(infos[0]), policy="gdsf")
+    cache = make_cache(host_budget=cost(infos[0]), policy="gdsf", disk_budget=0)
     publish = memory.publish
 
     def slow_publish(buffer):
@@ -443,6 +444,26 @@ def test_gdsf_keeps_a_miss_twice_as_popular_as_the_idle_model_it_evicts_however_
     assert use(cache, "b") == "store"  # twice: kept, unless a's slow put weighed as its cost
     host = cache.stats()["host"]
     assert (host.evictions, host.bypasses, host.models) == (1, 1, 1)
+    assert use(cache, "b") == "host"
+
+
+def test_gdsf_weighs_a_resident_by_what_its_reload_costs_now_as_it_weighs_a_newcomer(make_cache, file_store):
+    # a came from the store, and its disk copy landed after; b's disk copy was there before its
+    # miss. Both would reload from disk now: b, asked for as often as a, is kept as one of two
+    # newcomers would be. Weighed by a's load from the store, b was refused (a bypass).
+    infos = [file_store.register(n, weights(40 + i), tenant=TENANT) for i, n in enumerate("ab")]
+    assert infos[0].nbytes == infos[1].nbytes
+    cache = make_cache(host_budget=cost(infos[0]), policy="gdsf")
+    assert use(cache, "b") == "store"
+    assert cache.evict("b", TENANT, "host") == {"host": "evicted"}  # its disk copy stays
+    assert use(cache, "a") == "store"  # into free room; its disk copy lands after
+    cache.rates["disk"] = 1e13  # disk reads far faster than the store's, as from a remote store
+
+    granted = cache.acquire("b", TENANT, ME)
+    assert granted.tier == "disk", granted.tier  # "bypass": refused
+    cache.release(granted.lease_id)
+    host = cache.stats()["host"]
+    assert (host.evictions, host.bypasses, host.models) == (2, 0, 1)  # b's evict, then a
     assert use(cache, "b") == "host"
 
 

@@ -96,6 +96,9 @@ class HostTier:
         ask_back: asks the processes pinning an entry to give it back (``pins.ProcessPins``);
             called when a pinned entry is evicted or chosen to make room.
         wall_clock: wall-clock time source, for the recent uses it reports (``RecentUses``).
+        reload_cost: what a miss of a model would cost now (seconds), the estimate a newcomer
+            is weighed by; each resident's cost in the policy is set to it before a load
+            chooses its victims. None: residents keep the cost they came in with.
     """
 
     def __init__(
@@ -107,8 +110,10 @@ class HostTier:
         bypass_budget: int = 0,
         ask_back: Callable[[HostEntry], int] = lambda entry: 0,
         wall_clock: Callable[[], float] = time.time,
+        reload_cost: Callable[[Manifest], float] | None = None,
     ) -> None:
         self.budget = budget
+        self.reload_cost = reload_cost
         self.wall_clock = wall_clock
         # Recent uses of the models in the table (requests and the hits processes served from
         # the models they keep), which placement weighs when it chooses where a load evicts.
@@ -287,6 +292,18 @@ class HostTier:
         self.refresh()
         return entry, True
 
+    def _reweigh_residents(self) -> None:
+        """Sets each resident's cost in the policy to what reloading it would take now, as the
+        newcomer's is. A resident used to keep the cost of its own load: a disk copy that
+        landed after it, or load rates measured since, made a newcomer look cheaper or dearer
+        to reload than a resident that would reload as fast, and that decided admissions (a
+        newcomer with a disk copy lost to a resident whose disk copy came later)."""
+        if self.reload_cost is None:
+            return
+        for key, entry in self.entries.items():
+            if entry.ready.is_set() and key in self.policy:
+                self.policy.on_cost(key, max(0.0, self.reload_cost(entry.manifest)))
+
     def _make_room(self, need: int, manifest: Manifest, force: bool, miss_cost: float, reclaim: bool) -> bool:
         what, tenant = f"{manifest.tenant}/{manifest.name}", manifest.tenant
         sizes = {k: e.nbytes for k, e in self.entries.items() if e.ready.is_set()}
@@ -298,6 +315,7 @@ class HostTier:
         # A tenant over its quota makes room from its own models first: no other tenant's model
         # is evicted to let one tenant exceed its share.
         quota, used = self.quota(tenant), self.tenant_used(tenant)
+        self._reweigh_residents()
         decision = decide_admission(
             self.policy,
             cache_key(manifest),

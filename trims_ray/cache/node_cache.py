@@ -133,6 +133,7 @@ class NodeCache(NodeCacheViews, NodePins, NodeBudgets):
             quota=lambda tenant: self.quota(tenant, HOST),
             bypass_budget=bypass_budget,
             ask_back=self.pins.ask_back,
+            reload_cost=self._miss_cost,
         )
         self.host_policy = self.host.policy
         self.disk = DiskTier(
