@@ -208,12 +208,17 @@ def test_a_miss_on_full_nodes_evicts_where_the_models_are_used_least(cache3):
     trims_ray._routing.refresh()
     fn = trims_ray.function(model="new", num_cpus=1)(where_and_sum)
     # gdsf asks a newcomer for twice what its victims save: "new", asked for once, is served
-    # without being kept ("cold" was asked for once, by its prefetch); asked for again, it is.
-    # Both are weighed by what their reload costs now, from their disk copies: "cold" used to
-    # keep the cost of its load from the store, and "new" was refused 5 times running.
-    for _ in range(2):
+    # without being kept ("cold" was asked for once, by its prefetch). Asked for again, it ties
+    # at best: two requests against twice one, each times its expected load, and those differ
+    # by where each would load from (a disk copy of "new" is written after its first read, in
+    # the background) and by the rates measured in between. A third request outweighs up to
+    # 1.5x. (Before "cold" was priced again as a reload from its disk copy, it kept the cost of
+    # its store load, about 3x a disk read's here, and "new" was refused 5 times running.)
+    for _ in range(4):
         node, total = ray.get(fn.remote())
         assert (node, total) == (b, pytest.approx(expected_sum(w_new), rel=1e-12))
+        if trims_ray.stats().nodes[b].tiers["host"].evictions:  # kept: "cold" made room
+            break
     wait_for(lambda: host_nodes("cold") == set(), what="cold evicted")
     for node, names in layout.items():
         for name in names:

@@ -447,7 +447,7 @@ def test_gdsf_keeps_a_miss_twice_as_popular_as_the_idle_model_it_evicts_however_
     assert use(cache, "b") == "host"
 
 
-def test_gdsf_weighs_a_resident_by_what_its_reload_costs_now_as_it_weighs_a_newcomer(make_cache, file_store):
+def test_gdsf_weighs_a_resident_whose_disk_copy_landed_after_its_load_as_a_reload_from_disk(make_cache, file_store):
     # a came from the store, and its disk copy landed after; b's disk copy was there before its
     # miss. Both would reload from disk now: b, asked for as often as a, is kept as one of two
     # newcomers would be. Weighed by a's load from the store, b was refused (a bypass).
@@ -465,6 +465,23 @@ def test_gdsf_weighs_a_resident_by_what_its_reload_costs_now_as_it_weighs_a_newc
     host = cache.stats()["host"]
     assert (host.evictions, host.bypasses, host.models) == (2, 0, 1)  # b's evict, then a
     assert use(cache, "b") == "host"
+
+
+def test_gdsf_keeps_a_residents_own_load_cost_while_it_would_reload_from_the_same_tier(make_cache, file_store):
+    # Priced again at every load's rates, residents followed the latest rate instead of their
+    # own load's, which cost hit ratio on the real-zoo peers run (docs/benchmarks.md). Here the
+    # store turns slow after a's load: b, asked for once as a was, costs 10 s to load against
+    # a's measured load, and is kept at once (priced at the new rate, a would have tied it).
+    infos = [file_store.register(n, weights(50 + i), tenant=TENANT) for i, n in enumerate("ab")]
+    cache = make_cache(host_budget=cost(infos[0]), policy="gdsf", disk_budget=0)
+    assert use(cache, "a") == "store"
+    cache.rates["store"] = infos[1].nbytes / 10.0
+
+    granted = cache.acquire("b", TENANT, ME)
+    assert granted.tier == "store", granted.tier  # "bypass": refused
+    cache.release(granted.lease_id)
+    host = cache.stats()["host"]
+    assert (host.evictions, host.bypasses, host.models) == (1, 0, 1)
 
 
 def test_lru_skips_leased_models(make_cache, file_store):

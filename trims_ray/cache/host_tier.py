@@ -22,7 +22,7 @@ import numpy as np
 from .._errors import CapacityError
 from .._manifest import Manifest
 from .._protect import GUARD_BYTES
-from .._protocol import HOST, RecentUses, TierStats, cache_key
+from .._protocol import DISK, HOST, RecentUses, TierStats, cache_key
 from ..policy import EvictionPolicy, Outcome, decide_admission, shrink_victims
 from .quotas import tenant_quota
 
@@ -79,6 +79,8 @@ class HostEntry:
     pins: int = 0  # of those leases, the pins of processes that keep the model built (``pins``)
     evict_when_idle: bool = False  # it takes no new lease, and goes with its last one
     source: str = ""  # where the load read from: "disk", "peer" or "store"
+    # Whether its cost in the policy is that of a reload from the disk tier (``_reweigh_residents``).
+    priced_from_disk: bool = False
 
 
 class HostTier:
@@ -96,9 +98,10 @@ class HostTier:
         ask_back: asks the processes pinning an entry to give it back (``pins.ProcessPins``);
             called when a pinned entry is evicted or chosen to make room.
         wall_clock: wall-clock time source, for the recent uses it reports (``RecentUses``).
-        reload_cost: what a miss of a model would cost now (seconds), the estimate a newcomer
-            is weighed by; each resident's cost in the policy is set to it before a load
-            chooses its victims. None: residents keep the cost they came in with.
+        reload_cost: where a miss of a model would read it from now ("disk" or "store") and what
+            that is expected to cost (seconds), the estimate a newcomer is weighed by; before a
+            load chooses its victims, a resident whose disk copy came or went since its cost
+            was set is priced again by it. None: residents keep the cost they came in with.
     """
 
     def __init__(
@@ -110,7 +113,7 @@ class HostTier:
         bypass_budget: int = 0,
         ask_back: Callable[[HostEntry], int] = lambda entry: 0,
         wall_clock: Callable[[], float] = time.time,
-        reload_cost: Callable[[Manifest], float] | None = None,
+        reload_cost: Callable[[Manifest], tuple[str, float]] | None = None,
     ) -> None:
         self.budget = budget
         self.reload_cost = reload_cost
@@ -293,16 +296,23 @@ class HostTier:
         return entry, True
 
     def _reweigh_residents(self) -> None:
-        """Sets each resident's cost in the policy to what reloading it would take now, as the
-        newcomer's is. A resident used to keep the cost of its own load: a disk copy that
-        landed after it, or load rates measured since, made a newcomer look cheaper or dearer
-        to reload than a resident that would reload as fast, and that decided admissions (a
-        newcomer with a disk copy lost to a resident whose disk copy came later)."""
+        """Prices again, by the estimate a newcomer gets, each resident whose disk copy came or
+        went since its cost in the policy was set. A model loaded from the store kept the cost
+        of a store load after its disk copy landed, and a newcomer with a disk copy, asked for as
+        often, lost to it at a third of the cost (on one node, 5 times running).
+
+        Only then: priced again at every load's rates, residents followed the latest rate
+        instead of their own load's, and the real-zoo peers run read from the store more often
+        (docs/benchmarks.md, "Residents priced by their reload")."""
         if self.reload_cost is None:
             return
         for key, entry in self.entries.items():
-            if entry.ready.is_set() and key in self.policy:
-                self.policy.on_cost(key, max(0.0, self.reload_cost(entry.manifest)))
+            if not entry.ready.is_set() or key not in self.policy:
+                continue
+            source, seconds = self.reload_cost(entry.manifest)
+            if (source == DISK) != entry.priced_from_disk:
+                self.policy.on_cost(key, max(0.0, seconds))
+                entry.priced_from_disk = source == DISK
 
     def _make_room(self, need: int, manifest: Manifest, force: bool, miss_cost: float, reclaim: bool) -> bool:
         what, tenant = f"{manifest.tenant}/{manifest.name}", manifest.tenant
@@ -434,6 +444,7 @@ class HostTier:
         """An admitted entry's load published its object: waiters may have it. ``miss_cost``:
         what a miss of it is expected to cost (seconds), by the same estimate as admission's."""
         entry.handle = handle
+        entry.priced_from_disk = entry.source == DISK
         if self.entries.get(cache_key(entry.manifest)) is entry:  # kept (not evicted, not a bypass)
             self.policy.on_insert(cache_key(entry.manifest), entry.nbytes, max(0.0, miss_cost))
         if not self._is_bypass(entry):

@@ -133,7 +133,7 @@ class NodeCache(NodeCacheViews, NodePins, NodeBudgets):
             quota=lambda tenant: self.quota(tenant, HOST),
             bypass_budget=bypass_budget,
             ask_back=self.pins.ask_back,
-            reload_cost=self._miss_cost,
+            reload_cost=self._reload_estimate,
         )
         self.host_policy = self.host.policy
         self.disk = DiskTier(
@@ -375,8 +375,13 @@ class NodeCache(NodeCacheViews, NodePins, NodeBudgets):
     def _miss_cost(self, manifest: Manifest) -> float:
         """What a host-tier miss of ``manifest`` costs now (seconds): a load from the disk tier
         if it is there, else from the store."""
+        return self._reload_estimate(manifest)[1]
+
+    def _reload_estimate(self, manifest: Manifest) -> tuple[str, float]:
+        """Where a host-tier miss of ``manifest`` would read it from now (disk or store), and
+        what that is expected to take (seconds)."""
         source = DISK if cache_key(manifest) in self.disk.sizes else STORE
-        return self.expected_load_s(manifest.nbytes, source)
+        return source, self.expected_load_s(manifest.nbytes, source)
 
     def expected_load_s(self, nbytes: int, source: str) -> float:
         """What loading ``nbytes`` from ``source`` is expected to take, by measured rates."""
