@@ -34,6 +34,7 @@ WORKLOADS = Path(__file__).resolve().parents[2] / "workloads"
 NOT_THROUGH_THE_CLI = {
     "peers": "runs as 'trims-ray bench peers' through workloads.bench",
     "cli_showcase": "starts a 3-node cluster to show ls and status: python -m workloads.cli_showcase",
+    "ray_env_race": "a diagnostic of Ray, not of trims_ray (it may crash): python -m workloads.ray_env_race",
 }
 
 

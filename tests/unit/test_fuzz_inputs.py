@@ -11,10 +11,12 @@ $TRIMS_RAY_FUZZ_EXAMPLES as in test_fuzz_formats.py.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import posixpath
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -420,6 +422,22 @@ env_values = (
 ).filter(lambda v: "\x00" not in v and _encodable(v))
 
 
+@contextlib.contextmanager
+def _environment(values: dict[str, str], unset: Iterable[str] = ()) -> Iterator[None]:
+    """``os.environ`` with ``values`` set and ``unset`` gone, for what reads it (``os.getenv``
+    too), without writing the process's C environment. Ray 2.60 leaves threads of each session
+    running after ``ray.shutdown`` that read the environment, and ``setenv`` races with them:
+    ``python -m workloads.ray_env_race`` died of a segmentation fault after 3, 6 and 12 sessions
+    (within 5-50 s of writes) and ran its 60 s after 0 or 1. CI's one-process suite died so in
+    this module twice, after the integration tests' clusters."""
+    environ = dict(os.environ)
+    environ.update(values)
+    for name in unset:
+        environ.pop(name, None)
+    with mock.patch.object(os, "environ", environ):
+        yield
+
+
 def _encodable(value: str) -> bool:
     try:
         os.fsencode(value)
@@ -444,7 +462,7 @@ def _as_int(raw: str) -> int | None:
 @given(env_values, env_values)
 def test_fuzz_read_options_from_env(chunk, concurrency):
     env = {"TRIMS_RAY_READ_CHUNK_BYTES": chunk, "TRIMS_RAY_READ_CONCURRENCY": concurrency}
-    with mock.patch.dict(os.environ, env):
+    with _environment(env):
         try:
             options = ReadOptions.from_env()
         except ValueError:
@@ -475,14 +493,8 @@ def test_fuzz_read_options_from_env(chunk, concurrency):
     )
 )
 def test_fuzz_cache_config_from_env(env):
-    with mock.patch.dict(os.environ, env):
-        for var in {
-            "TRIMS_RAY_HOST_BYTES",
-            "TRIMS_RAY_DISK_BYTES",
-            "TRIMS_RAY_DISK_DIR",
-            "TRIMS_RAY_POLICY",
-        } - env.keys():
-            os.environ.pop(var, None)
+    unset = {"TRIMS_RAY_HOST_BYTES", "TRIMS_RAY_DISK_BYTES", "TRIMS_RAY_DISK_DIR", "TRIMS_RAY_POLICY"} - env.keys()
+    with _environment(env, unset):
         try:
             config = CacheConfig.from_env()
         except (ValueError, TypeError):
@@ -514,7 +526,7 @@ def test_fuzz_cache_config_from_env(env):
 def test_fuzz_store_and_tenant_from_env(store, tenant):
     assume(not protocols_in(store) & UNSAFE_PROTOCOLS)
     assume("\x00" not in store and _encodable(store))  # the environment cannot hold these
-    with mock.patch.dict(os.environ, {"TRIMS_RAY_STORE": store, "TRIMS_RAY_TENANT": tenant}):
+    with _environment({"TRIMS_RAY_STORE": store, "TRIMS_RAY_TENANT": tenant}):
         try:
             ModelStore()
         except (ValueError, TypeError, ImportError):
