@@ -467,6 +467,26 @@ def test_gdsf_weighs_a_resident_whose_disk_copy_landed_after_its_load_as_a_reloa
     assert use(cache, "b") == "host"
 
 
+def test_gdsf_prices_a_disk_copy_before_any_disk_read_no_slower_than_the_store_it_stands_in_for(
+    make_cache, file_store
+):
+    # a came from the store and its disk copy landed; the node has never read from its disk.
+    # Priced at the assumed disk rate (0.5 GB/s) while the store measured faster, a weighed more
+    # than a store load of itself, and b, asked for twice as often, was refused twice (the
+    # routing test's failure: a disk copy priced slower than the store it saves a read from).
+    infos = [file_store.register(n, weights(60 + i), tenant=TENANT) for i, n in enumerate("ab")]
+    cache = make_cache(host_budget=cost(infos[0]), policy="gdsf")
+    assert use(cache, "a") == "store"  # its disk copy lands after (use drains)
+    assert "disk" not in cache.rates
+    cache.rates["store"] = 1e13
+
+    refused = cache.acquire("b", TENANT, ME)  # once, as a was: GDSF asks for twice
+    assert refused.tier == "bypass" and refused.lease_id == 0
+    assert use(cache, "b") == "store"  # "bypass": a outweighed it
+    host = cache.stats()["host"]
+    assert (host.evictions, host.bypasses, host.models) == (1, 1, 1)
+
+
 def test_gdsf_keeps_a_residents_own_load_cost_while_it_would_reload_from_the_same_tier(make_cache, file_store):
     # Priced again at every load's rates, residents followed the latest rate instead of their
     # own load's, which cost hit ratio on the real-zoo peers run (docs/benchmarks.md). Here the

@@ -185,7 +185,16 @@ class HostLoader:
 
     def expected_load_s(self, nbytes: int, source: str) -> float:
         """What loading ``nbytes`` from ``source`` is expected to take, by measured rates."""
-        return nbytes / self.rates.get(source, ASSUMED_LOAD_RATES[source])
+        rate = self.rates.get(source)
+        if rate is None:
+            rate = ASSUMED_LOAD_RATES[source]
+            if source == DISK:
+                # Until the node has read from its disk, a disk copy is expected to read no
+                # slower than the store it saves a read from (the loader tries it first for that
+                # reason). Priced at the assumed rate below the store's measured one, a resident
+                # with a disk copy outweighed newcomers that the store would serve faster.
+                rate = max(rate, self.rates.get(STORE, 0.0))
+        return nbytes / rate
 
     def read(
         self, manifest: Manifest, out: np.ndarray, peer_read: Callable[[Manifest, np.ndarray], bool] | None
