@@ -240,7 +240,11 @@ class ProcessTier:
         except ray.exceptions.RayActorError:
             # The node's cache died (a restart keeps its actor id), and its objects and pins
             # with it: nothing kept from it here is counted any more. The next task leases
-            # from its replacement; this thread polls whichever cache that is.
+            # from its replacement; this thread polls whichever cache that is. Ray's
+            # ActorUnavailableError ("temporarily unavailable") lands here too, and is not
+            # waited out: Ray raises it while the actor restarts or its process cannot be
+            # reached, and a start that died took its objects with it, whose memory the object
+            # store may already hand to others. A cache that was only unreachable costs a reload.
             log.info("trims_ray: the node cache died; dropping the models this process kept")
             forget_node_cache_actor()
             self._drop_from(actor)
