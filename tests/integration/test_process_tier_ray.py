@@ -150,6 +150,43 @@ def test_the_pins_of_a_worker_that_died_are_reaped(cache, ray_node):
     assert trims_ray.evict("m", tier="host")[ray_node]["host"] == "evicted"
 
 
+@ray.remote(num_cpus=1)
+def _keep_failing_at(name: str, step: str) -> str:
+    """Opens ``name`` as a decorated task does when its process keeps the model (a pin, not a
+    lease), with one step failing: "get" (the object, after the pinned grant) or "protect"
+    (mprotect, before the kept model exists). Returns the error it raised."""
+    from trims_ray import _api, _lease, _process_tier
+
+    module, attr = {"get": (_lease, "get"), "protect": (_process_tier, "protect_array")}[step]
+    real = getattr(module, attr)
+
+    def fail(*args, **kwargs):
+        raise OSError(f"{step} failed (injected)")
+
+    setattr(module, attr, fail)
+    try:
+        with _lease._open_as(name, _api.caller_tenant(), keep=True):
+            return "no failure"
+    except OSError as exc:
+        return str(exc)
+    finally:
+        setattr(module, attr, real)
+
+
+@pytest.mark.parametrize("step", ["get", "protect"])
+def test_a_pin_whose_model_was_never_kept_ends_with_the_failure(cache, ray_node, step):
+    # Nothing in the process keeps the model, so nothing would ever give its pin back: before,
+    # the pin lasted as long as the worker, the node counted its bytes, and an evict waited
+    # for an answer that could not come ("deferred").
+    trims_ray.register("m", _weights(4, seed=9))
+    assert ray.get(_keep_failing_at.remote("m", step)) == f"{step} failed (injected)"
+    stats = wait_for(lambda: (s := _node(ray_node)).pinned == 0 and s.leases == 0 and s, what="the pin ended")
+    assert stats.tiers["host"].models == 1
+    assert trims_ray.evict("m", tier="host")[ray_node]["host"] == "evicted"
+    value, tier, _, _ = ray.get(_where.options(model="m").remote(None))
+    assert tier in ("disk", "store") and float(value) == float(_weights(4, seed=9)["w"][:16].sum())
+
+
 def test_a_kept_model_stays_read_only(cache, ray_node, tmp_path):
     trims_ray.register("m", _weights(1, seed=5))
     expected = float(_weights(1, seed=5)["w"][:16].sum())
