@@ -187,6 +187,34 @@ def test_a_pin_whose_model_was_never_kept_ends_with_the_failure(cache, ray_node,
     assert tier in ("disk", "store") and float(value) == float(_weights(4, seed=9)["w"][:16].sum())
 
 
+@trims_ray.function(num_cpus=1, max_retries=0)
+def _cancelled_while_its_pin_is_answered(model):
+    """A task cancelled while ``give`` waits for the answer to the pin its process asked for
+    after the caller's grant (the wait is made to raise as Ray's cancel does there)."""
+    from trims_ray import _process_tier
+
+    real = _process_tier.wait_in_task
+
+    def cancelled(*args, **kwargs):
+        _process_tier.wait_in_task = real
+        raise KeyboardInterrupt  # what ray.cancel raises in the task's main thread
+
+    _process_tier.wait_in_task = cancelled  # only ``give`` calls it, and only with a pin to confirm
+    return os.getpid()
+
+
+def test_a_model_whose_task_was_cancelled_in_give_can_still_be_given_back(cache, ray_node):
+    # The first call of a model leases at submit (no node shows it yet): its process asks for a
+    # pin of its own, and ``give`` reads the answer. Cancelled in that wait, the task left the
+    # model "in use" for good: asked back, it was never dropped, and the pin held.
+    trims_ray.register("m", _weights(4, seed=11))
+    with pytest.raises(ray.exceptions.RayError):  # nothing raises unless give confirmed a pin
+        ray.get(_cancelled_while_its_pin_is_answered.options(model="m").remote())
+    wait_for(lambda: _node(ray_node).pinned == 1, what="the worker's pin")
+    assert trims_ray.evict("m", tier="host")[ray_node]["host"] == "evicted"
+    assert _node(ray_node).pinned == 0
+
+
 def test_a_kept_model_stays_read_only(cache, ray_node, tmp_path):
     trims_ray.register("m", _weights(1, seed=5))
     expected = float(_weights(1, seed=5)["w"][:16].sum())
