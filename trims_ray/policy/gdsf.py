@@ -24,7 +24,8 @@ class GDSF(EvictionPolicy):
     GDSF's own order that is the evicted key's priority (the classic rule); when the cache
     skipped a leased key, or removes a key explicitly, L stops at the leased or lowest one, so
     L never passes a tracked key's priority and an explicit eviction of a hot model does not
-    make every newcomer outrank the whole cache.
+    make every newcomer outrank the whole cache. (A key whose cost ``on_cost`` lowered since
+    its last hit may sit below L: only its cost term moved, and it goes first.)
 
     Admission: a miss is kept when its ``requests * cost / nbytes`` is at least that of its
     victims together (their summed ``requests * cost`` over their summed bytes), where
