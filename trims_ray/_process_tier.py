@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -230,11 +231,12 @@ class ProcessTier:
         """One long poll of the node's cache, and what its answer asks."""
         with self._lock:
             hits, self._hits = self._hits, {}
-            actor, holder, known = self._actor, self._holder, self._incarnation
+            actor, holder, heard = self._actor, self._holder, self._incarnation
+        started = time.monotonic()
         try:
             # No retries: a poll that met its actor dying is answered by the next one, not replayed.
             incarnation, asked = get(
-                actor.reclaims.options(max_task_retries=0).remote(holder, hits, self.poll_s, known),
+                actor.reclaims.options(max_task_retries=0).remote(holder, hits, self.poll_s, heard),
                 timeout=self.poll_s + 30,
             )
         except ray.exceptions.RayActorError:
@@ -268,6 +270,10 @@ class ProcessTier:
                 if len(self._asked_early) > EARLY_ASKS_AT_MOST:
                     self._asked_early.popitem(last=False)
         self._drop_where(lambda kept: kept.pin_id in given_back)
+        if not asked and incarnation == heard and time.monotonic() - started < self.poll_s / 2:
+            # Answered at once with nothing: as many polls as the node lets wait were waiting
+            # (``ProcessPins.max_waiting``). Polling again at once would spin.
+            self._pause()
 
     def _sleep_while_idle(self) -> None:
         """Waits for ``keep`` while this process keeps no model and has no hits to report: no

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import ray
@@ -134,6 +135,36 @@ def test_a_worker_gives_a_model_back_while_every_default_thread_of_the_cache_wai
         host = _node(ray_node).tiers["host"]
         assert (host.models, host.bypasses) == (1, 0), [g.tier for g in grants]
         assert sorted(g.tier for g in grants) == ["host", "store"]
+    finally:
+        trims_ray.shutdown()
+
+
+def test_workers_past_the_polls_the_cache_lets_wait_poll_once_a_period_and_still_give_back(ray_node, tmp_path, monkeypatch):
+    # The reclaim group has 2 threads here (64 by default), and one poll may wait in it: the
+    # other worker's polls are answered at once. It must poll again a period later, not spin,
+    # and an evict must still get the model back from both workers in time.
+    import psutil
+
+    from trims_ray.actors import node_cache_actor as actor_module
+
+    monkeypatch.setattr(actor_module, "_RECLAIM_CONCURRENCY", 2)  # read when init starts the cache
+    trims_ray.init(store=str(tmp_path / "store"), config=trims_ray.CacheConfig(disk_dir=str(tmp_path / "disk")))
+    try:
+        trims_ray.register("m", _weights(4, seed=12))
+        call = _where.options(model="m")
+        pids = set()
+        for _ in range(20):  # until both workers keep it
+            pids |= {pid for _, tier, pid, _ in ray.get([call.remote(None), call.remote(None)])}
+            if len(pids) == 2 and _node(ray_node).pinned == 2:
+                break
+        assert _node(ray_node).pinned == 2, pids
+        workers = [psutil.Process(pid) for pid in pids]
+        before = sum(w.cpu_times().user + w.cpu_times().system for w in workers)
+        time.sleep(3.0)
+        used = sum(w.cpu_times().user + w.cpu_times().system for w in workers) - before
+        assert used < 0.5, f"the workers used {used:.2f} s of CPU in 3 s with nothing to do"
+        assert trims_ray.evict("m", tier="host")[ray_node]["host"] == "evicted"
+        assert _node(ray_node).pinned == 0
     finally:
         trims_ray.shutdown()
 

@@ -113,6 +113,34 @@ def test_an_ask_whose_answer_never_reached_its_process_is_made_again_until_the_p
     assert cache.wait_asked(WORKER, 0.05) == []  # the pin ended: nothing to ask
 
 
+def test_a_poll_past_the_waiting_limit_is_answered_at_once_and_still_gets_its_asks(make_cache, file_store):
+    # The node cache's actor has a fixed number of threads for polls; a poll that waited for
+    # one queued behind the others' waits, and an ask reached its process late.
+    for name in "ab":
+        file_store.register(name, weights(1), tenant=TENANT)
+    cache = make_cache(holder_alive=lambda holder: True, reclaim_wait_s=0.1)
+    cache.pins.max_waiting = 1
+    other = Holder(ME.pid, ME.start + 2)
+    grant_a = cache.acquire("a", TENANT, WORKER, pin=True)
+    grant_b = cache.acquire("b", TENANT, other, pin=True)
+    waiting = []
+    first = threading.Thread(target=lambda: waiting.append(cache.wait_asked(WORKER, 10.0)), daemon=True)
+    first.start()
+    time.sleep(0.3)  # WORKER's poll waits now
+
+    started = time.monotonic()
+    assert cache.wait_asked(other, 5.0) == []  # the one waiting place is taken: at once
+    assert time.monotonic() - started < 1.0
+    assert cache.evict("b", TENANT, HOST) == {HOST: "deferred"}  # nobody to tell it now
+    assert cache.wait_asked(other, 5.0) == [grant_b.lease_id]  # its next poll gets it
+    assert cache.evict("a", TENANT, HOST) == {HOST: "deferred"}
+    first.join(5)
+    assert waiting == [[grant_a.lease_id]]  # the waiting poll was answered as before
+    for grant in (grant_a, grant_b):
+        cache.release(grant.lease_id)
+    assert cache.pinned() == 0
+
+
 def test_a_load_takes_the_room_of_a_pinned_model_once_its_process_gives_it_back(make_cache, file_store):
     a = file_store.register("a", weights(1), tenant=TENANT)
     b = file_store.register("b", weights(2), tenant=TENANT)

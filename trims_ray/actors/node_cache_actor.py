@@ -50,9 +50,13 @@ log = logging.getLogger("trims_ray")
 
 # Enough threads that callers waiting on a load in flight do not block hits on other models.
 _ACTOR_CONCURRENCY = 64
-# Threads for the reclaim threads of worker processes that keep models (one long poll each, at
-# most one process per CPU slot and a few more): apart, so that they never starve the calls above.
+# Threads for the reclaim threads of worker processes that keep models (one long poll each):
+# apart, so that they never starve the calls above. All but a few of them may hold a poll while
+# it waits for an ask (``ProcessPins.max_waiting``); polls beyond that are answered at once, on
+# the threads left, and their processes poll again a poll period later. A node can run more
+# such processes than the group has threads (fractional-CPU tasks), and their polls queued.
 _RECLAIM_CONCURRENCY = 64
+_RECLAIM_SPARE = 8
 # Threads for the calls that end or take over a lease (release, pin): they only take the
 # cache's lock for a moment, and they must not queue behind the calls of the default group that
 # wait (a miss waiting up to 2 s for a kept model's room, an evict, loads' followers): with all
@@ -80,7 +84,7 @@ def start_node_cache_actor(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             runtime_env={"env_vars": ACTOR_ENV},  # read when its process starts: see _malloc
         )
-        .remote(node_id, store_uri, storage_options, config)
+        .remote(node_id, store_uri, storage_options, config, polls_waiting=max(1, _RECLAIM_CONCURRENCY - _RECLAIM_SPARE))
     )
 
 
@@ -103,9 +107,18 @@ class NodeCacheActor:
         store_uri: the model store's URI.
         storage_options: fsspec options for the store.
         config: tier budgets and policy.
+        polls_waiting: how many processes' polls may wait at once (``ProcessPins.max_waiting``);
+            None: any number.
     """
 
-    def __init__(self, node_id: str, store_uri: str, storage_options: dict | None, config: CacheConfig) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        store_uri: str,
+        storage_options: dict | None,
+        config: CacheConfig,
+        polls_waiting: int | None = None,
+    ) -> None:
         self.node_id = node_id
         # Looked up once: the node's object store size and its raylet's address do not change.
         self._node = node_info(node_id)
@@ -146,6 +159,7 @@ class NodeCacheActor:
             tenant_quotas=config.tenant_quotas,
             bypass_budget=bypass_budget(self._node, host_budget),
         )
+        self.cache.pins.max_waiting = polls_waiting  # sized with the reclaim group, where it is made
         self._dead_callers: set[str] = set()
         # Lends a peer copies slice by slice (``lend_chunk``): lease id -> Lent, the lent
         # object mapped once per lend, dropped with its lease (release, or its ttl).

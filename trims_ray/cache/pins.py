@@ -37,8 +37,15 @@ ASK_AGAIN_AFTER_S = 45.0
 class ProcessPins:
     """Which leases are pins, who holds them, and which the node cache has asked back."""
 
-    def __init__(self, ask_again_after_s: float = ASK_AGAIN_AFTER_S) -> None:
+    def __init__(self, ask_again_after_s: float = ASK_AGAIN_AFTER_S, max_waiting: int | None = None) -> None:
         self.ask_again_after_s = ask_again_after_s
+        # How many polls may wait in ``wait_asked`` at once (None: any number). The node cache's
+        # actor has a fixed number of threads for them: a poll beyond that queued for a thread
+        # until a wait ran out, so with many more processes than threads an ask reached some
+        # of them only after several poll periods. Past this number a poll is answered at once
+        # and its process asks again after its poll period.
+        self.max_waiting = max_waiting
+        self._waiting = 0
         self._pins: dict[str, tuple[object, HostEntry]] = {}  # lease id -> (holder, entry)
         self._asked: dict[object, set[str]] = {}  # holder -> ids of its pins asked back
         # Asks handed out whose pin has not ended yet: lease id -> (holder, when handed out).
@@ -92,15 +99,23 @@ class ProcessPins:
     def wait_asked(self, holder: object, timeout_s: float) -> list[str]:
         """The ids of ``holder``'s pins asked back, waiting up to ``timeout_s`` for one; each is
         handed out once (the process releases it when its tasks are done with the model), and
-        again when its pin still holds ``ask_again_after_s`` later."""
+        again when its pin still holds ``ask_again_after_s`` later. Returns [] at once, asked
+        nothing, while ``max_waiting`` polls wait already."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             self._ask_again(holder)
-            while not self._asked.get(holder):
-                left = deadline - time.monotonic()
-                if left <= 0:
+            if not self._asked.get(holder):
+                if self.max_waiting is not None and self._waiting >= self.max_waiting:
                     return []
-                self._cond.wait(left)
+                self._waiting += 1
+                try:
+                    while not self._asked.get(holder):
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            return []
+                        self._cond.wait(left)
+                finally:
+                    self._waiting -= 1
             ids = self._asked.pop(holder)
             handed_at = time.monotonic()
             for lease_id in ids:
