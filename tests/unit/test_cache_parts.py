@@ -39,7 +39,8 @@ from trims_ray.cache import host_loader as host_loader_module
 from trims_ray.cache import host_tier as host_tier_module
 from trims_ray.cache.disk_tier import LOCAL_FS, DiskTier
 from trims_ray.cache.host_loader import HostLoader, WriteBehind
-from trims_ray.cache.host_tier import HostEntry, HostTier, detached
+from trims_ray.cache.host_entry import HostEntry, detached
+from trims_ray.cache.host_tier import HostTier
 from trims_ray.cache.quotas import tenant_of, tenant_quota, tenant_stats
 from trims_ray.cache.scrub import scrub_host_tier
 from trims_ray.policy import Quota, make_policy

@@ -31,7 +31,7 @@ from ..policy import EvictionPolicy, Outcome, decide_admission, make_policy, shr
 from .._protocol import ASSUMED_SWAP_RATE, BYPASS, Caller, GpuGrant, Holder, TierStats, cache_key, holder_alive  # GpuGrant re-exported
 from .gpu_entry import Resident as _Resident
 from .gpu_entry import cannot_allocate, check_fits_device, device_short, no_room, too_big
-from .host_tier import detached
+from .host_entry import detached
 from .leases import LeaseTable
 
 __all__ = [
@@ -179,7 +179,7 @@ class GpuTier:
             if entry.error is not None:
                 self._unlease(entry, dropped)
                 # Each waiter raises its own copy: one object raised by many would collect every
-                # waiter's frames in its traceback (see host_tier.detached).
+                # waiter's frames in its traceback (see host_entry.detached).
                 error = None if entry.busy and bypass_when_busy else detached(entry.error)
                 if error is None:
                     self._stats.bypasses += 1

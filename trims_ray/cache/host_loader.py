@@ -26,7 +26,7 @@ from .._protocol import ASSUMED_LOAD_RATES, DISK, PEER, STORE, cache_key
 from .._reader import read_blob
 from .._store import ModelStore
 from .disk_tier import LOCAL_FS, DiskTier
-from .host_tier import HostMemory
+from .host_entry import HostMemory
 
 __all__ = [
     "LEND_CALL_TIMEOUT_S",

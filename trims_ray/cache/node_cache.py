@@ -49,7 +49,8 @@ from ..policy import make_policy
 from .leases import LeaseTable
 from .disk_tier import DiskTier
 from .host_loader import HostLoader, WriteBehind, lend_ttl_s
-from .host_tier import HostEntry, HostMemory, HostTier, RoomPending, detached
+from .host_entry import HostEntry, HostMemory, RoomPending, detached
+from .host_tier import HostTier
 from .pins import NodePins, ProcessPins, wait_until_gone
 from .node_budgets import NodeBudgets
 from .node_views import NodeCacheViews

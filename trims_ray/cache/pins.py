@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from .._protocol import Holder
-from .host_tier import HostEntry
+from .host_entry import HostEntry
 
 __all__ = ["NodePins", "ProcessPins", "wait_until_gone"]
 

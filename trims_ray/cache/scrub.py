@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 from .._manifest import Manifest
 from .._protect import GUARD_BYTES
-from .host_tier import HostEntry, HostMemory, HostTier
+from .host_entry import HostEntry, HostMemory
+from .host_tier import HostTier
 
 __all__ = ["scrub_host_tier"]
 
