@@ -55,13 +55,13 @@ from .pins import NodePins, ProcessPins, wait_until_gone
 from .node_budgets import NodeBudgets
 from .node_views import NodeCacheViews
 from .quotas import tier_quota
-from .scrub import scrub_host_tier
+from .scrub import NodeScrub
 
 __all__ = ["HostMemory", "NodeCache"]
 
 log = logging.getLogger("trims_ray")
 
-class NodeCache(NodeCacheViews, NodePins, NodeBudgets):
+class NodeCache(NodeCacheViews, NodePins, NodeBudgets, NodeScrub):
     """The host and disk tiers of one node.
 
     Args:
@@ -456,32 +456,6 @@ class NodeCache(NodeCacheViews, NodePins, NodeBudgets):
         buffer, _ = self.store.read(manifest)
         self._disk_copies.write(cache_key(manifest), buffer, force=True)
         return STORE
-
-    # -- scrub ---------------------------------------------------------------------------------
-
-    def scrub(self) -> dict[str, int]:
-        """Re-hashes every copy ready in the host tier against its manifest's chunk digests
-        (the digests every read was verified with), one model at a time.
-
-        A copy that no longer matches (a stray write into shared memory, a bit flip) leaves the
-        table at once, so no new lease gets it: unleased, it is freed now; leased, when its last
-        lease ends (those holders already have it mapped). It is then reloaded, verified, from
-        the disk tier or the store (force: as a prefetch); if that fails (no room while the bad
-        copy is still leased, store down) it is logged and left to the next miss.
-
-        Returns:
-            {"scrubbed": copies hashed, "corrupt": copies dropped, "reloaded": copies reloaded}.
-        """
-        return scrub_host_tier(self.host, self._lock, self.memory, reload=self._reload)
-
-    def _reload(self, manifest: Manifest) -> None:
-        """Loads a model into the host tier as a prefetch does, leasing nothing; first waits
-        (``reclaim_wait_s``) for processes that keep the corrupt copy to give it back."""
-        with self._lock:
-            key = cache_key(manifest)
-            asked = [e for e in self.host.condemned.values() if cache_key(e.manifest) == key and e.leases == e.pins]
-        wait_until_gone(asked, self._gone, self.reclaim_wait_s)
-        self.release(self._acquire(manifest, None, None, force=True).lease_id)
 
     # -- quotas --------------------------------------------------------------------------------
 
