@@ -3,14 +3,14 @@ peer fetch over Ray's object transfer, and residency reports to the placement ac
 
 One per node, named ``trims_ray:node:<node id>`` in namespace "trims_ray", pinned to its node,
 detached so that cached models outlive the job that loaded them. It owns every host-tier object
-(``ray.put`` from this actor), so an object lives as long as the actor keeps its reference.
+(``ray.put`` from this actor), so an object lives as long as the actor keeps its reference. Its
+GPU holders, one per GPU, are started and called by the ``_node_gpus`` mixin.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 import uuid
@@ -20,8 +20,8 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .._config import CacheConfig, check_budget
-from .._errors import ModelNotFoundError, TrimsError
+from .._config import CacheConfig
+from .._errors import ModelNotFoundError
 from .._gc import freeze_startup_objects
 from .._fsio import has_credentials, without_credentials
 from .._malloc import ACTOR_ENV, give_back_free_memory
@@ -37,8 +37,9 @@ from ..cache.node_cache import NodeCache
 from ..cache.placement import ReportSequence
 from ._lending import Lent, copy_lent
 from ._budgets import with_recorded_budgets
+from ._node_gpus import NodeGpus
 from ._node_info import bypass_budget, check_host_budget, node_info, object_store_bytes_used
-from .gpu_tier_actor import node_gpu_residency, node_gpu_stats, start_gpu_tier_actors
+from .gpu_tier_actor import node_gpu_residency
 
 __all__ = [
     "start_node_cache_actor",
@@ -99,7 +100,7 @@ class _PlasmaMemory:
         return ray.get(handle)  # the object as it is in plasma now (what scrub re-hashes)
 
 
-class NodeCacheActor:
+class NodeCacheActor(NodeGpus):
     """Ray actor body around NodeCache (made remote with ``start_node_cache_actor``).
 
     Args:
@@ -418,61 +419,6 @@ class NodeCacheActor:
         if self._gpu_holders:  # apart from the host side: only GPU tasks can use these copies
             report["gpu"] = node_gpu_residency(self._gpu_holders)
         return report
-
-    # -- the GPU tier --------------------------------------------------------------------------
-
-    def _start_gpu_tier(self, store_uri: str, storage_options: dict | None) -> tuple[dict, str]:
-        """A GPU holder per GPU Ray manages on this node, or none and the reason the tier is off."""
-        ray_gpus = int(self._node["Resources"].get("GPU", 0))
-        if ray_gpus == 0:
-            return {}, "no GPU on this node (Ray manages none)"
-        try:
-            return start_gpu_tier_actors(
-                self.node_id,
-                store_uri,
-                storage_options,
-                self.config.gpu_tier_config(),
-                visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
-                ray_gpus=ray_gpus,
-            )
-        except Exception as exc:  # the host tier works without it: say why in stats()
-            log.warning("trims_ray: GPU tier off on node %s: %s", self.node_id, exc)
-            return {}, f"GPU holders failed to start: {exc}"
-
-    def _gpu_stats(self) -> dict:
-        return node_gpu_stats(self._gpu_holders, self._gpu_off_reason)
-
-    def _prefetch_gpu(self, name: str, tenant: str) -> str:
-        """Swaps the model onto this node's GPU with the most free budget."""
-        if not self._gpu_holders:
-            raise TrimsError(f"cannot prefetch {name!r} to the GPU tier of node {self.node_id}: {self._gpu_off_reason}")
-        per_gpu = self._gpu_stats()["gpus"]
-
-        def room(label: str) -> int:
-            tier = per_gpu[label]["tiers"][GPU]
-            return tier["capacity"] - tier["bytes_used"] if per_gpu[label]["enabled"] else -1
-        label = max(self._gpu_holders, key=room)
-        return ray.get(self._gpu_holders[label].prefetch.remote(name, tenant))
-
-    def _set_gpu_budget(self, nbytes: int) -> dict[str, int]:
-        """Each GPU's budget (``nbytes`` per GPU), the figures summed over the node's GPUs;
-        "gpus": how many were set (0 where the GPU tier is off: nothing to change, and the
-        caller's record still reaches a holder that starts later)."""
-        check_budget(nbytes, "the GPU budget")
-        results = ray.get([h.set_budget.remote(nbytes) for h in self._gpu_holders.values()])
-        self.config = replace(self.config, gpu_bytes=nbytes)
-        summed = {field: sum(r[field] for r in results) for field in ("bytes_used", "evicted", "over_budget")}
-        return {"budget": nbytes, **summed, "gpus": len(results)}
-
-    def _evict_gpu(self, name: str, tenant: str) -> str:
-        """"evicted" if any GPU held it, "deferred" if one still leases it, else "absent"."""
-        if not self._gpu_holders:
-            return "absent"
-        outcomes = ray.get([h.evict.remote(name, tenant) for h in self._gpu_holders.values()])
-        for outcome in ("deferred", "evicted"):
-            if outcome in outcomes:
-                return outcome
-        return "absent"
 
     # -- placement -----------------------------------------------------------------------------
 
