@@ -31,6 +31,7 @@ from ..policy import EvictionPolicy, Outcome, decide_admission, make_policy, shr
 from .._protocol import ASSUMED_SWAP_RATE, BYPASS, Caller, GpuGrant, Holder, TierStats, cache_key, holder_alive  # GpuGrant re-exported
 from .gpu_entry import Resident as _Resident
 from .gpu_entry import cannot_allocate, check_fits_device, device_short, no_room, too_big
+from .gpu_views import GPU, GpuTierViews, off_stats
 from .host_entry import detached
 from .leases import LeaseTable
 
@@ -48,17 +49,10 @@ __all__ = [
 
 log = logging.getLogger("trims_ray")
 
-GPU = "gpu"
 MiB = 1024 * 1024
 
 
-def off_stats() -> TierStats:
-    """The GPU tier's stats on a node without a usable GPU (capacity 0); the reason travels
-    beside it (see ``gpu_holder.gpu_status``)."""
-    return TierStats()
-
-
-class GpuTier:
+class GpuTier(GpuTierViews):
     """The GPU tier of one GPU.
 
     Args:
@@ -197,14 +191,6 @@ class GpuTier:
         if error is not None:
             raise error
         return grant
-
-    def held_manifest(self, key: str) -> Manifest | None:
-        """The manifest of the model on this GPU under ``key`` (ready or swapping in), or None:
-        what a holder checks a task's ``Resolved`` hint against (``ManifestCache.get``), since
-        every manifest acquired here was resolved by the holder first."""
-        with self._lock:
-            entry = self._resident.get(key)
-            return None if entry is None else entry.manifest
 
     def claim(self, lease_id: int | str, holder: Holder) -> bool:
         """Names the process that uses a lease taken on its behalf; False if the lease is gone."""
@@ -501,35 +487,6 @@ class GpuTier:
         self._stats.bytes_used = self._used()
         self._stats.models = sum(1 for e in self._resident.values() if e.ready.is_set())
         self.on_change()
-
-    def stats(self) -> TierStats:
-        """A snapshot of the tier's counters; bytes include swap-ins in flight."""
-        with self._lock:
-            return TierStats(**vars(self._stats))
-
-    def leases(self) -> int:
-        with self._lock:
-            return len(self._leases)
-
-    def resident(self) -> dict[str, str]:
-        """``cache_key`` -> "gpu" (ready) or "loading" (being swapped in)."""
-        with self._lock:
-            return {k: GPU if e.ready.is_set() else "loading" for k, e in self._resident.items()}
-
-    def report(self) -> dict:
-        """What placement needs of this GPU, in one snapshot: residency per blob, budget, use,
-        leases and waiters per blob, and (tenant, name, nbytes) per blob."""
-        with self._lock:
-            return {
-                "device": self.identity,
-                "residency": {k: GPU if e.ready.is_set() else "loading" for k, e in self._resident.items()},
-                "gpu_capacity": self.budget,
-                "gpu_used": self._used(),
-                "in_flight": {k: e.leases for k, e in self._resident.items() if e.leases},
-                "models": {
-                    k: (e.manifest.tenant, e.manifest.name, e.manifest.nbytes) for k, e in self._resident.items()
-                },
-            }
 
     def close(self) -> None:
         """Waits for swap-ins in flight, then frees every model not leased (leased ones go when
