@@ -487,6 +487,30 @@ def test_gdsf_prices_a_disk_copy_before_any_disk_read_no_slower_than_the_store_i
     assert (host.evictions, host.bypasses, host.models) == (1, 1, 1)
 
 
+def test_gdsf_prices_a_resident_again_once_the_disk_rate_it_was_priced_at_is_measured(make_cache, file_store):
+    # a's disk copy landed before the node had read from its disk: a was priced as a disk
+    # reload at the rate assumed then (the store's). Once disk reads measured far faster, b,
+    # whose reload from disk is priced at that rate, was weighed against a's old price and
+    # refused, however often it was asked (the routing test's failure in CI: 4 times running).
+    infos = [file_store.register(n, weights(70 + i), tenant=TENANT) for i, n in enumerate("abc")]
+    cache = make_cache(host_budget=cost(infos[0]), policy="gdsf")
+    assert use(cache, "b") == "store"  # asked for once, as a is below
+    assert cache.evict("b", TENANT, "host") == {"host": "evicted"}  # its disk copy stays
+    assert use(cache, "a") == "store"  # into free room; its disk copy lands after
+    assert "disk" not in cache.rates
+    cache.rates["store"] = 1e9
+
+    refused = cache.acquire("c", TENANT, ME)  # a is priced as a disk reload at 1 GB/s now
+    assert refused.tier == "bypass" and refused.lease_id == 0
+    cache.rates["disk"] = 1e13  # as a disk read would have measured
+
+    granted = cache.acquire("b", TENANT, ME)  # twice, as a once: a tie at one rate
+    assert granted.tier == "disk", granted.tier  # "bypass": a kept its price at 1 GB/s
+    cache.release(granted.lease_id)
+    host = cache.stats()["host"]
+    assert (host.evictions, host.bypasses, host.models) == (2, 1, 1)  # b's evict, then a
+
+
 def test_gdsf_keeps_a_residents_own_load_cost_while_it_would_reload_from_the_same_tier(make_cache, file_store):
     # Priced again at every load's rates, residents followed the latest rate instead of their
     # own load's, which cost hit ratio on the real-zoo peers run (docs/benchmarks.md). Here the

@@ -63,5 +63,7 @@ class HostEntry:
     pins: int = 0  # of those leases, the pins of processes that keep the model built (``pins``)
     evict_when_idle: bool = False  # it takes no new lease, and goes with its last one
     source: str = ""  # where the load read from: "disk", "peer" or "store"
-    # Whether its cost in the policy is that of a reload from the disk tier (``_reweigh_residents``).
+    # What its cost in the policy was priced by (``HostTier._reweigh_residents``): a reload from
+    # the disk tier or not, and at a rate measured on this node or an assumed one.
     priced_from_disk: bool = False
+    priced_at_measured_rate: bool = True

@@ -43,10 +43,12 @@ class HostTier:
         ask_back: asks the processes pinning an entry to give it back (``pins.ProcessPins``);
             called when a pinned entry is evicted or chosen to make room.
         wall_clock: wall-clock time source, for the recent uses it reports (``RecentUses``).
-        reload_cost: where a miss of a model would read it from now ("disk" or "store") and what
-            that is expected to cost (seconds), the estimate a newcomer is weighed by; before a
-            load chooses its victims, a resident whose disk copy came or went since its cost
-            was set is priced again by it. None: residents keep the cost they came in with.
+        reload_cost: where a miss of a model would read it from now ("disk" or "store"), what
+            that is expected to cost (seconds), the estimate a newcomer is weighed by, and
+            whether the rate it is priced at was measured on this node; before a load chooses
+            its victims, a resident whose disk copy came or went since its cost was set, or
+            that was priced at an assumed rate since measured, is priced again by it. None:
+            residents keep the cost they came in with.
     """
 
     def __init__(
@@ -58,7 +60,7 @@ class HostTier:
         bypass_budget: int = 0,
         ask_back: Callable[[HostEntry], int] = lambda entry: 0,
         wall_clock: Callable[[], float] = time.time,
-        reload_cost: Callable[[Manifest], tuple[str, float]] | None = None,
+        reload_cost: Callable[[Manifest], tuple[str, float, bool]] | None = None,
     ) -> None:
         self.budget = budget
         self.reload_cost = reload_cost
@@ -254,10 +256,12 @@ class HostTier:
         for key, entry in self.entries.items():
             if not entry.ready.is_set() or key not in self.policy:
                 continue
-            source, seconds = self.reload_cost(entry.manifest)
-            if (source == DISK) != entry.priced_from_disk:
+            source, seconds, measured = self.reload_cost(entry.manifest)
+            # Also once the rate it was priced at is measured: priced at an assumed disk rate,
+            # it outweighed newcomers priced at the measured one however often they were asked.
+            if (source == DISK) != entry.priced_from_disk or (measured and not entry.priced_at_measured_rate):
                 self.policy.on_cost(key, max(0.0, seconds))
-                entry.priced_from_disk = source == DISK
+                entry.priced_from_disk, entry.priced_at_measured_rate = source == DISK, measured
 
     def _make_room(self, need: int, manifest: Manifest, force: bool, miss_cost: float, reclaim: bool) -> bool:
         what, tenant = f"{manifest.tenant}/{manifest.name}", manifest.tenant

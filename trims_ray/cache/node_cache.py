@@ -378,11 +378,11 @@ class NodeCache(NodeCacheViews, NodePins, NodeBudgets, NodeScrub):
         if it is there, else from the store."""
         return self._reload_estimate(manifest)[1]
 
-    def _reload_estimate(self, manifest: Manifest) -> tuple[str, float]:
-        """Where a host-tier miss of ``manifest`` would read it from now (disk or store), and
-        what that is expected to take (seconds)."""
+    def _reload_estimate(self, manifest: Manifest) -> tuple[str, float, bool]:
+        """Where a host-tier miss of ``manifest`` would read it from now (disk or store), what
+        that is expected to take (seconds), and whether that source's rate was measured here."""
         source = DISK if cache_key(manifest) in self.disk.sizes else STORE
-        return source, self.expected_load_s(manifest.nbytes, source)
+        return source, self.expected_load_s(manifest.nbytes, source), source in self.rates
 
     def expected_load_s(self, nbytes: int, source: str) -> float:
         """What loading ``nbytes`` from ``source`` is expected to take, by measured rates."""
