@@ -40,7 +40,7 @@ from .actors._naming import (
     remember_node_cache_actors,
     require_running,
 )
-from .actors._budgets import TIERS, forget_budgets, record_budget, restore_tier_records, tier_records
+from .actors._budgets import TIERS, claim_turn, drop_overridden, forget_budgets, record_budget, unrecord
 from .actors._node_info import alive_nodes, check_host_budget
 from .actors.node_cache_actor import start_node_cache_actor
 from .actors.placement_actor import start_placement_actor
@@ -284,14 +284,16 @@ def set_budget(tier: str, nbytes: int, nodes: list[str] | None = None) -> dict[s
     for "gpu", summed over the node's GPUs, and "gpus": how many (0 where the tier is off).
 
     A node that joins with an object store (or a GPU) too small for a budget set for the
-    cluster keeps its own, and its cache logs why. Concurrent calls for one tier leave each
-    node with one of their budgets, and the record with one of them.
+    cluster keeps its own, and its cache logs why. Concurrent calls for one tier are ordered:
+    the one that began last (it claims the later turn) holds on every node both asked, and in
+    the record, whatever order their calls reach the nodes in. An earlier call's result then
+    shows, for a node the later one reached first, the budget the later one set there.
 
     Raises:
         ValueError: an unknown tier, a budget that is not a non-negative int, or a host budget
             above the object store of a node asked (nothing changes anywhere); or a GPU budget
-            above a GPU's memory (nodes asked at the same time may have taken it; the record
-            is put back as it was). A node that joins during the call and cannot hold the
+            above a GPU's memory (nodes asked at the same time may have taken it; the call's
+            record is taken back, so that the one before it holds for caches that start later). A node that joins during the call and cannot hold the
             budget is left out of the result, and keeps its own.
         TrimsError: Ray is not initialized, or trims_ray is not running.
     """
@@ -300,22 +302,23 @@ def set_budget(tier: str, nbytes: int, nodes: list[str] | None = None) -> dict[s
     check_budget(nbytes, f"the {tier} budget")
     asked = _nodes(nodes)
     _check_host_budget(tier, nbytes, asked)
+    turn = claim_turn()
     # Recorded first: a cache that starts (or restarts) while the running ones are changed
     # reads the new budget; the nodes that joined before the record get it below.
-    before = tier_records(tier)
-    record_budget(tier, nbytes, None if nodes is None else asked)
+    recorded = record_budget(tier, nbytes, None if nodes is None else asked, turn)
     try:
-        result = _on_each_node(asked, "set_budget", tier, nbytes)
+        result = _on_each_node(asked, "set_budget", tier, nbytes, turn)
     except BaseException:
-        restore_tier_records(tier, before)
+        unrecord(recorded)
         raise
+    drop_overridden(tier, None if nodes is None else asked, turn)
     if nodes is None:
         # Nodes that joined during the call may have started with the old record. One that
         # cannot hold the budget keeps its own, as a cache that starts there later does.
         for node in (n for n in _nodes(None) if n not in result):
             try:
                 _check_host_budget(tier, nbytes, [node])
-                result[node] = call(node_cache_actor(node).set_budget.remote(tier, nbytes))
+                result[node] = call(node_cache_actor(node).set_budget.remote(tier, nbytes, turn))
             except ValueError as exc:
                 log.warning("trims_ray: node %s joined during set_budget and keeps its %s budget: %s", node, tier, exc)
     _routing.refresh()

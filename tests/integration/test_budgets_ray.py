@@ -1,7 +1,8 @@
 """Tier budgets changed while the cluster runs (``trims_ray.set_budget``, ``trims-ray budget``)
 on a real single-node Ray: a lower host budget evicts idle models and the object store really
 gets the bytes back; a model in use stays until released; the change survives the node cache's
-restart by Ray and is forgotten by shutdown; bad budgets change nothing.
+restart by Ray and is forgotten by shutdown; bad budgets change nothing; concurrent calls end
+with the same budget on the node and in the record, whatever order they arrive in.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ray
 import trims_ray
 from trims_ray import cli
 from trims_ray._cluster import node_cache_actor
+from trims_ray.actors._budgets import claim_turn, record_budget, recorded_budgets
 
 from .conftest import HOST_BUDGET, OBJECT_STORE_BYTES, wait_for
 from .test_node_cache_ray import ModelHolder, node_stats, weights
@@ -77,6 +79,9 @@ def test_a_budget_set_for_the_cluster_survives_a_restart_and_shutdown_forgets_it
             return True
 
         wait_for(restarted_with_the_budgets, timeout=60, interval=0.5, what="the restarted cache's budgets")
+        # It knows the records' turns too: a call older than them, arriving now, changes nothing.
+        stale = ray.get(node_cache_actor(ray_node).set_budget.remote("host", 10 * MiB, 0))
+        assert stale["budget"] == 40 * MiB and node_stats(ray_node).tiers["host"].capacity == 40 * MiB
     finally:
         trims_ray.shutdown()
     trims_ray.init(store=str(tmp_path / "store"), config=config)
@@ -169,3 +174,45 @@ def test_invocations_go_on_right_while_the_budget_falls_and_rises(lru_cache, ray
         timeout=20,
         what="the object store back to one model",
     )
+
+
+def test_a_call_that_reaches_the_node_after_a_later_call_changes_nothing(lru_cache, ray_node):
+    trims_ray.register("m", weights(12))
+    trims_ray.prefetch("m")
+    first = claim_turn()  # a call begins and claims its turn, then stalls (a slow network) ...
+    assert trims_ray.set_budget("host", 20 * MiB)[ray_node]["budget"] == 20 * MiB  # ... one after it ends
+    # The first call's record and its call to the node arrive late: neither undoes the second.
+    record_budget("host", 8 * MiB, None, first)
+    late = ray.get(node_cache_actor(ray_node).set_budget.remote("host", 8 * MiB, first))
+    assert (late["budget"], late["evicted"]) == (20 * MiB, 0)
+    host = node_stats(ray_node).tiers["host"]
+    assert (host.capacity, host.models) == (20 * MiB, 1)  # 12 MiB: 8 MiB would have evicted it
+    assert recorded_budgets(ray_node)["host"].nbytes == 20 * MiB
+    # A call that begins after both holds, and its record replaces theirs.
+    trims_ray.set_budget("host", 30 * MiB)
+    assert node_stats(ray_node).tiers["host"].capacity == 30 * MiB
+    assert recorded_budgets(ray_node)["host"].nbytes == 30 * MiB
+
+
+def test_concurrent_calls_end_with_one_budget_on_the_node_and_in_the_record(lru_cache, ray_node):
+    budgets = [16 * MiB, 24 * MiB, 32 * MiB, 40 * MiB]
+    claimed: list[int] = []
+
+    def claim() -> None:
+        claimed.extend(claim_turn() for _ in range(10))
+
+    claimers = [threading.Thread(target=claim) for _ in range(4)]
+    for t in claimers:
+        t.start()
+    for t in claimers:
+        t.join(30)
+    assert len(claimed) == len(set(claimed)) == 40  # no turn given twice
+    assert claim_turn() > max(claimed)  # and a call that begins later goes after them all
+    for _ in range(3):
+        callers = [threading.Thread(target=trims_ray.set_budget, args=("host", b)) for b in budgets]
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join(60)
+        capacity = node_stats(ray_node).tiers["host"].capacity
+        assert capacity in budgets and recorded_budgets(ray_node)["host"].nbytes == capacity

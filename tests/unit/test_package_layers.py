@@ -34,6 +34,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "actors": (
         "_raycalls", "_metrics", "actors", "actors._naming", "actors.node_cache_actor", "actors.gpu_tier_actor",
         "actors.placement_actor", "actors._node_info", "actors._lending", "actors._budgets", "actors._node_gpus",
+        "actors._node_budgets",
     ),
     "client": ("_api", "_routing", "_cluster", "_lease", "_gpu_lease", "_process_tier", "_cli_output", "_cli_commands", "_dashboard", "cli", "__init__"),
 }  # fmt: skip

@@ -1,6 +1,6 @@
 """The GPU side of a node's cache actor: a mixin of ``node_cache_actor.NodeCacheActor`` that
 starts a GPU holder per GPU Ray manages on the node (``gpu_tier_actor``) and hands them the
-node-wide calls (stats, prefetch, budget, evict), kept apart so that the actor's module holds
+node-wide calls (stats, prefetch, evict), kept apart so that the actor's module holds
 its host side alone. It uses the actor's node, config and ``_gpu_holders``.
 """
 
@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
 
 import ray
 
-from .._config import check_budget
 from .._errors import TrimsError
 from ..cache.gpu_tier import GPU
 from .gpu_tier_actor import node_gpu_stats, start_gpu_tier_actors
@@ -57,16 +55,6 @@ class NodeGpus:
             return tier["capacity"] - tier["bytes_used"] if per_gpu[label]["enabled"] else -1
         label = max(self._gpu_holders, key=room)
         return ray.get(self._gpu_holders[label].prefetch.remote(name, tenant))
-
-    def _set_gpu_budget(self, nbytes: int) -> dict[str, int]:
-        """Each GPU's budget (``nbytes`` per GPU), the figures summed over the node's GPUs;
-        "gpus": how many were set (0 where the GPU tier is off: nothing to change, and the
-        caller's record still reaches a holder that starts later)."""
-        check_budget(nbytes, "the GPU budget")
-        results = ray.get([h.set_budget.remote(nbytes) for h in self._gpu_holders.values()])
-        self.config = replace(self.config, gpu_bytes=nbytes)
-        summed = {field: sum(r[field] for r in results) for field in ("bytes_used", "evicted", "over_budget")}
-        return {"budget": nbytes, **summed, "gpus": len(results)}
 
     def _evict_gpu(self, name: str, tenant: str) -> str:
         """"evicted" if any GPU held it, "deferred" if one still leases it, else "absent"."""

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import numpy as np
 import ray
@@ -31,14 +31,15 @@ from .._raycalls import get
 from .._store import ModelStore
 from ._naming import NAMESPACE, forget_placement_actor, node_cache_actor, node_cache_actor_name, placement_actor
 from ..cache.gpu_tier import GPU
-from .._protocol import ASSUMED_LOAD_RATES, HOST, PEER, STORE, Caller, Holder, HostGrant, Resolved, cache_key, holder_alive
+from .._protocol import ASSUMED_LOAD_RATES, PEER, STORE, Caller, Holder, HostGrant, Resolved, cache_key, holder_alive
 from ..cache.host_loader import LEND_CALL_TIMEOUT_S, PEER_CHUNK_BYTES, lend_ttl_s
 from ..cache.node_cache import NodeCache
 from ..cache.placement import ReportSequence
 from ._lending import Lent, copy_lent
 from ._budgets import with_recorded_budgets
+from ._node_budgets import NodeBudgetCalls
 from ._node_gpus import NodeGpus
-from ._node_info import bypass_budget, check_host_budget, node_info, object_store_bytes_used
+from ._node_info import bypass_budget, node_info, object_store_bytes_used
 from .gpu_tier_actor import node_gpu_residency
 
 __all__ = [
@@ -100,7 +101,7 @@ class _PlasmaMemory:
         return ray.get(handle)  # the object as it is in plasma now (what scrub re-hashes)
 
 
-class NodeCacheActor(NodeGpus):
+class NodeCacheActor(NodeGpus, NodeBudgetCalls):
     """Ray actor body around NodeCache (made remote with ``start_node_cache_actor``).
 
     Args:
@@ -124,8 +125,12 @@ class NodeCacheActor(NodeGpus):
         # Looked up once: the node's object store size and its raylet's address do not change.
         self._node = node_info(node_id)
         # Budgets changed since ``config`` was given (``set_budget``): this cache may be one Ray
-        # restarted, or one started on a node that joined after the change.
-        config = with_recorded_budgets(config, node_id, int(self._node["Resources"].get("object_store_memory", 0)))
+        # restarted, or one started on a node that joined after the change. The turns of their
+        # records: a call of an earlier turn that reaches this cache late must not undo them.
+        config, self._budget_turns = with_recorded_budgets(
+            config, node_id, int(self._node["Resources"].get("object_store_memory", 0))
+        )
+        self._budget_lock = threading.Lock()  # a turn is checked and applied as one step
         self.config = config
         set_per_model(config.metrics_per_model)  # before this process records anything
         self._actor_id = ray.get_runtime_context().get_actor_id()
@@ -371,29 +376,6 @@ class NodeCacheActor(NodeGpus):
             "load_rates": dict(self.cache.rates),
             "last_load_source": self.cache.last_load_source,
         }
-
-    def set_budget(self, tier: str, nbytes: int) -> dict[str, int]:
-        """Changes a tier's byte budget on this node now (``NodeCache.set_budget``; for "gpu",
-        each GPU holder's, ``GpuTier.set_budget``, summed over the GPUs). The caller records it
-        for caches that start later (``_budgets``).
-
-        Raises:
-            ValueError: an unknown tier, a budget that is not a non-negative int, a host budget
-                above the node's object store, or a GPU budget above a GPU's memory.
-        """
-        try:
-            if tier == GPU:
-                return self._set_gpu_budget(nbytes)
-            if tier == HOST:
-                check_host_budget(self._node, nbytes)
-                result = self.cache.set_budget(HOST, nbytes, bypass_budget=bypass_budget(self._node, nbytes))
-            else:
-                result = self.cache.set_budget(tier, nbytes)
-            self.config = replace(self.config, **{f"{tier}_bytes": nbytes})
-            return result
-        finally:
-            give_back_free_memory()  # what the evicted models' loads left in malloc's arenas
-            self._send_report()  # placement knows before the caller's set_budget() returns
 
     def configure(self, *, peer_fetch: str | None = None) -> None:
         """Changes settings of the running cache. ``peer_fetch``: "auto" (copy from a peer when
