@@ -290,11 +290,14 @@ def set_budget(tier: str, nbytes: int, nodes: list[str] | None = None) -> dict[s
     shows, for a node the later one reached first, the budget the later one set there.
 
     Raises:
-        ValueError: an unknown tier, a budget that is not a non-negative int, or a host budget
-            above the object store of a node asked (nothing changes anywhere); or a GPU budget
-            above a GPU's memory (nodes asked at the same time may have taken it; the call's
-            record is taken back, so that the one before it holds for caches that start later). A node that joins during the call and cannot hold the
-            budget is left out of the result, and keeps its own.
+        ValueError: an unknown tier, a budget that is not a non-negative int, a host budget
+            above the object store of a node asked, or a GPU budget above the memory of one
+            of their GPUs (nothing changes anywhere). A node that joins during the call and
+            cannot hold the budget is left out of the result, and keeps its own.
+        ray.exceptions.RayActorError: a node's cache died during the call (or any error that
+            ends the call midway, as an interrupt): the nodes it reached keep the budget, and
+            a call that began earlier changes nothing there; its record is taken back, so
+            that the one before holds for caches that start later. Call it again.
         TrimsError: Ray is not initialized, or trims_ray is not running.
     """
     if tier not in TIERS:
@@ -302,6 +305,8 @@ def set_budget(tier: str, nbytes: int, nodes: list[str] | None = None) -> dict[s
     check_budget(nbytes, f"the {tier} budget")
     asked = _nodes(nodes)
     _check_host_budget(tier, nbytes, asked)
+    if tier == "gpu":  # each node checks its GPUs' memory: a budget one refuses changes none
+        _on_each_node(asked, "check_budget_fits", tier, nbytes)
     turn = claim_turn()
     # Recorded first: a cache that starts (or restarts) while the running ones are changed
     # reads the new budget; the nodes that joined before the record get it below.

@@ -192,6 +192,26 @@ def test_a_call_that_reaches_the_node_after_a_later_call_changes_nothing(lru_cac
     trims_ray.set_budget("host", 30 * MiB)
     assert node_stats(ray_node).tiers["host"].capacity == 30 * MiB
     assert recorded_budgets(ray_node)["host"].nbytes == 30 * MiB
+    # The GPU tier is off here, yet ordered the same: a late call answers with the budget that holds.
+    first = claim_turn()
+    trims_ray.set_budget("gpu", 2 * MiB)
+    late = ray.get(node_cache_actor(ray_node).set_budget.remote("gpu", MiB, first))
+    assert late == {"budget": 2 * MiB, "bytes_used": 0, "evicted": 0, "over_budget": 0, "gpus": 0}
+
+
+def test_a_turn_claimed_from_a_stale_listing_is_claimed_again_above_the_highest(ray_node, monkeypatch):
+    from trims_ray.actors import _budgets
+
+    held = [claim_turn() for _ in range(3)]  # the last is the highest; the ones below are deleted
+    real = _budgets._claimed_turns
+    listings = iter([[held[0] - 1]])  # a caller that listed before those three were claimed
+
+    def stale_first() -> list[int]:
+        return next(listings, None) or real()
+
+    monkeypatch.setattr(_budgets, "_claimed_turns", stale_first)
+    # Its put of held[0] finds the key deleted and succeeds: the turn must not be taken.
+    assert claim_turn() == held[-1] + 1
 
 
 def test_concurrent_calls_end_with_one_budget_on_the_node_and_in_the_record(lru_cache, ray_node):

@@ -65,18 +65,28 @@ def _kv():
 
 
 def claim_turn() -> int:
-    """A turn above every one claimed before this call began (concurrent calls each get their
-    own). The GCS creates a key only if it is absent, so two callers never hold one number."""
+    """A turn that no other caller holds, above every turn claimed before this call began.
+
+    The GCS creates a key only if it is absent, and turns below the highest are deleted as they
+    are claimed. A caller whose listing is stale may create anew a turn that was held and
+    deleted, so a claim holds only if no higher turn exists once its key is in: whoever deleted
+    a turn had claimed a higher one first, and the highest is never deleted."""
     kv = _kv()
-    claimed = [int(key.decode()[len(_TURNS):]) for key in kv._internal_kv_list(_TURNS, namespace=_NAMESPACE)]
-    turn = max(claimed, default=0) + 1
-    while kv._internal_kv_put(f"{_TURNS}{turn}", b"1", overwrite=False, namespace=_NAMESPACE):
-        turn += 1  # taken by a concurrent call since the listing
-    # The ones below are not needed any more: the highest key, never deleted, is what the next
-    # claim counts up from.
-    for old in claimed:
+    while True:
+        claimed = _claimed_turns()
+        turn = max(claimed, default=0) + 1
+        if kv._internal_kv_put(f"{_TURNS}{turn}", b"1", overwrite=False, namespace=_NAMESPACE):
+            continue  # taken by a concurrent call since the listing
+        if max(_claimed_turns()) == turn:
+            break
+    for old in claimed:  # all below ``turn``: the next claim counts up from the highest
         kv._internal_kv_del(f"{_TURNS}{old}", namespace=_NAMESPACE)
     return turn
+
+
+def _claimed_turns() -> list[int]:
+    keys = _kv()._internal_kv_list(_TURNS, namespace=_NAMESPACE)
+    return [int(key.decode()[len(_TURNS):]) for key in keys]
 
 
 def record_budget(tier: str, nbytes: int, nodes: list[str] | None, turn: int) -> list[str]:
@@ -143,16 +153,15 @@ def forget_budgets() -> None:
 
 def with_recorded_budgets(
     config: CacheConfig, node_id: str, object_store_bytes: int
-) -> tuple[CacheConfig, dict[str, int]]:
+) -> tuple[CacheConfig, dict[str, Recorded]]:
     """``config`` with the host and disk budgets recorded for ``node_id`` in place of its own,
-    and the turn of each tier's record (tier -> turn; the GPU's too), which a call of an
-    earlier turn must not undo. A recorded host budget above the node's object store
+    and the records that hold for the node (tier -> record; the GPU's too), whose turns a call
+    of an earlier turn must not undo. A recorded host budget above the node's object store
     (``object_store_bytes``: a node that joined after the budget was set) is left out, with a
     warning, as ``set_budget`` would refuse it. The GPU budget is left as given: each GPU holder
     applies the record itself (``with_recorded_gpu_budget``), where it can check it against its
     GPU's memory."""
     recorded = recorded_budgets(node_id)
-    turns = {tier: record.turn for tier, record in recorded.items()}
     budgets = {tier: recorded[tier].nbytes for tier in ("host", "disk") if tier in recorded}
     if budgets.get("host", 0) > object_store_bytes:
         log.warning(
@@ -160,7 +169,7 @@ def with_recorded_budgets(
             "%d-byte object store", node_id, budgets.pop("host"), object_store_bytes,
         )
     fields = {"host": "host_bytes", "disk": "disk_bytes"}
-    return replace(config, **{fields[tier]: nbytes for tier, nbytes in budgets.items()}), turns
+    return replace(config, **{fields[tier]: nbytes for tier, nbytes in budgets.items()}), recorded
 
 
 def with_recorded_gpu_budget(config: GpuTierConfig, node_id: str, gpu_bytes: int) -> GpuTierConfig:

@@ -1,11 +1,15 @@
 """A node's tier budgets changed while it runs: a mixin of ``node_cache_actor.NodeCacheActor``
 (``trims_ray.set_budget`` calls it on every node asked), kept apart so that the actor's module
-holds its load path alone. It uses the actor's node, config, cache, GPU holders, the turns of
-the budgets it applied (``_budget_turns``, see ``_budgets``) and the lock they change under.
+holds its load path alone. It uses the actor's node, config, cache and GPU holders.
+
+Calls are ordered by their turns (see ``_budgets``): a tier's budget changes only for a turn at
+least as high as the last this node applied, or read from the records when it started, so that
+a call that began earlier and reaches this node later changes nothing here.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import ray
@@ -13,14 +17,37 @@ import ray
 from .._config import check_budget
 from .._malloc import give_back_free_memory
 from .._protocol import HOST
+from ..cache.gpu_entry import check_fits_device
 from ..cache.gpu_tier import GPU
+from ._budgets import TIERS, Recorded
 from ._node_info import bypass_budget, check_host_budget
 
 __all__ = ["NodeBudgetCalls"]
 
 
 class NodeBudgetCalls:
-    """``set_budget`` of the node cache actor (see the module's doc)."""
+    """``set_budget`` and ``check_budget_fits`` of the node cache actor (see the module's doc)."""
+
+    def _remember_budget_records(self, recorded: dict[str, Recorded]) -> None:
+        """Takes the turns of the budget records this cache started with (``with_recorded_budgets``)."""
+        self._budget_turns = {tier: record.turn for tier, record in recorded.items()}
+        # The GPU budget per GPU that holds here, as the holders read it from the same records.
+        self._gpu_budget = recorded["gpu"].nbytes if "gpu" in recorded else self.config.gpu_bytes
+        # A turn is checked and applied as one step; tiers do not wait for each other.
+        self._budget_locks = {tier: threading.Lock() for tier in TIERS}
+
+    def check_budget_fits(self, tier: str, nbytes: int) -> None:
+        """Raises ValueError, changing nothing, when this node cannot take ``nbytes`` as the
+        budget of ``tier``: not a non-negative int, a host budget above its object store, or a
+        GPU budget above one of its GPUs' memory. ``trims_ray.set_budget`` asks every node
+        first, so that a budget one node refuses changes none."""
+        check_budget(nbytes, f"the {tier} budget")
+        if tier == HOST:
+            check_host_budget(self._node, nbytes)
+        elif tier == GPU:
+            for label, gpu in self._gpu_stats()["gpus"].items():
+                if gpu["enabled"]:
+                    check_fits_device(nbytes, gpu["device"]["total"], label)
 
     def set_budget(self, tier: str, nbytes: int, turn: int = 0) -> dict[str, int]:
         """Changes a tier's byte budget on this node now (``NodeCache.set_budget``; for "gpu",
@@ -33,7 +60,9 @@ class NodeBudgetCalls:
             ValueError: an unknown tier, a budget that is not a non-negative int, a host budget
                 above the node's object store, or a GPU budget above a GPU's memory.
         """
-        with self._budget_lock:  # the evictions it waits for take up to ``reclaim_wait_s``
+        if tier not in self._budget_locks:
+            raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
+        with self._budget_locks[tier]:  # the evictions it waits for take up to ``reclaim_wait_s``
             if turn < self._budget_turns.get(tier, 0):
                 return self._budget_now(tier)
             try:
@@ -55,11 +84,12 @@ class NodeBudgetCalls:
     def _budget_now(self, tier: str) -> dict[str, int]:
         """``set_budget``'s figures for ``tier`` as it stands, nothing evicted."""
         if tier == GPU:
-            per_gpu = [g["tiers"][GPU] for g in self._gpu_stats()["gpus"].values() if g["enabled"]]
+            per_gpu = [gpu["tiers"][GPU] for gpu in self._gpu_stats()["gpus"].values() if gpu["enabled"]]
             used = sum(t["bytes_used"] for t in per_gpu)
-            budget = per_gpu[0]["capacity"] if per_gpu else (self.config.gpu_bytes or 0)
             over = sum(max(0, t["bytes_used"] - t["capacity"]) for t in per_gpu)
-            return {"budget": budget, "bytes_used": used, "evicted": 0, "over_budget": over, "gpus": len(per_gpu)}
+            budget = self._gpu_budget if self._gpu_budget is not None else (per_gpu[0]["capacity"] if per_gpu else 0)
+            return {"budget": budget, "bytes_used": used, "evicted": 0, "over_budget": over,
+                    "gpus": len(self._gpu_holders)}
         tier_stats = self.cache.stats()[tier]
         used, budget = tier_stats.bytes_used, tier_stats.capacity
         return {"budget": budget, "bytes_used": used, "evicted": 0, "over_budget": max(0, used - budget)}
@@ -67,9 +97,11 @@ class NodeBudgetCalls:
     def _set_gpu_budget(self, nbytes: int) -> dict[str, int]:
         """Each GPU's budget (``nbytes`` per GPU), the figures summed over the node's GPUs;
         "gpus": how many were set (0 where the GPU tier is off: nothing to change, and the
-        caller's record still reaches a holder that starts later)."""
-        check_budget(nbytes, "the GPU budget")
+        caller's record still reaches a holder that starts later). A budget one GPU cannot
+        hold changes none."""
+        self.check_budget_fits(GPU, nbytes)
         results = ray.get([h.set_budget.remote(nbytes) for h in self._gpu_holders.values()])
         self.config = replace(self.config, gpu_bytes=nbytes)
+        self._gpu_budget = nbytes
         summed = {field: sum(r[field] for r in results) for field in ("bytes_used", "evicted", "over_budget")}
         return {"budget": nbytes, **summed, "gpus": len(results)}

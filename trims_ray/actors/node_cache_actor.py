@@ -4,7 +4,8 @@ peer fetch over Ray's object transfer, and residency reports to the placement ac
 One per node, named ``trims_ray:node:<node id>`` in namespace "trims_ray", pinned to its node,
 detached so that cached models outlive the job that loaded them. It owns every host-tier object
 (``ray.put`` from this actor), so an object lives as long as the actor keeps its reference. Its
-GPU holders, one per GPU, are started and called by the ``_node_gpus`` mixin.
+GPU holders, one per GPU, are started and called by the ``_node_gpus`` mixin; budget changes
+are the ``_node_budgets`` mixin's.
 """
 
 from __future__ import annotations
@@ -125,13 +126,11 @@ class NodeCacheActor(NodeGpus, NodeBudgetCalls):
         # Looked up once: the node's object store size and its raylet's address do not change.
         self._node = node_info(node_id)
         # Budgets changed since ``config`` was given (``set_budget``): this cache may be one Ray
-        # restarted, or one started on a node that joined after the change. The turns of their
-        # records: a call of an earlier turn that reaches this cache late must not undo them.
-        config, self._budget_turns = with_recorded_budgets(
-            config, node_id, int(self._node["Resources"].get("object_store_memory", 0))
-        )
-        self._budget_lock = threading.Lock()  # a turn is checked and applied as one step
+        # restarted, or one started on a node that joined after the change.
+        object_store = int(self._node["Resources"].get("object_store_memory", 0))
+        config, recorded = with_recorded_budgets(config, node_id, object_store)
         self.config = config
+        self._remember_budget_records(recorded)  # a call of an earlier turn must not undo them
         set_per_model(config.metrics_per_model)  # before this process records anything
         self._actor_id = ray.get_runtime_context().get_actor_id()
         # What routing counts a node's task slots from (``placement.task_slots``).
