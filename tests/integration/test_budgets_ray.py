@@ -192,6 +192,11 @@ def test_a_call_that_reaches_the_node_after_a_later_call_changes_nothing(lru_cac
     trims_ray.set_budget("host", 30 * MiB)
     assert node_stats(ray_node).tiers["host"].capacity == 30 * MiB
     assert recorded_budgets(ray_node)["host"].nbytes == 30 * MiB
+    # A later call this node refuses (a budget above its object store) still goes after the first.
+    first = claim_turn()
+    with pytest.raises(ValueError, match="object store"):
+        ray.get(node_cache_actor(ray_node).set_budget.remote("host", OBJECT_STORE_BYTES + 1, claim_turn()))
+    assert ray.get(node_cache_actor(ray_node).set_budget.remote("host", 8 * MiB, first))["budget"] == 30 * MiB
     # The GPU tier is off here, yet ordered the same: a late call answers with the budget that holds.
     first = claim_turn()
     trims_ray.set_budget("gpu", 2 * MiB)

@@ -53,8 +53,8 @@ class NodeBudgetCalls:
         """Changes a tier's byte budget on this node now (``NodeCache.set_budget``; for "gpu",
         each GPU holder's, ``GpuTier.set_budget``, summed over the GPUs). The caller records it
         for caches that start later (``_budgets``). ``turn``: the call's (``claim_turn``); one
-        below the last this node applied to the tier changes nothing, and the figures returned
-        are the tier's as that later call left it ("evicted": 0).
+        below the last this node was asked for (applied or refused) changes nothing, and the
+        figures returned are the tier's as it stands ("evicted": 0).
 
         Raises:
             ValueError: an unknown tier, a budget that is not a non-negative int, a host budget
@@ -65,6 +65,9 @@ class NodeBudgetCalls:
         with self._budget_locks[tier]:  # the evictions it waits for take up to ``reclaim_wait_s``
             if turn < self._budget_turns.get(tier, 0):
                 return self._budget_now(tier)
+            # Taken even if this node refuses the budget below (a node that joined with a
+            # smaller object store keeps its own): an earlier call must not apply here after it.
+            self._budget_turns[tier] = turn
             try:
                 if tier == GPU:
                     result = self._set_gpu_budget(nbytes)
@@ -75,7 +78,6 @@ class NodeBudgetCalls:
                     else:
                         result = self.cache.set_budget(tier, nbytes)
                     self.config = replace(self.config, **{f"{tier}_bytes": nbytes})
-                self._budget_turns[tier] = turn
                 return result
             finally:
                 give_back_free_memory()  # what the evicted models' loads left in malloc's arenas
