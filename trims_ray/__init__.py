@@ -22,6 +22,7 @@ _PUBLIC = {
     "prefetch": "_cluster",
     "scrub": "_cluster",
     "set_budget": "_cluster",
+    "set_quota": "_cluster",
     "shutdown": "_cluster",
     "stats": "_cluster",
     "CacheConfig": "_config",
@@ -44,7 +45,19 @@ _PUBLIC = {
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from ._api import list_models, register
-    from ._cluster import Cluster, ClusterStats, NodeStats, evict, init, prefetch, scrub, set_budget, shutdown, stats
+    from ._cluster import (
+        Cluster,
+        ClusterStats,
+        NodeStats,
+        evict,
+        init,
+        prefetch,
+        scrub,
+        set_budget,
+        set_quota,
+        shutdown,
+        stats,
+    )
     from ._config import CacheConfig, ReadOptions
     from ._errors import (
         AccessDeniedError,
@@ -86,6 +99,7 @@ __all__ = [
     "stats",
     "scrub",
     "set_budget",
+    "set_quota",
     "shutdown",
     "Cluster",
     "ClusterStats",

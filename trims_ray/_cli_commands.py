@@ -315,6 +315,25 @@ def budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def quota(args: argparse.Namespace) -> int:
+    size = "none" if args.size is None else args.size
+    _attach(args, f"trims-ray quota {args.tenant} {args.tier} {size} --start --store URI")
+    result = trims_ray.set_quota(args.tenant, args.tier, args.size, nodes=_node_ids(args.node))
+    if _json(args):
+        print(dump_json({"tenant": args.tenant, "tier": args.tier, "nodes": result}))
+        return 0
+    rows = [
+        [short_node(n), "none" if r["quota"] is None else format_bytes(r["quota"]), format_bytes(r["bytes_used"]),
+         r["evicted"], format_bytes(r["over_quota"])]
+        for n, r in sorted(result.items())
+    ]
+    what = "its share of the budget" if args.size is None else format_bytes(args.size)
+    later = ", and on caches that start later" if args.node is None else ""
+    print(f"tenant {args.tenant!r}'s {args.tier} quota is {what} on {len(result)} node(s){later}")
+    print(format_table(["NODE", "QUOTA", "USED", "EVICTED", "OVER (LEASED)"], rows, align="lrrrr"))
+    return 0
+
+
 def _node_ids(prefixes: list[str] | None) -> list[str] | None:
     """Full ids of the alive nodes that ``prefixes`` name (None: every node).
 
@@ -360,5 +379,6 @@ COMMANDS = {
     "evict": evict,
     "scrub": scrub,
     "budget": budget,
+    "quota": quota,
     "dashboard": dashboard,
 }

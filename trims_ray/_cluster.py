@@ -40,7 +40,7 @@ from .actors._naming import (
     remember_node_cache_actors,
     require_running,
 )
-from .actors._budgets import TIERS, claim_turn, drop_overridden, forget_budgets, record_budget, unrecord
+from .actors._budgets import TIERS, claim_turn, drop_overridden, forget_budgets, quota_subject, record_budget, unrecord
 from .actors._node_info import alive_nodes, check_host_budget
 from .actors.node_cache_actor import start_node_cache_actor
 from .actors.placement_actor import start_placement_actor
@@ -307,25 +307,71 @@ def set_budget(tier: str, nbytes: int, nodes: list[str] | None = None) -> dict[s
     _check_host_budget(tier, nbytes, asked)
     if tier == "gpu":  # each node checks its GPUs' memory: a budget one refuses changes none
         _on_each_node(asked, "check_budget_fits", tier, nbytes)
+    return _recorded_change(tier, nbytes, nodes, asked, "set_budget", (tier, nbytes))
+
+
+def set_quota(
+    tenant: str, tier: str, nbytes: int | None, nodes: list[str] | None = None
+) -> dict[str, dict[str, int | None]]:
+    """Sets ``tenant``'s byte quota in ``tier`` ("host" or "disk") on ``nodes`` (default: every
+    node), now and for caches that start there later: what ``CacheConfig.tenant_quotas`` gives
+    at start. ``nbytes`` None drops the tenant's explicit quota, so that its share of the
+    budget (``CacheConfig.tenant_share``) holds again.
+
+    A higher quota only lets more of the tenant's models in. A lower one evicts the tenant's
+    idle models in the policy's eviction order until it fits (models that worker processes
+    keep built are asked back); its models in use stay until released, and go then. Other
+    tenants' models never go for it. Calls are recorded and ordered as ``set_budget``'s are,
+    and ``shutdown()`` forgets them. Quotas are the cluster's, as budgets are: any caller may
+    change any tenant's.
+
+    Returns, per node: {"quota" (the bytes the tenant may hold there now; None: only the budget
+    limits it), "bytes_used" (the tenant's, after the evictions), "evicted", "over_quota"
+    (bytes held beyond the quota by leases, or copies on their way out; 0 when it fits)}.
+
+    Raises:
+        ValueError: a tier other than "host" or "disk", a quota that is neither None nor a
+            non-negative int, or an invalid tenant id (nothing changes anywhere).
+        TypeError: a tenant id that is not a str.
+        ray.exceptions.RayActorError: a node's cache died during the call, as for ``set_budget``.
+        TrimsError: Ray is not initialized, or trims_ray is not running.
+    """
+    check_tenant(tenant)
+    if tier not in ("host", "disk"):
+        raise ValueError(f"tier must be 'host' or 'disk' (the GPU tier has no per-tenant quota), got {tier!r}")
+    if nbytes is not None:
+        check_budget(nbytes, f"the {tier} quota of tenant {tenant!r}")
+    asked = _nodes(nodes)
+    return _recorded_change(quota_subject(tenant, tier), nbytes, nodes, asked, "set_quota", (tenant, tier, nbytes))
+
+
+def _recorded_change(
+    subject: str, nbytes: int | None, nodes: list[str] | None, asked: list[str], method: str, args: tuple
+) -> dict[str, dict]:
+    """Records ``subject``'s new bytes (a tier's budget or a tenant's quota, see ``_budgets``)
+    under a turn of its own, then calls ``method(*args, turn)`` on the cache of every node in
+    ``asked`` (and, with ``nodes`` None, of every node that joined meanwhile)."""
     turn = claim_turn()
+    only = None if nodes is None else asked  # None: recorded for every node, now and later
     # Recorded first: a cache that starts (or restarts) while the running ones are changed
-    # reads the new budget; the nodes that joined before the record get it below.
-    recorded = record_budget(tier, nbytes, None if nodes is None else asked, turn)
+    # reads the new value; the nodes that joined before the record get it below.
+    recorded = record_budget(subject, nbytes, only, turn)
     try:
-        result = _on_each_node(asked, "set_budget", tier, nbytes, turn)
+        result = _on_each_node(asked, method, *args, turn)
     except BaseException:
         unrecord(recorded)
         raise
-    drop_overridden(tier, None if nodes is None else asked, turn)
+    drop_overridden(subject, only, turn)
     if nodes is None:
         # Nodes that joined during the call may have started with the old record. One that
-        # cannot hold the budget keeps its own, as a cache that starts there later does.
+        # cannot hold a budget keeps its own, as a cache that starts there later does.
         for node in (n for n in _nodes(None) if n not in result):
             try:
-                _check_host_budget(tier, nbytes, [node])
-                result[node] = call(node_cache_actor(node).set_budget.remote(tier, nbytes, turn))
+                if method == "set_budget":
+                    _check_host_budget(subject, nbytes, [node])
+                result[node] = call(getattr(node_cache_actor(node), method).remote(*args, turn))
             except ValueError as exc:
-                log.warning("trims_ray: node %s joined during set_budget and keeps its %s budget: %s", node, tier, exc)
+                log.warning("trims_ray: node %s joined during %s and keeps its own %s: %s", node, method, subject, exc)
     _routing.refresh()
     return result
 

@@ -1,9 +1,9 @@
 """The ``trims-ray`` command line: push models into a store; start trims_ray on a running Ray
 cluster; list what the caches hold (``ls``, ``status``); steer them (``prefetch``, ``evict``,
-``scrub``, ``budget``); and hand ``bench`` and ``demo`` over to the repository's ``workloads``.
+``scrub``, ``budget``, ``quota``); and hand ``bench`` and ``demo`` over to the repository's ``workloads``.
 
 Every command is a thin wrapper around the public API (``init``, ``register``, ``prefetch``,
-``evict``, ``scrub``, ``set_budget``, ``stats``) and the read-only views of ``_cluster``; the commands
+``evict``, ``scrub``, ``set_budget``, ``set_quota``, ``stats``) and the read-only views of ``_cluster``; the commands
 themselves are in ``_cli_commands``, what they print in ``_cli_output``. Cluster commands join a
 running cluster and never start one; only ``start``, or ``--start``, starts trims_ray on it.
 Every error ends as one line on stderr and a non-zero exit code (2 for bad arguments, 1 for the
@@ -53,6 +53,8 @@ JSON_SHAPES = {
     "scrub": '{"nodes": {NODE_ID: {"scrubbed": INT, "corrupt": INT, "reloaded": INT}, ...}}',
     "budget": '{"tier": TIER, "nodes": {NODE_ID: {"budget": INT, "bytes_used": INT, "evicted": INT,\n'
     '    "over_budget": INT[, "gpus": INT]}, ...}}',
+    "quota": '{"tenant": TENANT, "tier": TIER, "nodes": {NODE_ID: {"quota": INT|null, "bytes_used": INT,\n'
+    '    "evicted": INT, "over_quota": INT}, ...}}',
     "start": '{"store": URI, "nodes": [NODE_ID, ...], "started": BOOL}',
     "dashboard": '{"installed": PATH}',
 }
@@ -204,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nodes(budget)
     _add_cluster(budget, changes=True)
 
+    quota = _command(
+        sub, "quota", "change a tenant's byte quota in a tier on running caches (and those that start later); "
+        "a lower one evicts that tenant's idle models now"
+    )
+    quota.add_argument("tenant", help="the tenant whose quota changes")
+    quota.add_argument("tier", choices=("host", "disk"), help="the tier (the GPU tier has no per-tenant quota)")
+    quota.add_argument(
+        "size", type=_quota_size, help="the new quota in bytes, as for budget; none: drop the tenant's own quota, "
+        "so that its share of the budget (CacheConfig.tenant_share) holds"
+    )
+    _add_nodes(quota)
+    _add_cluster(quota, changes=True)
+
     dashboard = _command(sub, "dashboard", "install trims_ray's Grafana dashboard where Ray's Grafana finds it")
     dashboard.add_argument("action", choices=("install",), help="install: write the dashboard's JSON")
     dashboard.add_argument(
@@ -223,6 +238,10 @@ def _byte_count(text: str) -> int:
         return parse_bytes(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _quota_size(text: str) -> int | None:
+    return None if text.strip().lower() == "none" else _byte_count(text)
 
 
 def _command(sub, name: str, what: str) -> argparse.ArgumentParser:

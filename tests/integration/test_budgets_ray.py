@@ -241,3 +241,55 @@ def test_concurrent_calls_end_with_one_budget_on_the_node_and_in_the_record(lru_
             t.join(60)
         capacity = node_stats(ray_node).tiers["host"].capacity
         assert capacity in budgets and recorded_budgets(ray_node)["host"].nbytes == capacity
+
+
+def test_a_tenant_quota_set_while_running_evicts_its_idle_models_and_outlives_a_restart(ray_node, tmp_path):
+    config = trims_ray.CacheConfig(
+        host_bytes=HOST_BUDGET, disk_dir=str(tmp_path / "disk"), lease_check_s=0.2, policy="lru"
+    )
+    tenant = trims_ray.init(store=str(tmp_path / "store"), config=config).tenant
+    try:
+        trims_ray.register("shared", weights(4, seed=1), tenant="public")
+        trims_ray.prefetch("shared")  # another tenant's: it never goes for this one's quota
+        for i in range(3):
+            trims_ray.register(f"m{i}", weights(4, seed=10 + i))
+            trims_ray.prefetch(f"m{i}")
+        result = trims_ray.set_quota(tenant, "host", 9 * MiB)[ray_node]
+        assert (result["quota"], result["evicted"], result["over_quota"]) == (9 * MiB, 1, 0)
+        stats = node_stats(ray_node)
+        assert stats.tenants[tenant].host_quota == 9 * MiB and stats.tenants[tenant].host_bytes <= 9 * MiB
+        assert stats.tiers["host"].models == 3  # two of its own, and the public one
+        assert trims_ray.evict("m0", tier="host")[ray_node]["host"] == "absent"  # lru: m0 went
+        assert trims_ray.prefetch("m0")[ray_node] == "disk"  # and comes back in place of m1
+        assert trims_ray.evict("m1", tier="host")[ray_node]["host"] == "absent"
+
+        ray.kill(node_cache_actor(ray_node), no_restart=False)  # Ray restarts it from its arguments
+
+        def restarted_with_the_quota() -> bool:
+            try:
+                stats = node_stats(ray_node)
+            except Exception:  # the call that found it dying
+                return False
+            if stats.tiers["host"].loads:
+                return False  # not restarted yet
+            assert stats.tenants[tenant].host_quota == 9 * MiB
+            return True
+
+        wait_for(restarted_with_the_quota, timeout=60, interval=0.5, what="the restarted cache's quota")
+        assert trims_ray.set_quota(tenant, "host", None)[ray_node]["quota"] is None  # its share: all of it
+        with pytest.raises(ValueError, match="no per-tenant quota"):
+            trims_ray.set_quota(tenant, "gpu", MiB)
+        with pytest.raises(ValueError, match="tenant"):
+            trims_ray.set_quota("Not A Tenant", "host", MiB)
+    finally:
+        trims_ray.shutdown()
+    trims_ray.init(store=str(tmp_path / "store"), config=config)
+    try:
+        trims_ray.set_quota(tenant, "disk", MiB)  # recorded, then forgotten by shutdown below
+    finally:
+        trims_ray.shutdown()
+    trims_ray.init(store=str(tmp_path / "store"), config=config)
+    try:
+        assert node_stats(ray_node).tenants[tenant].disk_quota is None
+    finally:
+        trims_ray.shutdown()

@@ -220,6 +220,62 @@ def test_a_lower_disk_budget_deletes_blobs_in_the_policys_order(make_cache, file
     assert [p.exists() for p in paths] == [True, False, False]
 
 
+# -- tenant quotas -----------------------------------------------------------------------------
+
+OTHER = "other"
+
+
+def test_a_lower_quota_evicts_the_tenants_own_idle_models_in_the_policys_order(make_cache, file_store, memory):
+    cache = make_cache(policy="lru")
+    theirs = file_store.register("theirs", weights(7), tenant=OTHER)
+    assert use(cache, "theirs", tenant=OTHER) == "store"  # used first: lru's first victim overall
+    infos = _three(file_store, cache)
+    assert use(cache, "m0") == HOST  # m1 is now the tenant's least recently used
+    live = memory.live()
+    result = cache.set_quota(TENANT, HOST, 2 * cost(infos[0]))
+    assert result == {"quota": 2 * cost(infos[0]), "bytes_used": 2 * cost(infos[0]), "evicted": 1, "over_quota": 0}
+    assert memory.live() == live - 1
+    assert use(cache, "theirs", tenant=OTHER) == HOST  # another tenant's model never goes for it
+    assert use(cache, "m1") == DISK  # m1 went; its miss makes room from the tenant's own models
+    tenants = cache.tenant_stats(TENANT)[TENANT]
+    assert tenants.host_quota == 2 * cost(infos[0]) and tenants.host_bytes <= 2 * cost(infos[0])
+    # None drops the explicit quota: the tenant's share of the budget (all of it here) holds.
+    assert cache.set_quota(TENANT, HOST, None)["quota"] is None
+    assert cache.quota(TENANT, HOST) is None
+    assert use(cache, "m2") in (HOST, DISK) and cache.stats()[HOST].models == 4
+    assert theirs.tenant == OTHER
+
+
+def test_a_lower_disk_quota_deletes_the_tenants_blobs_and_a_leased_host_copy_stays(make_cache, file_store):
+    cache = make_cache(policy="lru", tenant_quotas={TENANT: {HOST: 1 << 30}})
+    infos = _three(file_store, cache)
+    paths = [cache.disk.path(cache_key(file_store.manifest(i.name, tenant=TENANT))) for i in infos]
+    size = paths[0].stat().st_size
+    result = cache.set_quota(TENANT, DISK, size)
+    assert (result["quota"], result["evicted"], result["over_quota"]) == (size, 2, 0)
+    assert [p.exists() for p in paths] == [False, False, True]
+    held = cache.acquire("m0", TENANT, ME)
+    result = cache.set_quota(TENANT, HOST, 0)
+    assert (result["evicted"], result["over_quota"]) == (2, cost(infos[0]))  # m0 is leased: it stays
+    assert cache.release(held.lease_id)
+    with pytest.raises(CapacityError, match="quota"):
+        cache.acquire("m0", TENANT, ME)
+
+
+def test_bad_quota_calls_are_refused_and_change_nothing(make_cache):
+    cache = make_cache(tenant_share=0.5, host_budget=1000)
+    for tenant, tier, nbytes, error, match in [
+        (TENANT, "gpu", 10, ValueError, "no per-tenant quota"),
+        (TENANT, HOST, -1, ValueError, "non-negative int"),
+        (TENANT, HOST, 1.5, ValueError, "non-negative int"),
+        ("Bad Tenant", HOST, 10, ValueError, "tenant"),
+        (7, HOST, 10, TypeError, "tenant"),
+    ]:
+        with pytest.raises(error, match=match):
+            cache.set_quota(tenant, tier, nbytes)
+    assert cache.quota(TENANT, HOST) == 500 and cache.tenant_quotas == {}
+
+
 # -- one GPU ---------------------------------------------------------------------------------
 
 

@@ -48,7 +48,9 @@ def model(name: str, tenant: str, sha: str, nbytes: int) -> SimpleNamespace:
 def test_every_command_has_help_and_every_read_command_a_json_format(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"push", "start", "ls", "status", "prefetch", "evict", "scrub", "budget", "dashboard", "bench", "demo"}
+    assert set(commands) == {
+        "push", "start", "ls", "status", "prefetch", "evict", "scrub", "budget", "quota", "dashboard", "bench", "demo"
+    }
     for name in commands:
         assert main([name, "--help"]) == 0, name
         out = capsys.readouterr().out
@@ -69,7 +71,7 @@ def test_prefetch_and_evict_take_every_tier(command, tier):
 
 def test_only_commands_that_change_the_caches_can_start_trims_ray(capsys):
     parser = build_parser()
-    for command in ("prefetch m", "evict m", "scrub", "budget host 1GiB"):
+    for command in ("prefetch m", "evict m", "scrub", "budget host 1GiB", "quota acme disk none"):
         args = parser.parse_args([*command.split(), "--start", "--store", "memory://x"])
         assert args.start and args.store == "memory://x"
     # The read commands have neither --start nor --store: they cannot start anything.
@@ -171,6 +173,13 @@ def test_byte_counts_parse_as_people_write_them(capsys):
     assert "'lots' is not a byte count" in capsys.readouterr().err
     assert main(["budget", "nvme", "1GiB"]) == 2
     assert "invalid choice: 'nvme'" in capsys.readouterr().err
+    args = build_parser().parse_args(["quota", "acme", "host", "2GiB", "--node", "ab12"])
+    assert (args.tenant, args.tier, args.size, args.node) == ("acme", "host", 2 << 30, ["ab12"])
+    assert build_parser().parse_args(["quota", "acme", "disk", "None"]).size is None
+    assert main(["quota", "acme", "gpu", "1GiB"]) == 2
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err
+    assert main(["quota", "acme", "host", "lots"]) == 2
+    assert "'lots' is not a byte count" in capsys.readouterr().err
 
 
 def test_residency_json_shows_only_the_models_asked_for():

@@ -10,8 +10,12 @@ store has). Its record and every node's cache keep the budget of the highest tur
 seen, so that concurrent calls end with the same one, the last to claim its turn, on every node
 and in the record; a call that ran first but arrives late at a node changes nothing there.
 
-Keys: ``budget/<tier>@<turn>`` for every node, ``budget/<tier>/<node id>@<turn>`` for one node;
-of those that name a node, the highest turn holds there. A call that succeeds deletes the
+Tenant quotas changed at run time (``trims_ray.set_quota``) are recorded and ordered the same
+way, under the subject ``quota.<tenant>.<tier>`` where a budget's is its tier.
+
+Keys: ``budget/<subject>@<turn>`` for every node, ``budget/<subject>/<node id>@<turn>`` for one
+node; of those that name a node, the highest turn holds there. A quota's value may be "none":
+the tenant's explicit quota dropped. A call that succeeds deletes the
 records it overrides; one that fails deletes its own, so that the ones before it hold again.
 ``trims_ray.shutdown()``, and an ``init`` that starts the caches anew, forget the records, so
 that a config given to ``init`` is what a new start gets; turns are never reused, as a running
@@ -32,8 +36,10 @@ __all__ = [
     "drop_overridden",
     "forget_budgets",
     "gpu_config_with",
+    "quota_subject",
     "record_budget",
     "recorded_budgets",
+    "recorded_quotas",
     "unrecord",
     "with_recorded_budgets",
     "with_recorded_gpu_budget",
@@ -47,15 +53,24 @@ _PREFIX = "budget/"
 _TURNS = "budget-turn/"  # not under _PREFIX: forgetting the records must not reuse turns
 
 
+_QUOTA = "quota."
+
+
 @dataclass(frozen=True)
 class Recorded:
-    """One budget record: ``nbytes`` for ``node`` (None: every node), set by call ``turn``."""
+    """One record of ``subject`` (a tier, or ``quota_subject``): ``nbytes`` for ``node`` (None:
+    every node), set by call ``turn``; a quota's ``nbytes`` None drops the tenant's quota."""
 
-    tier: str
-    nbytes: int
+    subject: str
+    nbytes: int | None
     turn: int
     node: str | None
     key: str
+
+
+def quota_subject(tenant: str, tier: str) -> str:
+    """What the records of ``tenant``'s quota in ``tier`` are kept under."""
+    return f"{_QUOTA}{tenant}.{tier}"
 
 
 def _kv():
@@ -89,13 +104,15 @@ def _claimed_turns() -> list[int]:
     return [int(key.decode()[len(_TURNS):]) for key in keys]
 
 
-def record_budget(tier: str, nbytes: int, nodes: list[str] | None, turn: int) -> list[str]:
-    """Records ``tier``'s budget for ``nodes`` (None: every node, now and later) as call
-    ``turn``'s; returns the keys written (``unrecord`` takes them back)."""
+def record_budget(subject: str, nbytes: int | None, nodes: list[str] | None, turn: int) -> list[str]:
+    """Records ``subject``'s bytes (a tier's budget, or a quota: None drops it) for ``nodes``
+    (None: every node, now and later) as call ``turn``'s; returns the keys written
+    (``unrecord`` takes them back)."""
     kv = _kv()
-    keys = [f"{_PREFIX}{tier}@{turn}"] if nodes is None else [f"{_PREFIX}{tier}/{node}@{turn}" for node in nodes]
+    base = f"{_PREFIX}{subject}"
+    keys = [f"{base}@{turn}"] if nodes is None else [f"{base}/{node}@{turn}" for node in nodes]
     for key in keys:
-        kv._internal_kv_put(key, str(nbytes), namespace=_NAMESPACE)
+        kv._internal_kv_put(key, "none" if nbytes is None else str(nbytes), namespace=_NAMESPACE)
     return keys
 
 
@@ -106,44 +123,60 @@ def unrecord(keys: list[str]) -> None:
         kv._internal_kv_del(key, namespace=_NAMESPACE)
 
 
-def drop_overridden(tier: str, nodes: list[str] | None, turn: int) -> None:
-    """Deletes the records of ``tier`` that call ``turn`` (done) overrides: older ones for
+def drop_overridden(subject: str, nodes: list[str] | None, turn: int) -> None:
+    """Deletes the records of ``subject`` that call ``turn`` (done) overrides: older ones for
     ``nodes`` (None: every older one). Only tidies up: readers take the highest turn anyway."""
     kv = _kv()
-    for record in _records(tier):
+    for record in _records(subject):
         if record.turn < turn and (nodes is None or record.node in nodes):
             kv._internal_kv_del(record.key, namespace=_NAMESPACE)
 
 
-def _records(tier: str) -> list[Recorded]:
-    """Every record of ``tier``, its value unread (``nbytes`` -1)."""
+def _records(subject: str) -> list[Recorded]:
+    """Every record of ``subject``, its value unread (``nbytes`` -1)."""
     out = []
-    base = f"{_PREFIX}{tier}"
+    base = f"{_PREFIX}{subject}"
     for raw in _kv()._internal_kv_list(base, namespace=_NAMESPACE):
         key = raw.decode()
         rest, _, turn = key[len(base):].rpartition("@")
         if not turn.isdigit() or (rest and not rest.startswith("/")):
-            continue  # another tier's name that starts alike, or not a record of this form
-        out.append(Recorded(tier, -1, int(turn), rest[1:] or None, key))
+            continue  # another subject's name that starts alike, or not a record of this form
+        out.append(Recorded(subject, -1, int(turn), rest[1:] or None, key))
     return out
+
+
+def _holding(subject: str, node_id: str) -> Recorded | None:
+    """The record of ``subject`` that holds for ``node_id``: the highest turn among those for
+    every node and those for it, its value read; None when there is none."""
+    kv = _kv()
+    mine = [r for r in _records(subject) if r.node in (None, node_id)]
+    for record in sorted(mine, key=lambda r: r.turn, reverse=True):
+        value = kv._internal_kv_get(record.key, namespace=_NAMESPACE)
+        if value is not None:  # else deleted since the listing: the next one holds
+            return replace(record, nbytes=None if value == b"none" else int(value))
+    return None
 
 
 def recorded_budgets(node_id: str, tiers: tuple[str, ...] = TIERS) -> dict[str, Recorded]:
-    """The budgets that hold for ``node_id`` in ``tiers`` (tier -> the record of the highest
-    turn among those for every node and those for it), for the tiers that have one ({} in a
-    process not connected to Ray, as when a test builds an actor's class directly)."""
+    """The budgets that hold for ``node_id`` in ``tiers`` (tier -> its record), for the tiers
+    that have one ({} in a process not connected to Ray, as when a test builds an actor's
+    class directly)."""
+    if not _kv()._internal_kv_initialized():
+        return {}
+    held = {tier: _holding(tier, node_id) for tier in tiers}
+    return {tier: record for tier, record in held.items() if record is not None}
+
+
+def recorded_quotas(node_id: str) -> dict[str, Recorded]:
+    """The tenant quotas that hold for ``node_id`` (``quota_subject`` -> its record)."""
     kv = _kv()
     if not kv._internal_kv_initialized():
         return {}
-    out = {}
-    for tier in tiers:
-        mine = [r for r in _records(tier) if r.node in (None, node_id)]
-        for record in sorted(mine, key=lambda r: r.turn, reverse=True):
-            value = kv._internal_kv_get(record.key, namespace=_NAMESPACE)
-            if value is not None:  # else deleted since the listing: the next one holds
-                out[tier] = replace(record, nbytes=int(value))
-                break
-    return out
+    subjects = set()
+    for raw in kv._internal_kv_list(f"{_PREFIX}{_QUOTA}", namespace=_NAMESPACE):
+        subjects.add(raw.decode()[len(_PREFIX):].split("/", 1)[0].split("@", 1)[0])
+    held = {subject: _holding(subject, node_id) for subject in subjects}
+    return {subject: record for subject, record in held.items() if record is not None}
 
 
 def forget_budgets() -> None:
@@ -154,22 +187,31 @@ def forget_budgets() -> None:
 def with_recorded_budgets(
     config: CacheConfig, node_id: str, object_store_bytes: int
 ) -> tuple[CacheConfig, dict[str, Recorded]]:
-    """``config`` with the host and disk budgets recorded for ``node_id`` in place of its own,
-    and the records that hold for the node (tier -> record; the GPU's too), whose turns a call
-    of an earlier turn must not undo. A recorded host budget above the node's object store
-    (``object_store_bytes``: a node that joined after the budget was set) is left out, with a
-    warning, as ``set_budget`` would refuse it. The GPU budget is left as given: each GPU holder
-    applies the record itself (``with_recorded_gpu_budget``), where it can check it against its
-    GPU's memory."""
-    recorded = recorded_budgets(node_id)
+    """``config`` with the host and disk budgets and the tenant quotas recorded for ``node_id``
+    in place of its own, and the records that hold for the node (subject -> record; the GPU's
+    budget too), whose turns a call of an earlier turn must not undo. A recorded host budget
+    above the node's object store (``object_store_bytes``: a node that joined after the budget
+    was set) is left out, with a warning, as ``set_budget`` would refuse it. The GPU budget is
+    left as given: each GPU holder applies the record itself (``with_recorded_gpu_budget``),
+    where it can check it against its GPU's memory."""
+    recorded = {**recorded_budgets(node_id), **recorded_quotas(node_id)}
     budgets = {tier: recorded[tier].nbytes for tier in ("host", "disk") if tier in recorded}
     if budgets.get("host", 0) > object_store_bytes:
         log.warning(
             "trims_ray: node %s keeps its host budget: the one set for the cluster (%d bytes) exceeds its "
             "%d-byte object store", node_id, budgets.pop("host"), object_store_bytes,
         )
+    quotas = {tenant: dict(tiers) for tenant, tiers in config.tenant_quotas.items()}
+    for subject, record in recorded.items():
+        if subject.startswith(_QUOTA):
+            _, tenant, tier = subject.split(".")
+            if record.nbytes is None:
+                quotas.get(tenant, {}).pop(tier, None)
+            else:
+                quotas.setdefault(tenant, {})[tier] = record.nbytes
     fields = {"host": "host_bytes", "disk": "disk_bytes"}
-    return replace(config, **{fields[tier]: nbytes for tier, nbytes in budgets.items()}), recorded
+    changed = {fields[tier]: nbytes for tier, nbytes in budgets.items()}
+    return replace(config, **changed, tenant_quotas={t: q for t, q in quotas.items() if q}), recorded
 
 
 def with_recorded_gpu_budget(config: GpuTierConfig, node_id: str, gpu_bytes: int) -> GpuTierConfig:

@@ -1,10 +1,12 @@
-"""A node's tier budgets changed while it runs: a mixin of ``node_cache_actor.NodeCacheActor``
-(``trims_ray.set_budget`` calls it on every node asked), kept apart so that the actor's module
+"""A node's tier budgets and tenant quotas changed while it runs: a mixin of
+``node_cache_actor.NodeCacheActor`` (``trims_ray.set_budget`` and ``set_quota`` call it on every
+node asked), kept apart so that the actor's module
 holds its load path alone. It uses the actor's node, config, cache and GPU holders.
 
-Calls are ordered by their turns (see ``_budgets``): a tier's budget changes only for a turn at
-least as high as the last this node applied, or read from the records when it started, so that
-a call that began earlier and reaches this node later changes nothing here.
+Calls are ordered by their turns (see ``_budgets``): a tier's budget, or a tenant's quota,
+changes only for a turn at least as high as the last this node was asked for, or read from the
+records when it started, so that a call that began earlier and reaches this node later changes
+nothing here.
 """
 
 from __future__ import annotations
@@ -19,21 +21,23 @@ from .._malloc import give_back_free_memory
 from .._protocol import HOST
 from ..cache.gpu_entry import check_fits_device
 from ..cache.gpu_tier import GPU
-from ._budgets import TIERS, Recorded
+from ._budgets import TIERS, Recorded, quota_subject
 from ._node_info import bypass_budget, check_host_budget
 
 __all__ = ["NodeBudgetCalls"]
 
 
 class NodeBudgetCalls:
-    """``set_budget`` and ``check_budget_fits`` of the node cache actor (see the module's doc)."""
+    """``set_budget``, ``check_budget_fits`` and ``set_quota`` of the node cache actor (see the
+    module's doc)."""
 
     def _remember_budget_records(self, recorded: dict[str, Recorded]) -> None:
         """Takes the turns of the budget records this cache started with (``with_recorded_budgets``)."""
-        self._budget_turns = {tier: record.turn for tier, record in recorded.items()}
+        self._budget_turns = {subject: record.turn for subject, record in recorded.items()}
         # The GPU budget per GPU that holds here, as the holders read it from the same records.
         self._gpu_budget = recorded["gpu"].nbytes if "gpu" in recorded else self.config.gpu_bytes
-        # A turn is checked and applied as one step; tiers do not wait for each other.
+        # A turn is checked and applied as one step; tiers do not wait for each other, nor
+        # quotas (a lock per quota subject, made on first use) for them.
         self._budget_locks = {tier: threading.Lock() for tier in TIERS}
 
     def check_budget_fits(self, tier: str, nbytes: int) -> None:
@@ -82,6 +86,28 @@ class NodeBudgetCalls:
             finally:
                 give_back_free_memory()  # what the evicted models' loads left in malloc's arenas
                 self._send_report()  # placement knows before the caller's set_budget() returns
+
+    def set_quota(self, tenant: str, tier: str, nbytes: int | None, turn: int = 0) -> dict[str, int | None]:
+        """Sets ``tenant``'s quota in ``tier`` on this node now (``NodeCache.set_quota``; None
+        drops it, so that its share of the budget holds). ``turn`` as for ``set_budget``: a
+        call older than the last this node was asked for changes nothing, and answers with the
+        quota as it stands.
+
+        Raises:
+            ValueError: an unknown tier or a quota that is neither None nor a non-negative int.
+            TypeError / ValueError: an invalid tenant id.
+        """
+        subject = quota_subject(tenant, tier)
+        with self._budget_locks.setdefault(subject, threading.Lock()):
+            if turn < self._budget_turns.get(subject, 0):
+                nbytes = self.cache.tenant_quotas.get(tenant, {}).get(tier)  # the same again: nothing moves
+            try:
+                result = self.cache.set_quota(tenant, tier, nbytes)
+                self._budget_turns[subject] = max(turn, self._budget_turns.get(subject, 0))
+                return result
+            finally:
+                give_back_free_memory()
+                self._send_report()
 
     def _budget_now(self, tier: str) -> dict[str, int]:
         """``set_budget``'s figures for ``tier`` as it stands, nothing evicted."""

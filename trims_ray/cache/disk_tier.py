@@ -171,6 +171,16 @@ class DiskTier:
             self.forget(victim, evicted=True)
         return len(victims)
 
+    def fit_tenant(self, tenant: str, limit: int) -> int:
+        """Deletes ``tenant``'s written blobs in the policy's eviction order until they fit its
+        quota of ``limit`` bytes (it was lowered); returns how many."""
+        sizes = {k: n for k, n in self.sizes.items() if tenant_of(k) == tenant}
+        victims = shrink_victims(self.policy, sum(sizes.values()) - limit, sizes, lambda key: key in sizes)
+        for victim in victims:
+            self.forget(victim, evicted=True)
+        self._refresh()
+        return len(victims)
+
     def adopt(self, key: str, size: int) -> None:
         """A blob written: from now on in the tier. One bigger than a budget lowered while it
         was being written is deleted at once; one that fits the budget but not beside the

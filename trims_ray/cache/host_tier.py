@@ -367,14 +367,33 @@ class HostTier:
         its only lease became a process's pin). Copies already leaving the table (evicted or
         condemned while leased) are on their way out, and do not count: evicting others for
         them would free their bytes twice. Returns (models freed now, models asked back)."""
-        excess = sum(e.nbytes for e in self.entries.values()) - self.budget
+        return self._shrink(self.entries, self.budget)
+
+    def fit(self, tenant: str) -> None:
+        """``fit_budget``, then ``fit_tenant`` against ``tenant``'s quota: called when one of its
+        models becomes idle, as either may have been lowered while it was in use."""
+        self.fit_budget()
+        quota = self.quota(tenant)
+        if quota is not None:
+            self.fit_tenant(tenant, quota)
+
+    def fit_tenant(self, tenant: str, limit: int) -> tuple[int, list[HostEntry]]:
+        """``fit_budget`` for ``tenant``'s models against its quota of ``limit`` bytes (it was
+        lowered): only its own idle models go, in the policy's order."""
+        return self._shrink({k: e for k, e in self.entries.items() if e.manifest.tenant == tenant}, limit)
+
+    def _shrink(self, entries: dict[str, HostEntry], limit: int) -> tuple[int, list[HostEntry]]:
+        """Evicts idle models of ``entries`` (some of the table's) in the policy's order until
+        they hold at most ``limit`` bytes, or none is left idle: unleased ones are freed at
+        once; those only processes' pins hold are evicted and asked back."""
+        excess = sum(e.nbytes for e in entries.values()) - limit
         if excess <= 0:
             return 0, []
-        sizes = {k: e.nbytes for k, e in self.entries.items() if e.ready.is_set()}
+        sizes = {k: e.nbytes for k, e in entries.items() if e.ready.is_set()}
 
         def idle(k: str) -> bool:
-            entry = self.entries[k]
-            return entry.leases == entry.pins
+            entry = entries.get(k)
+            return entry is not None and k in sizes and entry.leases == entry.pins
 
         freed, asked = 0, []
         for key in shrink_victims(self.policy, excess, sizes, idle):
@@ -479,5 +498,5 @@ class HostTier:
                 entry.handle = None
                 self.refresh()
         if entry.leases == entry.pins:
-            self.fit_budget()  # the budget may have been lowered under this lease
+            self.fit(entry.manifest.tenant)  # the budget or its quota may have been lowered under this lease
         self.on_change()

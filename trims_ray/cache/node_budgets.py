@@ -1,4 +1,5 @@
-"""Changing a node's tier budgets while it runs (``trims_ray.set_budget``): a mixin of
+"""Changing a node's tier budgets and tenant quotas while it runs (``trims_ray.set_budget``,
+``trims_ray.set_quota``): a mixin of
 ``node_cache.NodeCache`` (it uses the cache's lock, tiers, write-behind queue and pins), kept
 apart so that the cache's module holds the load path alone. Each tier evicts for itself
 (``HostTier.set_budget``, ``DiskTier.set_budget``); this waits for the copies processes were
@@ -8,6 +9,7 @@ asked to give back.
 from __future__ import annotations
 
 from .._config import check_budget
+from .._names import check_tenant
 from .._protocol import DISK, HOST
 from .pins import wait_until_gone
 
@@ -15,7 +17,7 @@ __all__ = ["NodeBudgets"]
 
 
 class NodeBudgets:
-    """``set_budget`` of a ``NodeCache`` (see the module's doc)."""
+    """``set_budget`` and ``set_quota`` of a ``NodeCache`` (see the module's doc)."""
 
     def set_budget(self, tier: str, nbytes: int, *, bypass_budget: int | None = None) -> dict[str, int]:
         """Changes the byte budget of ``tier`` ("host" or "disk") now, and with it every
@@ -57,3 +59,46 @@ class NodeBudgets:
         with self._lock:
             used = self.host.used if tier == HOST else self.disk.used
         return {"budget": nbytes, "bytes_used": used, "evicted": evicted, "over_budget": max(0, used - nbytes)}
+
+    def set_quota(self, tenant: str, tier: str, nbytes: int | None) -> dict[str, int | None]:
+        """Sets ``tenant``'s quota in ``tier`` ("host" or "disk") to ``nbytes`` now, in place of
+        the one it was given (``tenant_quotas``); None drops its explicit quota, so that
+        ``tenant_share`` of the budget holds again. A lower quota than the tenant holds evicts
+        its idle models in the policy's eviction order until it fits, as a lower budget does
+        (``set_budget``); other tenants' models never go for it.
+
+        Returns:
+            {"quota" (the bytes the tenant may hold now; None: only the budget limits it),
+            "bytes_used" (the tenant's, after the evictions), "evicted", "over_quota" (bytes
+            held beyond the quota by leases, or copies on their way out; 0 when it fits)}.
+
+        Raises:
+            ValueError: an unknown tier, or a quota that is neither None nor a non-negative int.
+            TypeError / ValueError: an invalid tenant id.
+        """
+        check_tenant(tenant)
+        if tier not in (HOST, DISK):
+            raise ValueError(f"tier must be {HOST!r} or {DISK!r} (the GPU tier has no per-tenant quota), got {tier!r}")
+        if nbytes is not None:
+            check_budget(nbytes, f"the {tier} quota of tenant {tenant!r}")
+        asked = []
+        with self._lock:
+            quotas = self.tenant_quotas.setdefault(tenant, {})
+            if nbytes is None:
+                quotas.pop(tier, None)
+            else:
+                quotas[tier] = nbytes
+            limit = self.quota(tenant, tier)
+            evicted = 0
+            if limit is not None and tier == HOST:
+                evicted, asked = self.host.fit_tenant(tenant, limit)
+                self.host.refresh()
+            elif limit is not None:
+                evicted = self.disk.fit_tenant(tenant, limit)
+        if asked:
+            wait_until_gone(asked, self._gone, self.reclaim_wait_s)
+            evicted += sum(1 for entry in asked if self._gone(entry))
+        with self._lock:
+            used = (self.host if tier == HOST else self.disk).tenant_used(tenant)
+        return {"quota": limit, "bytes_used": used, "evicted": evicted,
+                "over_quota": 0 if limit is None else max(0, used - limit)}
