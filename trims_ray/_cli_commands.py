@@ -330,7 +330,10 @@ def quota(args: argparse.Namespace) -> int:
     what = "its share of the budget" if args.size is None else format_bytes(args.size)
     later = ", and on caches that start later" if args.node is None else ""
     print(f"tenant {args.tenant!r}'s {args.tier} quota is {what} on {len(result)} node(s){later}")
-    print(format_table(["NODE", "QUOTA", "USED", "EVICTED", "OVER (LEASED)"], rows, align="lrrrr"))
+    print(format_table(["NODE", "QUOTA", "USED", "EVICTED", "OVER"], rows, align="lrrrr"))
+    if any(r["over_quota"] for r in result.values()):
+        print("over: the tenant's bytes beyond its quota, in use or on their way in or out; its models "
+              "in use go when released, disk copies being written when they land")
     return 0
 
 

@@ -61,6 +61,7 @@ __all__ = [
     "evict",
     "scrub",
     "set_budget",
+    "set_quota",
     "node_cache_actor",
     "placement_actor",
     "forget_node_cache_actor",
@@ -327,7 +328,9 @@ def set_quota(
 
     Returns, per node: {"quota" (the bytes the tenant may hold there now; None: only the budget
     limits it), "bytes_used" (the tenant's, after the evictions), "evicted", "over_quota"
-    (bytes held beyond the quota by leases, or copies on their way out; 0 when it fits)}.
+    (bytes held beyond the quota: by leases, copies on their way out, loads or disk copies
+    being written; 0 when it fits)}. A disk copy being written goes when it lands, if the quota
+    cannot take it then.
 
     Raises:
         ValueError: a tier other than "host" or "disk", a quota that is neither None nor a

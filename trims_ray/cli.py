@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="trims_ray: push models into a store; see and steer the model caches of a Ray cluster.",
         epilog="ls and status only read: they never start trims_ray. start starts it on a running Ray "
-        "cluster; prefetch, evict, scrub and budget do only when given --start.",
+        "cluster; prefetch, evict, scrub, budget and quota do only when given --start.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {trims_ray.__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")

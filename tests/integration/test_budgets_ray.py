@@ -245,15 +245,18 @@ def test_concurrent_calls_end_with_one_budget_on_the_node_and_in_the_record(lru_
 
 def test_a_tenant_quota_set_while_running_evicts_its_idle_models_and_outlives_a_restart(ray_node, tmp_path):
     config = trims_ray.CacheConfig(
-        host_bytes=HOST_BUDGET, disk_dir=str(tmp_path / "disk"), lease_check_s=0.2, policy="lru"
+        host_bytes=HOST_BUDGET, disk_dir=str(tmp_path / "disk"), lease_check_s=0.2, policy="lru",
+        tenant_quotas={"default": {"disk": 512 * MiB}},
     )
     tenant = trims_ray.init(store=str(tmp_path / "store"), config=config).tenant
+    assert tenant == "default"
     try:
         trims_ray.register("shared", weights(4, seed=1), tenant="public")
         trims_ray.prefetch("shared")  # another tenant's: it never goes for this one's quota
         for i in range(3):
             trims_ray.register(f"m{i}", weights(4, seed=10 + i))
             trims_ray.prefetch(f"m{i}")
+        first = claim_turn()  # a call that begins now and reaches the node after the next one
         result = trims_ray.set_quota(tenant, "host", 9 * MiB)[ray_node]
         assert (result["quota"], result["evicted"], result["over_quota"]) == (9 * MiB, 1, 0)
         stats = node_stats(ray_node)
@@ -262,6 +265,9 @@ def test_a_tenant_quota_set_while_running_evicts_its_idle_models_and_outlives_a_
         assert trims_ray.evict("m0", tier="host")[ray_node]["host"] == "absent"  # lru: m0 went
         assert trims_ray.prefetch("m0")[ray_node] == "disk"  # and comes back in place of m1
         assert trims_ray.evict("m1", tier="host")[ray_node]["host"] == "absent"
+        late = ray.get(node_cache_actor(ray_node).set_quota.remote(tenant, "host", MiB, first))
+        assert (late["quota"], late["evicted"]) == (9 * MiB, 0)
+        assert trims_ray.set_quota(tenant, "disk", None)[ray_node]["quota"] is None  # the config's dropped
 
         ray.kill(node_cache_actor(ray_node), no_restart=False)  # Ray restarts it from its arguments
 
@@ -272,7 +278,7 @@ def test_a_tenant_quota_set_while_running_evicts_its_idle_models_and_outlives_a_
                 return False
             if stats.tiers["host"].loads:
                 return False  # not restarted yet
-            assert stats.tenants[tenant].host_quota == 9 * MiB
+            assert (stats.tenants[tenant].host_quota, stats.tenants[tenant].disk_quota) == (9 * MiB, None)
             return True
 
         wait_for(restarted_with_the_quota, timeout=60, interval=0.5, what="the restarted cache's quota")
@@ -290,6 +296,6 @@ def test_a_tenant_quota_set_while_running_evicts_its_idle_models_and_outlives_a_
         trims_ray.shutdown()
     trims_ray.init(store=str(tmp_path / "store"), config=config)
     try:
-        assert node_stats(ray_node).tenants[tenant].disk_quota is None
+        assert node_stats(ray_node).tenants[tenant].disk_quota == 512 * MiB  # the config's again
     finally:
         trims_ray.shutdown()

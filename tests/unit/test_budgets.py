@@ -262,6 +262,15 @@ def test_a_lower_disk_quota_deletes_the_tenants_blobs_and_a_leased_host_copy_sta
         cache.acquire("m0", TENANT, ME)
 
 
+def test_a_lower_budget_trims_a_tenant_over_its_share_of_it(make_cache, file_store):
+    probe = file_store.register("probe", weights(0), tenant=TENANT)
+    cache = make_cache(policy="lru", tenant_share=0.5, host_budget=10 * cost(probe))
+    infos = _three(file_store, cache)  # the probe's size: weights() are all alike
+    result = cache.set_budget(HOST, 4 * cost(infos[0]))  # the tier still fits all three; the share (2) does not
+    assert (result["evicted"], result["bytes_used"]) == (1, 2 * cost(infos[0]))
+    assert use(cache, "m0") == DISK  # lru: m0 went
+
+
 def test_bad_quota_calls_are_refused_and_change_nothing(make_cache):
     cache = make_cache(tenant_share=0.5, host_budget=1000)
     for tenant, tier, nbytes, error, match in [
@@ -411,6 +420,32 @@ def test_a_disk_write_queued_before_the_budget_fell_is_decided_when_it_lands(tmp
     assert set(disk.sizes) == {old} and not disk.path(big).exists()
     land(small, 80)  # fits the budget, not beside the old one: that goes (lru)
     assert set(disk.sizes) == {small} and not disk.path(old).exists() and disk.used == 80
+
+
+def test_a_disk_write_queued_before_a_quota_fell_is_decided_when_it_lands(tmp_path):
+    from trims_ray.cache.disk_tier import DiskTier
+
+    quotas = {TENANT: 1000}
+    disk = DiskTier(tmp_path / "disk", 1000, make_policy("lru"), quota=quotas.get)
+    old, big, small = (f"{TENANT}/{c * 64}" for c in "abc")
+    theirs = f"{OTHER}/{'d' * 64}"
+
+    def land(key: str, size: int) -> None:  # what WriteBehind does once a reserved write is done
+        disk.path(key).parent.mkdir(parents=True, exist_ok=True)
+        disk.path(key).write_bytes(b"x" * size)
+        disk.unreserve(key)
+        disk.adopt(key, size)
+
+    for key, size in ((theirs, 60), (old, 50)):
+        disk.reserve(key, size, None)
+        land(key, size)
+    assert disk.reserve(big, 150, None) and disk.reserve(small, 80, None)  # queued writes
+    quotas[TENANT] = 100
+    assert disk.fit_tenant(TENANT, 100) == 0  # the queued writes do not make it delete the blob written
+    land(big, 150)  # bigger than the tenant's whole new quota: not kept
+    assert set(disk.sizes) == {theirs, old} and not disk.path(big).exists()
+    land(small, 80)  # fits the quota, not beside the tenant's other blob: that goes, not the other tenant's
+    assert set(disk.sizes) == {theirs, small} and not disk.path(old).exists() and disk.path(theirs).exists()
 
 
 def test_a_gpu_model_whose_pipelined_grants_ended_goes_when_its_copy_ends(gpu_models):

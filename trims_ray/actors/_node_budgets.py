@@ -64,7 +64,7 @@ class NodeBudgetCalls:
             ValueError: an unknown tier, a budget that is not a non-negative int, a host budget
                 above the node's object store, or a GPU budget above a GPU's memory.
         """
-        if tier not in self._budget_locks:
+        if tier not in TIERS:  # the locks also hold quota subjects
             raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
         with self._budget_locks[tier]:  # the evictions it waits for take up to ``reclaim_wait_s``
             if turn < self._budget_turns.get(tier, 0):
@@ -100,11 +100,10 @@ class NodeBudgetCalls:
         subject = quota_subject(tenant, tier)
         with self._budget_locks.setdefault(subject, threading.Lock()):
             if turn < self._budget_turns.get(subject, 0):
-                nbytes = self.cache.tenant_quotas.get(tenant, {}).get(tier)  # the same again: nothing moves
+                return self.cache.quota_figures(tenant, tier)
+            self._budget_turns[subject] = turn  # as for a budget: taken even if refused
             try:
-                result = self.cache.set_quota(tenant, tier, nbytes)
-                self._budget_turns[subject] = max(turn, self._budget_turns.get(subject, 0))
-                return result
+                return self.cache.set_quota(tenant, tier, nbytes)
             finally:
                 give_back_free_memory()
                 self._send_report()

@@ -171,26 +171,32 @@ class DiskTier:
             self.forget(victim, evicted=True)
         return len(victims)
 
-    def fit_tenant(self, tenant: str, limit: int) -> int:
+    def fit_tenant(self, tenant: str, limit: int, keep: str | None = None) -> int:
         """Deletes ``tenant``'s written blobs in the policy's eviction order until they fit its
-        quota of ``limit`` bytes (it was lowered); returns how many."""
+        quota of ``limit`` bytes (it was lowered), never ``keep``; returns how many. Writes
+        queued before are decided when they land (``adopt``)."""
         sizes = {k: n for k, n in self.sizes.items() if tenant_of(k) == tenant}
-        victims = shrink_victims(self.policy, sum(sizes.values()) - limit, sizes, lambda key: key in sizes)
+        victims = shrink_victims(self.policy, sum(sizes.values()) - limit, sizes, lambda key: key in sizes and key != keep)
         for victim in victims:
             self.forget(victim, evicted=True)
         self._refresh()
         return len(victims)
 
     def adopt(self, key: str, size: int) -> None:
-        """A blob written: from now on in the tier. One bigger than a budget lowered while it
-        was being written is deleted at once; one that fits the budget but not beside the
-        others makes room for itself, as if it were admitted now."""
-        if size > self.budget:
+        """A blob written: from now on in the tier. One bigger than a budget, or its tenant's
+        quota, lowered while it was being written is deleted at once; one that fits them but
+        not beside the others makes room for itself (its tenant's own blobs for its quota), as
+        if it were admitted now."""
+        tenant = tenant_of(key)
+        quota = self.quota(tenant)
+        if size > self.budget or (quota is not None and size > quota):
             self.path(key).unlink(missing_ok=True)
             return
         self._track(key, size)
         self.stats.loads += 1
         self._fit_budget(keep=key)  # no-op unless the budget was lowered while it was written
+        if quota is not None:
+            self.fit_tenant(tenant, quota, keep=key)  # the same for a quota lowered meanwhile
 
     # -- faults: the disk full, the directory deleted, a file gone or bad ----------------------
 

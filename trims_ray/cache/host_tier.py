@@ -301,14 +301,14 @@ class HostTier:
             if need > quota:
                 raise CapacityError(
                     f"model {what} needs {need} bytes in the host tier, over the host quota of "
-                    f"tenant {tenant!r} ({quota} bytes): raise its quota (CacheConfig.tenant_quotas "
-                    "or tenant_share) or use a smaller model"
+                    f"tenant {tenant!r} ({quota} bytes): raise its quota (trims_ray.set_quota, or "
+                    "CacheConfig.tenant_quotas or tenant_share) or use a smaller model"
                 )
             raise CapacityError(
                 f"model {what} needs {need} bytes in the host tier, which would put tenant "
                 f"{tenant!r} over its host quota of {quota} bytes ({used} in use, not enough of "
                 "them idle): retry when its models are released, or raise its quota "
-                "(CacheConfig.tenant_quotas or tenant_share)"
+                "(trims_ray.set_quota, or CacheConfig.tenant_quotas or tenant_share)"
             )
         if decision.outcome is Outcome.NO_ROOM:
             if not force:
@@ -363,8 +363,8 @@ class HostTier:
     def fit_budget(self) -> tuple[int, list[HostEntry]]:
         """If the table holds more than the budget (it was lowered), evicts idle models in the
         policy's order until it fits, or none is left idle; see ``set_budget``. Called when the
-        budget changes and whenever a model becomes idle (its last invocation's lease ends, or
-        its only lease became a process's pin). Copies already leaving the table (evicted or
+        budget changes and, through ``fit``, whenever a model becomes idle (its last
+        invocation's lease ends, or its only lease became a process's pin). Copies already leaving the table (evicted or
         condemned while leased) are on their way out, and do not count: evicting others for
         them would free their bytes twice. Returns (models freed now, models asked back)."""
         return self._shrink(self.entries, self.budget)

@@ -24,8 +24,9 @@ class NodeBudgets:
         tenant's share of it (``tenant_share``; explicit quotas stay as they are).
 
         A higher budget only lets more in. A lower one evicts idle models in the policy's
-        eviction order until the tier fits: host copies that processes keep built are asked
-        back and waited for (``reclaim_wait_s``). What is leased stays until its leases end;
+        eviction order until the tier fits, and a tenant over its lowered share gives back its
+        own idle models: host copies that processes keep built are asked back and waited for
+        (``reclaim_wait_s``). What is leased stays until its leases end;
         until then the tier holds more than its budget (``over_budget``), and no miss is kept
         before that excess is freed. ``bypass_budget``: the host tier's new bypass allowance
         (the actor's share of the object store outside the new budget); None: unchanged.
@@ -53,6 +54,11 @@ class NodeBudgets:
             else:
                 self.disk_budget = nbytes
                 evicted, asked = self.disk.set_budget(nbytes), []
+            if self.tenant_share < 1.0:  # every share followed the budget
+                tier_of = self.host if tier == HOST else self.disk
+                for tenant in sorted(tier_of.tenants()):
+                    more, more_asked = self._fit_tenant(tenant, tier)
+                    evicted, asked = evicted + more, asked + more_asked
         if asked:
             wait_until_gone(asked, self._gone, self.reclaim_wait_s)
             evicted += sum(1 for entry in asked if self._gone(entry))
@@ -65,12 +71,11 @@ class NodeBudgets:
         the one it was given (``tenant_quotas``); None drops its explicit quota, so that
         ``tenant_share`` of the budget holds again. A lower quota than the tenant holds evicts
         its idle models in the policy's eviction order until it fits, as a lower budget does
-        (``set_budget``); other tenants' models never go for it.
+        (``set_budget``); other tenants' models never go for it. Disk copies being written go
+        when they land, if the quota cannot take them then (``DiskTier.adopt``).
 
         Returns:
-            {"quota" (the bytes the tenant may hold now; None: only the budget limits it),
-            "bytes_used" (the tenant's, after the evictions), "evicted", "over_quota" (bytes
-            held beyond the quota by leases, or copies on their way out; 0 when it fits)}.
+            ``quota_figures`` after the evictions, "evicted" counting them.
 
         Raises:
             ValueError: an unknown tier, or a quota that is neither None nor a non-negative int.
@@ -81,24 +86,39 @@ class NodeBudgets:
             raise ValueError(f"tier must be {HOST!r} or {DISK!r} (the GPU tier has no per-tenant quota), got {tier!r}")
         if nbytes is not None:
             check_budget(nbytes, f"the {tier} quota of tenant {tenant!r}")
-        asked = []
         with self._lock:
             quotas = self.tenant_quotas.setdefault(tenant, {})
             if nbytes is None:
                 quotas.pop(tier, None)
             else:
                 quotas[tier] = nbytes
-            limit = self.quota(tenant, tier)
-            evicted = 0
-            if limit is not None and tier == HOST:
-                evicted, asked = self.host.fit_tenant(tenant, limit)
-                self.host.refresh()
-            elif limit is not None:
-                evicted = self.disk.fit_tenant(tenant, limit)
+            if not quotas:
+                del self.tenant_quotas[tenant]
+            evicted, asked = self._fit_tenant(tenant, tier)
         if asked:
             wait_until_gone(asked, self._gone, self.reclaim_wait_s)
             evicted += sum(1 for entry in asked if self._gone(entry))
+        return self.quota_figures(tenant, tier, evicted)
+
+    def quota_figures(self, tenant: str, tier: str, evicted: int = 0) -> dict[str, int | None]:
+        """{"quota" (the bytes ``tenant`` may hold in ``tier`` now; None: only the budget limits
+        it), "bytes_used" (the tenant's, loads and disk writes in flight included), "evicted",
+        "over_quota" (bytes held beyond the quota: by leases, copies on their way out, loads or
+        disk writes in flight; 0 when it fits)}."""
         with self._lock:
+            limit = self.quota(tenant, tier)
             used = (self.host if tier == HOST else self.disk).tenant_used(tenant)
         return {"quota": limit, "bytes_used": used, "evicted": evicted,
                 "over_quota": 0 if limit is None else max(0, used - limit)}
+
+    def _fit_tenant(self, tenant: str, tier: str) -> tuple[int, list]:
+        """Evicts ``tenant``'s idle models in ``tier`` until it fits its quota (none: nothing);
+        returns (models freed now, host copies asked back). Call under the lock."""
+        limit = self.quota(tenant, tier)
+        if limit is None:
+            return 0, []
+        if tier == HOST:
+            freed, asked = self.host.fit_tenant(tenant, limit)
+            self.host.refresh()
+            return freed, asked
+        return self.disk.fit_tenant(tenant, limit), []

@@ -291,7 +291,7 @@ class NodeCache(NodeCacheViews, NodePins, NodeBudgets, NodeScrub):
                 pinned = pin and not over and self.host.entries.get(cache_key(manifest)) is entry
                 if pinned:
                     self.pins.add(lease_id, holder, entry)
-                    self.host.fit(manifest.tenant)  # its lease is a pin now: asked back if over the budget
+                    self.host.fit(manifest.tenant)  # its lease is a pin now: asked back if over the budget or quota
                 self.on_change()
         finally:
             with self._lock:
