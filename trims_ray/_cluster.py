@@ -294,7 +294,9 @@ def set_budget(tier: str, nbytes: int, nodes: list[str] | None = None) -> dict[s
         ValueError: an unknown tier, a budget that is not a non-negative int, a host budget
             above the object store of a node asked, or a GPU budget above the memory of one
             of their GPUs (nothing changes anywhere). A node that joins during the call and
-            cannot hold the budget is left out of the result, and keeps its own.
+            cannot hold the budget is left out of the result, and keeps its own; one whose
+            cache cannot be reached then is left out too (logged), and its cache takes the
+            record when it starts.
         ray.exceptions.RayActorError: a node's cache died during the call (or any error that
             ends the call midway, as an interrupt): the nodes it reached keep the budget, and
             a call that began earlier changes nothing there; its record is taken back, so
@@ -375,6 +377,8 @@ def _recorded_change(
                 result[node] = call(getattr(node_cache_actor(node), method).remote(*args, turn))
             except ValueError as exc:
                 log.warning("trims_ray: node %s joined during %s and keeps its own %s: %s", node, method, subject, exc)
+            except Exception as exc:  # its cache is not up yet, or died: it reads the record when it starts
+                log.warning("trims_ray: node %s joined during %s and could not be told of %s: %s", node, method, subject, exc)
     _routing.refresh()
     return result
 

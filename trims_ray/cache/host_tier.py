@@ -378,14 +378,12 @@ class HostTier:
             self.fit_tenant(tenant, quota)
 
     def fit_tenant(self, tenant: str, limit: int) -> tuple[int, list[HostEntry]]:
-        """``fit_budget`` for ``tenant``'s models against its quota of ``limit`` bytes (it was
-        lowered): only its own idle models go, in the policy's order."""
+        """``fit_budget`` for ``tenant``'s own models against its quota of ``limit`` bytes."""
         return self._shrink({k: e for k, e in self.entries.items() if e.manifest.tenant == tenant}, limit)
 
     def _shrink(self, entries: dict[str, HostEntry], limit: int) -> tuple[int, list[HostEntry]]:
         """Evicts idle models of ``entries`` (some of the table's) in the policy's order until
-        they hold at most ``limit`` bytes, or none is left idle: unleased ones are freed at
-        once; those only processes' pins hold are evicted and asked back."""
+        they hold at most ``limit`` bytes, or none is left idle (see ``set_budget``)."""
         excess = sum(e.nbytes for e in entries.values()) - limit
         if excess <= 0:
             return 0, []
