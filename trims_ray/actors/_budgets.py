@@ -132,24 +132,31 @@ def drop_overridden(subject: str, nodes: list[str] | None, turn: int) -> None:
             kv._internal_kv_del(record.key, namespace=_NAMESPACE)
 
 
+def _parse(key: str) -> Recorded | None:
+    """The record ``key`` names, its value unread (``nbytes`` -1); None for a key of another form."""
+    rest, _, turn = key[len(_PREFIX):].rpartition("@")
+    subject, _, node = rest.partition("/")
+    if not turn.isdigit() or not subject:
+        return None
+    return Recorded(subject, -1, int(turn), node or None, key)
+
+
+def _records_under(prefix: str) -> list[Recorded]:
+    """Every record whose subject starts with ``prefix`` (one listing of the KV store)."""
+    keys = _kv()._internal_kv_list(f"{_PREFIX}{prefix}", namespace=_NAMESPACE)
+    return [record for record in (_parse(key.decode()) for key in keys) if record is not None]
+
+
 def _records(subject: str) -> list[Recorded]:
-    """Every record of ``subject``, its value unread (``nbytes`` -1)."""
-    out = []
-    base = f"{_PREFIX}{subject}"
-    for raw in _kv()._internal_kv_list(base, namespace=_NAMESPACE):
-        key = raw.decode()
-        rest, _, turn = key[len(base):].rpartition("@")
-        if not turn.isdigit() or (rest and not rest.startswith("/")):
-            continue  # another subject's name that starts alike, or not a record of this form
-        out.append(Recorded(subject, -1, int(turn), rest[1:] or None, key))
-    return out
+    """Every record of ``subject``, its value unread."""
+    return [record for record in _records_under(subject) if record.subject == subject]
 
 
-def _holding(subject: str, node_id: str) -> Recorded | None:
-    """The record of ``subject`` that holds for ``node_id``: the highest turn among those for
-    every node and those for it, its value read; None when there is none."""
+def _holding(records: list[Recorded], node_id: str) -> Recorded | None:
+    """Of one subject's ``records``, the one that holds for ``node_id``: the highest turn among
+    those for every node and those for it, its value read; None when there is none."""
     kv = _kv()
-    mine = [r for r in _records(subject) if r.node in (None, node_id)]
+    mine = [r for r in records if r.node in (None, node_id)]
     for record in sorted(mine, key=lambda r: r.turn, reverse=True):
         value = kv._internal_kv_get(record.key, namespace=_NAMESPACE)
         if value is not None:  # else deleted since the listing: the next one holds
@@ -163,19 +170,18 @@ def recorded_budgets(node_id: str, tiers: tuple[str, ...] = TIERS) -> dict[str, 
     class directly)."""
     if not _kv()._internal_kv_initialized():
         return {}
-    held = {tier: _holding(tier, node_id) for tier in tiers}
+    held = {tier: _holding(_records(tier), node_id) for tier in tiers}
     return {tier: record for tier, record in held.items() if record is not None}
 
 
 def recorded_quotas(node_id: str) -> dict[str, Recorded]:
     """The tenant quotas that hold for ``node_id`` (``quota_subject`` -> its record)."""
-    kv = _kv()
-    if not kv._internal_kv_initialized():
+    if not _kv()._internal_kv_initialized():
         return {}
-    subjects = set()
-    for raw in kv._internal_kv_list(f"{_PREFIX}{_QUOTA}", namespace=_NAMESPACE):
-        subjects.add(raw.decode()[len(_PREFIX):].split("/", 1)[0].split("@", 1)[0])
-    held = {subject: _holding(subject, node_id) for subject in subjects}
+    by_subject: dict[str, list[Recorded]] = {}
+    for record in _records_under(_QUOTA):
+        by_subject.setdefault(record.subject, []).append(record)
+    held = {subject: _holding(records, node_id) for subject, records in by_subject.items()}
     return {subject: record for subject, record in held.items() if record is not None}
 
 

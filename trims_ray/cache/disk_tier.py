@@ -165,21 +165,20 @@ class DiskTier:
     def _fit_budget(self, keep: str | None = None) -> int:
         """Deletes written blobs in the policy's eviction order until they fit the budget (it
         was lowered), never ``keep``; returns how many."""
-        excess = sum(self.sizes.values()) - self.budget
-        victims = shrink_victims(self.policy, excess, self.sizes, lambda key: key != keep)
-        for victim in victims:
-            self.forget(victim, evicted=True)
-        return len(victims)
+        return self._shrink(self.sizes, self.budget, keep)
 
     def fit_tenant(self, tenant: str, limit: int, keep: str | None = None) -> int:
-        """Deletes ``tenant``'s written blobs in the policy's eviction order until they fit its
-        quota of ``limit`` bytes (it was lowered), never ``keep``; returns how many. Writes
+        """``_fit_budget`` for ``tenant``'s own blobs against its quota of ``limit`` bytes. Writes
         queued before are decided when they land (``adopt``)."""
-        sizes = {k: n for k, n in self.sizes.items() if tenant_of(k) == tenant}
+        return self._shrink({k: n for k, n in self.sizes.items() if tenant_of(k) == tenant}, limit, keep)
+
+    def _shrink(self, sizes: dict[str, int], limit: int, keep: str | None) -> int:
+        """Deletes blobs of ``sizes`` (some of the tier's) in the policy's eviction order until
+        they hold at most ``limit`` bytes, never ``keep``; returns how many (``forget``
+        refreshes the figures)."""
         victims = shrink_victims(self.policy, sum(sizes.values()) - limit, sizes, lambda key: key in sizes and key != keep)
         for victim in victims:
             self.forget(victim, evicted=True)
-        self._refresh()
         return len(victims)
 
     def adopt(self, key: str, size: int) -> None:

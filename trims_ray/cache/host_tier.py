@@ -363,10 +363,10 @@ class HostTier:
     def fit_budget(self) -> tuple[int, list[HostEntry]]:
         """If the table holds more than the budget (it was lowered), evicts idle models in the
         policy's order until it fits, or none is left idle; see ``set_budget``. Called when the
-        budget changes and, through ``fit``, whenever a model becomes idle (its last
-        invocation's lease ends, or its only lease became a process's pin). Copies already leaving the table (evicted or
-        condemned while leased) are on their way out, and do not count: evicting others for
-        them would free their bytes twice. Returns (models freed now, models asked back)."""
+        budget changes and, through ``fit``, whenever a model becomes idle. Copies already
+        leaving the table (evicted or condemned while leased) are on their way out, and do not
+        count: evicting others for them would free their bytes twice. Returns (models freed
+        now, models asked back)."""
         return self._shrink(self.entries, self.budget)
 
     def fit(self, tenant: str) -> None:

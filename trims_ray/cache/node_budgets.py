@@ -59,9 +59,7 @@ class NodeBudgets:
                 for tenant in sorted(tier_of.tenants()):
                     more, more_asked = self._fit_tenant(tenant, tier)
                     evicted, asked = evicted + more, asked + more_asked
-        if asked:
-            wait_until_gone(asked, self._gone, self.reclaim_wait_s)
-            evicted += sum(1 for entry in asked if self._gone(entry))
+        evicted += self._given_back(asked)
         with self._lock:
             used = self.host.used if tier == HOST else self.disk.used
         return {"budget": nbytes, "bytes_used": used, "evicted": evicted, "over_budget": max(0, used - nbytes)}
@@ -95,9 +93,7 @@ class NodeBudgets:
             if not quotas:
                 del self.tenant_quotas[tenant]
             evicted, asked = self._fit_tenant(tenant, tier)
-        if asked:
-            wait_until_gone(asked, self._gone, self.reclaim_wait_s)
-            evicted += sum(1 for entry in asked if self._gone(entry))
+        evicted += self._given_back(asked)
         return self.quota_figures(tenant, tier, evicted)
 
     def quota_figures(self, tenant: str, tier: str, evicted: int = 0) -> dict[str, int | None]:
@@ -118,7 +114,13 @@ class NodeBudgets:
         if limit is None:
             return 0, []
         if tier == HOST:
-            freed, asked = self.host.fit_tenant(tenant, limit)
-            self.host.refresh()
-            return freed, asked
+            return self.host.fit_tenant(tenant, limit)
         return self.disk.fit_tenant(tenant, limit), []
+
+    def _given_back(self, asked: list) -> int:
+        """Waits for the host copies processes were asked to give back (``reclaim_wait_s`` at
+        most; call without the lock); returns how many are gone."""
+        if not asked:
+            return 0
+        wait_until_gone(asked, self._gone, self.reclaim_wait_s)
+        return sum(1 for entry in asked if self._gone(entry))
