@@ -6,8 +6,9 @@
    turn: cold (from the store), disk-tier hit, host-tier hit; and, as the baseline, a plain Ray
    task that loads the model from the store inside the task, as a serverless function does today,
    and as the floor, a plain task whose process holds the model already (the host hit and the
-   floor as medians of a few warm calls). Page caches of the blob files are dropped before every read from a file, so the store and
-   the disk tier are read from the disk, and every output is checked against the original model.
+   floor as medians of a few warm calls). Page caches of the blob files are dropped before
+   every read from a file, so the store and the disk tier are read from the disk, and every
+   output is checked against the original model.
 3. Replays a short seeded sequence of invocations over the models and reports the tier hits.
 
     python -m workloads.demo [--models resnet50,bert_base,llama] [--invocations 30] [--seed 0]
