@@ -41,6 +41,9 @@ class FlakyProxy:
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._port = 0
+        # A cut armed by ``cut_when_answered``: (bytes, seconds until the endpoint is back or None).
+        self._armed: tuple[int, float | None] | None = None
+        self._done = threading.Event()
         self.restore()
         self.endpoint = f"http://127.0.0.1:{self._port}"
 
@@ -67,17 +70,31 @@ class FlakyProxy:
             self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), name="flaky-proxy-accept", daemon=True).start()
 
-    def wait_answered(self, nbytes: int, timeout: float = 30.0) -> None:
-        """Blocks until at least ``nbytes`` were forwarded to clients.
+    def cut_when_answered(self, nbytes: int, *, back_after_s: float | None = None) -> threading.Event:
+        """Cuts the endpoint from the forwarding thread itself as soon as ``nbytes`` went through,
+        before it forwards anything more, and restores it ``back_after_s`` later (None: never).
+        A cut made by a thread watching ``answered`` could come after a fast read had ended.
 
-        Raises:
-            TimeoutError: not within ``timeout`` seconds.
+        Returns:
+            An event set once the cut is done, and the endpoint back where it comes back.
         """
-        deadline = time.monotonic() + timeout
-        while self.answered < nbytes:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {self.answered} of {nbytes} bytes went through the proxy")
-            time.sleep(0.005)
+        self._done = threading.Event()
+        with self._lock:
+            self._armed = (nbytes, back_after_s)
+        return self._done
+
+    def _cut_armed(self, back_after_s: float | None) -> None:
+        self.cut()
+        if back_after_s is None:
+            self._done.set()
+            return
+
+        def restore_later() -> None:
+            time.sleep(back_after_s)
+            self.restore()
+            self._done.set()
+
+        threading.Thread(target=restore_later, name="flaky-proxy-restore", daemon=True).start()
 
     def reset_count(self) -> None:
         with self._lock:
@@ -119,6 +136,14 @@ class FlakyProxy:
                 if answers:
                     with self._lock:
                         self.answered += len(data)
+                        armed = self._armed
+                        if armed is not None and self.answered >= armed[0]:
+                            self._armed = None
+                        else:
+                            armed = None
+                    if armed is not None:  # this thread cuts before it forwards another byte
+                        self._cut_armed(back_after_s=armed[1])
+                        break
                     sent += len(data)
                     if self.rate:
                         ahead = sent / self.rate - (time.monotonic() - started)

@@ -16,7 +16,6 @@ import hashlib
 import os
 import resource
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -133,17 +132,12 @@ def test_store_going_away_mid_load_fails_cleanly_and_the_next_request_succeeds(r
     before = node_stats(ray_node)
     proxy.reset_count()
 
-    def cut_mid_load() -> None:
-        proxy.wait_answered(2 * MiB)  # a third of the blob has arrived
-        proxy.cut()
-
-    cutter = threading.Thread(target=cut_mid_load, daemon=True)
-    cutter.start()
+    cut = proxy.cut_when_answered(2 * MiB)  # once a third of the blob has arrived
     started = time.monotonic()
     with pytest.raises(StoreUnavailableError) as failure:
         ray.get(total.remote(), timeout=120)
     took = time.monotonic() - started
-    cutter.join()
+    assert cut.is_set()
 
     # One clear error, naming the file that failed and what to do, after bounded retries
     # (default backoff 0.5 + 1 + 2 s; each try may also wait for botocore's one quick retry).

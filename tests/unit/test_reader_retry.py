@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import threading
-import time
 
 import pytest
 import s3fs
@@ -55,19 +54,10 @@ def through(proxy: FlakyProxy):
     return fs
 
 
-def cut_after(proxy: FlakyProxy, nbytes: int, *, back_after_s: float | None) -> threading.Thread:
-    """Cuts the endpoint once ``nbytes`` went through (and restores it ``back_after_s`` later)."""
-
-    def run() -> None:
-        proxy.wait_answered(nbytes)
-        proxy.cut()
-        if back_after_s is not None:
-            time.sleep(back_after_s)
-            proxy.restore()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+def cut_after(proxy: FlakyProxy, nbytes: int, *, back_after_s: float | None) -> threading.Event:
+    """Cuts the endpoint once ``nbytes`` went through, in the middle of the read (the proxy's
+    own forwarding thread cuts it), and restores it ``back_after_s`` later."""
+    return proxy.cut_when_answered(nbytes, back_after_s=back_after_s)
 
 
 def test_an_outage_shorter_than_the_retries_is_ridden_out(proxy, blob):
@@ -75,7 +65,7 @@ def test_an_outage_shorter_than_the_retries_is_ridden_out(proxy, blob):
     options = ReadOptions(**OPTIONS, retries=4, retry_backoff_s=0.2)
     cutter = cut_after(proxy, MiB, back_after_s=0.5)
     buffer, stats = read_blob(through(proxy), path, sha256=hashlib.sha256(data).hexdigest(), options=options)
-    cutter.join()
+    assert cutter.wait(10)
     assert buffer.tobytes() == data
     assert stats.retries >= 1
 
@@ -86,7 +76,7 @@ def test_an_endpoint_that_stays_away_gives_a_clear_error_after_the_retries(proxy
     cutter = cut_after(proxy, MiB, back_after_s=None)
     with pytest.raises(StoreUnavailableError) as info:
         read_blob(through(proxy), path, sha256=hashlib.sha256(data).hexdigest(), options=options, source=f"s3://{path}")
-    cutter.join()
+    assert cutter.wait(10)
     message = str(info.value)
     assert info.value.reason == "endpoint"
     assert f"s3://{path}" in message and proxy.endpoint in message
