@@ -145,9 +145,11 @@ class ManifestCache:
             except Exception as exc:  # the thread must go on
                 log.warning("trims_ray: manifest refresh failed: %s", exc)
 
-    def start_refreshing(self, stop: threading.Event, name: str = "trims-manifests") -> None:
-        """Starts ``refresh_until(stop)`` in a daemon thread."""
-        threading.Thread(target=self.refresh_until, args=(stop,), name=name, daemon=True).start()
+    def start_refreshing(self, stop: threading.Event, name: str = "trims-manifests") -> threading.Thread:
+        """Starts ``refresh_until(stop)`` in a daemon thread; returns the thread."""
+        thread = threading.Thread(target=self.refresh_until, args=(stop,), name=name, daemon=True)
+        thread.start()
+        return thread
 
     def __len__(self) -> int:
         with self._lock:

@@ -10,6 +10,7 @@ spreads over copies at once.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 import logging
@@ -38,12 +39,17 @@ log = logging.getLogger("trims_ray")
 # A long poll returns at least this often, with fresh load figures, even when residency is
 # unchanged.
 _POLL_S = 2.0
+# How long a long poll's answer may take beyond the poll itself.
+_ANSWER_S = 30.0
+# How long ``close`` waits for the router's threads to end.
+_JOIN_S = 5.0
 # How long a load this caller started stays "loading" in its table while the node's reports do
 # not show it yet (a report sent before the load began, or a load that failed).
 _LOADING_GRACE_S = 10.0
 
 _lock = threading.Lock()
 _router: Router | None = None
+_exit_hook = False
 
 
 def router() -> Router:
@@ -52,10 +58,15 @@ def router() -> Router:
     Raises:
         TrimsError: trims_ray is not initialized on this cluster (no placement actor).
     """
-    global _router
+    global _router, _exit_hook
     with _lock:
         if _router is None:
             _router = Router()
+            if not _exit_hook:
+                # Registered after Ray's own exit handler, so it runs before it: this process's
+                # threads are out of Ray's calls before ray.shutdown tears the core worker down.
+                atexit.register(reset)
+                _exit_hook = True
         return _router
 
 
@@ -69,7 +80,8 @@ def refresh() -> None:
 
 
 def reset() -> None:
-    """Drops this process's router (after ``trims_ray.shutdown``); its poll thread ends."""
+    """Drops this process's router (after ``trims_ray.shutdown``, and at exit); its threads
+    have ended when this returns (``Router.close``)."""
     global _router
     with _lock:
         if _router is not None:
@@ -97,6 +109,9 @@ class Router:
         # load and the next load elsewhere does not count on the room this one takes.
         self._loads_started: dict[tuple[str, str], tuple[float, int]] = {}
         self._closed = threading.Event()
+        # Set when the pending long poll's answer is in, or by ``close``: what the poll thread
+        # waits on, so that it need not sit in a Ray call when the router closes.
+        self._poll_woken = threading.Event()
         # Names resolve in the cluster's store, the one the node caches load from (this process
         # may not know it: a worker whose Ray was started before trims_ray.init).
         spec, withheld, ttl_s, per_model = ray.get(
@@ -112,9 +127,13 @@ class Router:
         # use are refreshed in the background.
         self._manifests = ManifestCache(self._resolver(spec, withheld), ttl_s)
         self._placement = self._adopt(ray.get(self._actor.snapshot.remote(-1, 0.0)))
-        threading.Thread(target=self._poll_forever, name="trims-routing", daemon=True).start()
-        threading.Thread(target=self._release_forever, name="trims-release", daemon=True).start()
-        self._manifests.start_refreshing(self._closed)
+        self._threads = [
+            threading.Thread(target=self._poll_forever, name="trims-routing", daemon=True),
+            threading.Thread(target=self._release_forever, name="trims-release", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        self._threads.append(self._manifests.start_refreshing(self._closed))
 
     def _resolver(self, spec: tuple[str, dict | None], withheld: bool) -> Callable[[str, str], Manifest]:
         """How this process resolves a name: in the store itself, unless the cluster's store
@@ -155,7 +174,9 @@ class Router:
         while not self._closed.is_set():
             try:
                 version = self._placement.version
-                snapshot = ray.get(self._actor.snapshot.options(max_task_retries=0).remote(version, _POLL_S, self.id))
+                snapshot = self._long_poll(version)
+                if snapshot is None:  # closed while the poll was pending: its answer is dropped
+                    return
                 backoff = 0.1
             except BaseException as exc:  # ray.shutdown() ends a blocked get with SystemExit
                 if not ray.is_initialized() or self._closed.is_set() or not isinstance(exc, Exception):
@@ -167,6 +188,23 @@ class Router:
                 continue
             with self._lock:
                 self._placement = self._adopt(snapshot)
+
+    def _long_poll(self, version: int) -> Snapshot | None:
+        """The placement actor's next table after ``version`` (within ``_POLL_S``); None if the
+        router closed first. The thread waits on an event, not in ``ray.get``: a thread blocked
+        in a Ray call while ray.shutdown frees the core worker can crash the process (ray#31145)."""
+        woken = self._poll_woken = threading.Event()  # one per poll: a late answer wakes no other
+        if self._closed.is_set():  # ``close`` sets _closed before it wakes the current poll
+            return None
+        ref = self._actor.snapshot.options(max_task_retries=0).remote(version, _POLL_S, self.id)
+        ref._on_ready(lambda _exc: woken.set())
+        # Not forever: after a ray.shutdown that skipped trims_ray.shutdown no answer comes, and
+        # the caller's error path sees that Ray is down and ends the thread.
+        if not woken.wait(_POLL_S + _ANSWER_S):
+            raise TimeoutError(f"placement did not answer a long poll within {_POLL_S + _ANSWER_S:g} s")
+        if self._closed.is_set():
+            return None
+        return ray.get(ref)  # ready: this does not wait
 
     def refresh(self) -> None:
         snapshot = ray.get(self._actor.snapshot.remote(-1, 0.0))
@@ -184,8 +222,14 @@ class Router:
         return True
 
     def close(self) -> None:
+        """Stops the router's threads and waits (up to ``_JOIN_S``) for them to end; releases
+        queued before are sent first."""
         self._closed.set()
         self._releases.put(None)
+        self._poll_woken.set()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(_JOIN_S)
 
     def new_lease_id(self) -> str:
         """A lease id unique in the cluster, chosen here so that the lease can be ended without

@@ -412,7 +412,8 @@ def test_api_after_shutdown_says_to_init(ray_node, tmp_path):
 
 def test_shutdown_forgets_every_handle_and_the_next_init_works(ray_node, tmp_path):
     """What this process kept of trims_ray (actor handles, router, session, stores) goes with
-    shutdown, so that an init on the same Ray serves again from the new actors."""
+    shutdown, so that an init on the same Ray serves again from the new actors; the router's
+    threads have ended when shutdown returns (none is left in a Ray call, ray#31145)."""
     from trims_ray import _api, _routing
     from trims_ray.actors import _naming
 
@@ -430,6 +431,10 @@ def test_shutdown_forgets_every_handle_and_the_next_init_works(ray_node, tmp_pat
             trims_ray.register("w", weights(0.5))
             assert torch.equal(ray.get(first.remote()), expected)
             assert _naming._handles and _routing._router is not None and _api.session_store() is not None
+            threads = list(_routing._router._threads)
+            assert threads[0].is_alive() and threads[1].is_alive()  # the long poll, the releases
+            _routing.reset()  # what shutdown does first, while every actor still answers
+            assert [t.name for t in threads if t.is_alive()] == []
         finally:
             trims_ray.shutdown()
         assert not _naming._handles and _routing._router is None and not _api._stores
