@@ -6,6 +6,9 @@ workloads/s3server.py); only the PID it started is ever killed.
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
 import uuid
 
 import pytest
@@ -17,6 +20,34 @@ from workloads.s3server import create_bucket, free_port, moto_server
 from workloads.s3server import s3_storage_options as s3_options
 
 __all__ = ["S3_KEY", "S3_SECRET", "free_port", "s3_options", "make_store"]
+
+_exit_status: int | None = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Ends the process with pytest's exit status once everything is reported, skipping the
+    C++ static destructors of a normal exit. Ray 2.60 keeps the metric exporter thread of every
+    ray.init of a process running after ray.shutdown; at exit, one that logs a failed export
+    (its node is gone) while the destructors run dies in spdlog's registry with SIGSEGV (a core
+    of a CI-like run: OpenTelemetryMetricExporter::Export -> RayLog::~RayLog -> spdlog's
+    initialize_logger, while the main thread was in __run_exit_handlers). The test processes
+    start many clusters, so about one pytest run in six of the Ray groups died so, after every
+    test had passed."""
+    if _exit_status is None:
+        return
+    # Python's own exit functions still run (Ray's shutdown of a cluster a test left running,
+    # trims_ray's router and metrics); what is skipped is the interpreter's finalization and
+    # the C exit handlers after them.
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status)
 
 
 @pytest.fixture(autouse=True)
