@@ -49,7 +49,6 @@ _LOADING_GRACE_S = 10.0
 
 _lock = threading.Lock()
 _router: Router | None = None
-_exit_hook = False
 
 
 def router() -> Router:
@@ -58,15 +57,10 @@ def router() -> Router:
     Raises:
         TrimsError: trims_ray is not initialized on this cluster (no placement actor).
     """
-    global _router, _exit_hook
+    global _router
     with _lock:
         if _router is None:
             _router = Router()
-            if not _exit_hook:
-                # Registered after Ray's own exit handler, so it runs before it: this process's
-                # threads are out of Ray's calls before ray.shutdown tears the core worker down.
-                atexit.register(reset)
-                _exit_hook = True
         return _router
 
 
@@ -87,6 +81,11 @@ def reset() -> None:
         if _router is not None:
             _router.close()
         _router = None
+
+
+# Registered after Ray's own exit handler (``import ray`` above registers it), so it runs before
+# it: this process's threads are out of Ray's calls before ray.shutdown tears the core worker down.
+atexit.register(reset)
 
 
 class Router:
