@@ -27,7 +27,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "devices": ("_nvml", "_cuda", "_gpu_ipc", "_devices"),
     "cache core": (
-        "cache", "cache.leases", "cache.quotas", "cache.disk_tier", "cache.host_entry", "cache.host_tier", "cache.host_loader",
+        "cache", "cache.leases", "cache.quotas", "cache.disk_tier", "cache.host_entry", "cache.host_tier", "cache.host_loader", "cache.load_buffers",
         "cache.scrub", "cache.node_cache", "cache.gpu_views", "cache.gpu_tier", "cache.gpu_entry", "cache.gpu_testing",
         "cache.placement_records", "cache.placement", "cache.pins", "cache.node_views", "cache.node_budgets",
     ),

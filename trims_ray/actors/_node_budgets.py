@@ -17,7 +17,6 @@ from dataclasses import replace
 import ray
 
 from .._config import check_budget
-from .._malloc import give_back_free_memory
 from .._protocol import HOST
 from ..cache.gpu_entry import check_fits_device
 from ..cache.gpu_tier import GPU
@@ -84,7 +83,7 @@ class NodeBudgetCalls:
                     self.config = replace(self.config, **{f"{tier}_bytes": nbytes})
                 return result
             finally:
-                give_back_free_memory()  # what the evicted models' loads left in malloc's arenas
+                self.cache.give_back_memory()  # what the evicted models' loads left behind
                 self._send_report()  # placement knows before the caller's set_budget() returns
 
     def set_quota(self, tenant: str, tier: str, nbytes: int | None, turn: int = 0) -> dict[str, int | None]:
@@ -105,7 +104,7 @@ class NodeBudgetCalls:
             try:
                 return self.cache.set_quota(tenant, tier, nbytes)
             finally:
-                give_back_free_memory()
+                self.cache.give_back_memory()
                 self._send_report()
 
     def _budget_now(self, tier: str) -> dict[str, int]:

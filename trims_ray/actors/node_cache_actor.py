@@ -25,7 +25,7 @@ from .._config import CacheConfig
 from .._errors import ModelNotFoundError
 from .._gc import freeze_startup_objects
 from .._fsio import has_credentials, without_credentials
-from .._malloc import ACTOR_ENV, give_back_free_memory
+from .._malloc import ACTOR_ENV
 from .._manifest import Manifest
 from .._metrics import export_node_cache, set_per_model
 from .._raycalls import get
@@ -183,6 +183,7 @@ class NodeCacheActor(NodeGpus, NodeBudgetCalls):
         while not self._stop.wait(self.config.lease_check_s):
             self._dead_callers = self._find_dead_callers()
             self.cache.reap()
+            self.cache.give_back_idle_buffers()
             self._forget_expired_lends()
             if self.config.scrub_s and time.monotonic() - scrubbed_at >= self.config.scrub_s:
                 try:
@@ -347,7 +348,7 @@ class NodeCacheActor(NodeGpus, NodeBudgetCalls):
                 result.update(self.cache.evict(name, tenant, tier, key=key))
             return result
         finally:
-            give_back_free_memory()  # what the evicted models' loads left in malloc's arenas
+            self.cache.give_back_memory()  # what the evicted models' loads left behind
             self._send_report()
 
     def scrub(self) -> dict[str, int]:

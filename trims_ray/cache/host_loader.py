@@ -27,6 +27,7 @@ from .._reader import read_blob
 from .._store import ModelStore
 from .disk_tier import LOCAL_FS, DiskTier
 from .host_entry import HostMemory
+from .load_buffers import LoadBuffers
 
 __all__ = [
     "LEND_CALL_TIMEOUT_S",
@@ -182,6 +183,9 @@ class HostLoader:
         # One (source, tenant, name, nbytes, seconds) per load, drained by the metrics exporter
         # (trims_ray/_metrics.py); bounded, so that without one it keeps only the latest loads.
         self.load_events: deque[tuple[str, str, str, int, float]] = deque(maxlen=1024)
+        # What the loads read into: used again, so that a load's read does not fault in and
+        # zero fresh pages (see load_buffers).
+        self.buffers = LoadBuffers()
 
     def expected_load_s(self, nbytes: int, source: str) -> float:
         """What loading ``nbytes`` from ``source`` is expected to take, by measured rates."""
@@ -229,7 +233,7 @@ class HostLoader:
         """Reads the blob (``read``) into a buffer of ``nbytes`` that has zeroed guard regions on
         both sides, hands verified bytes that did not come from the disk tier to ``keep_copy``
         (the disk copy), and publishes the buffer; returns the source and the handle."""
-        buffer = np.empty(nbytes, dtype=np.uint8)
+        buffer = self.buffers.take(nbytes)
         # Guard pages on both sides: tasks make the blob's pages read-only, and those pages must
         # hold nothing but this object.
         buffer[:GUARD_BYTES] = 0

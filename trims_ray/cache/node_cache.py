@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .._errors import ModelNotFoundError
+from .._malloc import give_back_free_memory
 from .._manifest import Manifest
 from .._manifest_cache import ManifestCache
 from .._names import check_tenant
@@ -464,6 +465,16 @@ class NodeCache(NodeCacheViews, NodePins, NodeBudgets, NodeScrub):
         only the tier's budget limits it."""
         budgets = {HOST: self.host_budget, DISK: self.disk_budget}
         return tier_quota(self.tenant_quotas.get(tenant, {}).get(tier), self.tenant_share, budgets[tier])
+
+    def give_back_memory(self) -> None:
+        """Hands this process's idle memory back to the OS: the load buffers kept for the next
+        loads, and what malloc keeps free (after an evict or a smaller budget)."""
+        self.loader.buffers.trim()
+        give_back_free_memory()
+
+    def give_back_idle_buffers(self) -> None:
+        """Lets the load buffers go if no load used one for a while (for a periodic call)."""
+        self.loader.buffers.trim_if_idle()
 
     def drain(self) -> None:
         """Waits until the disk copies of earlier loads are written."""
