@@ -72,6 +72,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "overhead": ("workloads.bench", "a decorated call on a warm model vs a plain Ray task"),
     "peers": ("workloads.bench", "trims_ray vs Ray Serve multiplexing, an LRU actor and no cache"),
     "miss": ("workloads.bench", "a host-tier miss vs the same load in a plain task, one node"),
+    "buffers": ("workloads.bench", "a blob read into a new buffer vs one used again (the node cache's loads)"),
     "replay": ("workloads.replay", "a multi-model trace on a local multi-node Ray: policies, no cache, Serve"),
     "soak": ("workloads.soak", "minutes of a multi-tenant trace through a node's loss and a cache's kill"),
     "gpu": ("workloads.gpu_bench", "the GPU tier: handoff, swap-in, pipelined swap, TrIMS table (needs CUDA)"),

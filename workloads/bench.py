@@ -887,6 +887,10 @@ def main(argv: list[str] | None = None) -> int:
     miss.add_argument("--mb", type=int, default=20, help="model size in MiB (default 20)")
     miss.add_argument("--rounds", type=int, default=15, help="timed rounds of each kind (default 15)")
     miss.add_argument("--dir", default=None, help="directory for the store (default: system temp)")
+    buffers = sub.add_parser("buffers", help="a blob read into a new buffer vs one used again (the node cache's loads)")
+    buffers.add_argument("--mb", type=int, default=256, help="blob size in MiB (default 256)")
+    buffers.add_argument("--repeats", type=int, default=5, help="reads of each kind (default 5)")
+    buffers.add_argument("--dir", default=None, help="directory for the store (default: system temp)")
     # Its own parser (workloads.peers) reads what follows "peers": prefix_chars="+" keeps this
     # one from taking "--mb" and the like as its own options.
     peers = sub.add_parser("peers", help="trims_ray vs Ray Serve multiplexing, an LRU actor and no cache (--help for more)", add_help=False, prefix_chars="+")
@@ -902,6 +906,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.mb < 1 or args.rounds < 1:
             parser.error("--mb and --rounds must be positive")
         print_miss(bench_miss(args.mb, args.rounds, args.dir))
+        return 0
+    if args.bench == "buffers":
+        from workloads.bench_buffers import bench_buffers, print_buffers
+
+        if args.mb < 1 or args.repeats < 1:
+            parser.error("--mb and --repeats must be positive")
+        print_buffers(bench_buffers(args.mb, args.repeats, args.dir))
         return 0
     if args.bench == "load":
         if args.mb < 1 or args.repeats < 1:

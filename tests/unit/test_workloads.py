@@ -44,6 +44,21 @@ def test_load_benchmark_prints_rates_and_ratios_for_disk_and_s3(tmp_path, capsys
     assert not list(tmp_path.iterdir()), "the benchmark must remove its temporary store"
 
 
+def test_buffers_benchmark_reads_into_every_kind_of_buffer_and_prints_the_ratios(tmp_path, capsys):
+    from workloads.bench_buffers import BUFFER_KINDS
+
+    assert bench.main(["buffers", "--mb", "4", "--repeats", "1", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = {kind: _floats(line[len(kind):]) for line in out.splitlines() for kind in BUFFER_KINDS if line.startswith(kind)}
+    assert set(rows) == set(BUFFER_KINDS) and all(len(v) == 2 and min(v) > 0 for v in rows.values()), out
+    raw_ratio, verified_ratio = _floats(out.splitlines()[-1])
+    new_raw, new_verified = rows[BUFFER_KINDS[0]]
+    used_raw, used_verified = rows[BUFFER_KINDS[-1]]
+    assert _ratio_matches(raw_ratio, used_raw, new_raw, half_ulp=0.05), out
+    assert _ratio_matches(verified_ratio, used_verified, new_verified, half_ulp=0.05), out
+    assert not list(tmp_path.iterdir()), "the benchmark must remove its temporary store"
+
+
 def _floats(text: str) -> list[float]:
     return [float(x) for x in re.findall(r"-?\d+\.\d+", text)]
 
