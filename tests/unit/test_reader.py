@@ -159,6 +159,49 @@ def test_flipped_byte_is_caught(local_fs, tmp_path):
         read_blob(local_fs, str(tmp_path / "blob"), sha256=expected, options=OPTIONS["4k-serial"])
 
 
+def test_no_range_is_still_reading_once_a_failed_read_has_raised(local_fs, tmp_path, monkeypatch):
+    # Local reads share one pool per process. When a chunk fails, ranges already running must
+    # end before the read raises: the loader reads the next source into the same buffer at once
+    # (a late range would put bytes there that nothing verified), and the file's descriptor is
+    # closed, its number free for the next file opened.
+    import threading
+    import time
+
+    from trims_ray import _reader
+
+    chunk = 64 * 1024
+    data = bytearray(os.urandom(16 * chunk))
+    _, chunks = digest_blob([bytes(data)], chunk_bytes=chunk)
+    data[5] ^= 1  # the first chunk fails its check
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    real_pread = _reader._pread_exactly
+    lock, running, started = threading.Lock(), [0], [0]
+
+    def slow_after_the_first(fd, view, offset, source):
+        with lock:
+            running[0] += 1
+            started[0] += 1
+        try:
+            if offset:
+                time.sleep(0.2)  # still reading when the first chunk fails
+            real_pread(fd, view, offset, source)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(_reader, "_pread_exactly", slow_after_the_first)
+    out = np.full(len(data), 0xAB, dtype=np.uint8)
+    with pytest.raises(IntegrityError, match="bytes 0-65536"):
+        read_blob(local_fs, str(path), nbytes=len(data), chunk_digests=chunks, out=out, options=OPTIONS["64k-x8"])
+    with lock:
+        assert running[0] == 0, f"{running[0]} range(s) still reading after the read raised"
+        assert started[0] > 1  # others had started: the check above had something to catch
+    when_raised = out.copy()
+    time.sleep(0.3)
+    assert np.array_equal(out, when_raised)
+
+
 def test_missing_local_file(local_fs, tmp_path):
     with pytest.raises(FileNotFoundError):
         read_blob(local_fs, str(tmp_path / "nope"), options=OPTIONS["64k-x8"])
