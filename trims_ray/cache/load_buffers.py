@@ -7,8 +7,8 @@ about a third of the requests missing) that was 17% of the node cache actor's CP
 was warm, measured with ``perf record`` on the actor. ``python -m workloads.bench buffers`` read
 256 MiB from the page cache in 192.9 ms into a new numpy array and in 29.8 ms into a buffer used
 again (359.6 against 115.9 ms with every chunk verified, as a miss reads). A buffer used again
-costs neither. Idle buffers are bounded in bytes and in time: a loader that has not loaded for a while
-gives them all back. Cache core, no Ray.
+costs neither. Idle buffers are bounded in bytes and in time: a loader that has not loaded for
+a while gives them all back. Cache core, no Ray.
 """
 
 from __future__ import annotations
