@@ -1,5 +1,5 @@
 """LoadBuffers: a buffer is used again only once no view of it is left, never while one is, and
-the idle ones stay within their bound; a node cache's loads read into buffers used again."""
+the idle ones stay within their bound (a node cache's loads using them: test_node_cache.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,8 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
-from trims_ray._protocol import Holder
-from trims_ray._reader import copy_verified
 from trims_ray.cache.load_buffers import GRANULE, LoadBuffers
-from trims_ray.cache.node_cache import NodeCache
 
 MIB = 1024 * 1024
 
@@ -121,36 +117,3 @@ def test_take_refuses_a_size_that_is_not_positive(nbytes):
 def test_keep_bytes_cannot_be_negative():
     with pytest.raises(ValueError, match="keep_bytes"):
         LoadBuffers(keep_bytes=-1)
-
-
-def test_a_node_caches_loads_read_into_one_buffer_and_serve_each_models_own_bytes(file_store, tmp_path):
-    class Copies:  # publishes a copy, as ray.put does
-        def publish(self, buffer: np.ndarray) -> np.ndarray:
-            copy = np.array(buffer, copy=True)
-            copy.flags.writeable = False
-            return copy
-
-    names = [f"m{seed}" for seed in range(4)]
-    for seed, name in enumerate(names):
-        g = torch.Generator().manual_seed(seed)
-        file_store.register(name, {"w": torch.randn(256, 1024, generator=g)}, tenant="default")
-    # Room for one model: every acquire after the first is a miss that evicts.
-    one = file_store.manifest(names[0], tenant="default").nbytes + 2 * MIB
-    cache = NodeCache(
-        store=file_store, memory=Copies(), host_budget=one, disk_dir=tmp_path / "disk", disk_budget=0,
-        policy="lru", manifest_ttl_s=60.0,
-    )
-    try:
-        for name in names * 2:
-            grant = cache.acquire(name, "default", Holder.this_process())
-            manifest = file_store.manifest(name, tenant="default")
-            served = np.asarray(grant.handle)[grant.offset : grant.offset + manifest.nbytes]
-            out = np.empty(manifest.nbytes, dtype=np.uint8)
-            copy_verified(served, out, manifest.chunks, source=name)  # raises unless exact
-            cache.release(grant.lease_id)
-        assert cache.stats()["host"].loads == 8
-        assert cache.loader.buffers.made == 1
-        cache.give_back_memory()
-        assert cache.loader.buffers.idle_bytes() == 0
-    finally:
-        cache.close()

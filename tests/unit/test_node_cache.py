@@ -1113,6 +1113,19 @@ def test_a_one_off_huge_model_does_not_flush_a_hot_set(make_cache, file_store, m
     assert use(lru, "huge") == "store" and lru.stats()["host"].evictions == 1  # LRU admits all
 
 
+def test_misses_that_evict_read_into_one_buffer_used_again_and_serve_each_models_own_bytes(make_cache, file_store):
+    infos = [file_store.register(f"m{seed}", weights(seed, rows=256, cols=1024), tenant=TENANT) for seed in range(4)]
+    cache = make_cache(host_budget=cost(infos[0]), disk_budget=0)  # room for one: every miss evicts
+    for info in infos * 2:
+        grant = cache.acquire(info.name, TENANT, ME)
+        assert served(grant) == blob(file_store, info.sha256)
+        cache.release(grant.lease_id)
+    assert cache.stats()["host"].loads == 8
+    assert cache.loader.buffers.made == 1
+    cache.give_back_memory()
+    assert cache.loader.buffers.idle_bytes() == 0
+
+
 def test_a_failed_load_keeps_no_buffer_alive_after_its_error_is_handled(make_cache, file_store):
     # The leader's error goes to every waiter (entry.error) and its traceback holds the frames
     # of the load, whose locals are the blob's buffer. A reference cycle through the entry kept
